@@ -1,0 +1,240 @@
+"""The Flax UNet computes what diffusers' UNet2DConditionModel computes, for SD1.x, SD2.x and SDXL."""
+
+import gc
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from perflow_jax import weights
+from perflow_jax.models import reference_configs
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tests.parity import (
+    FLOAT32_NETWORK_RTOL,
+    DrainingStateDict,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    relative_error,
+    torch_state_dict,
+)
+
+TINY = {
+    # SD1.x: integer head count, 1x1-conv projections, cross-attention in the first block.
+    "sd1": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    # SD2.x: per-block head counts, linear projections, upcast attention.
+    "sd2": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=24,
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    # SDXL: no attention in the first block, several transformer layers per block, text_time embedding.
+    "sdxl": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 2, 3),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+    ),
+}
+
+
+def random_torch_unet(config: dict, seed: int = 0) -> diffusers.UNet2DConditionModel:
+    """A diffusers UNet with random weights; norms and biases moved off their 1/0 initial values."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return unet
+
+
+def random_inputs(unet: diffusers.UNet2DConditionModel, batch: int, size: int, seed: int = 1) -> dict:
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
+        "timestep": torch.tensor([999.0, 250.0, 1.0, 500.0][:batch]),
+        "encoder_hidden_states": torch.randn(batch, 7, cfg.cross_attention_dim, generator=g),
+    }
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [512, 768, 16, 32, 1024, 1024]][:batch]),
+        }
+    return inputs
+
+
+def flax_args(inputs: dict) -> tuple:
+    args = (
+        nchw_to_nhwc(inputs["sample"].numpy()),
+        inputs["timestep"].numpy(),
+        inputs["encoder_hidden_states"].numpy(),
+    )
+    if "added_cond_kwargs" in inputs:
+        args += (inputs["added_cond_kwargs"]["text_embeds"].numpy(), inputs["added_cond_kwargs"]["time_ids"].numpy())
+    return args
+
+
+def converted(unet_torch, **module_kwargs):
+    model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_torch.config)), **module_kwargs)
+    params = weights.state_dict_to_params(torch_state_dict(unet_torch), model.abstract_params(), name="unet")
+    return model, params
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("size", [16, 14])  # 14: odd sizes deeper down, where upsampling is not 2x
+def test_tiny_unet_matches_diffusers_in_float32(arch, size):
+    unet = random_torch_unet(TINY[arch])
+    inputs = random_inputs(unet, batch=2, size=size)
+    with torch.no_grad():
+        expected = unet(**inputs).sample.numpy()
+    model, params = converted(unet)
+    actual = jax.jit(model.apply)({"params": params}, *flax_args(inputs))
+    err = relative_error(nhwc_to_nchw(actual), expected)
+    print(f"{arch} tiny UNet {size}x{size}: relative error {err:.2e}")
+    assert err < FLOAT32_NETWORK_RTOL
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_unet_state_dict_round_trips_exactly(arch):
+    unet = random_torch_unet(TINY[arch])
+    state = torch_state_dict(unet)
+    _, params = converted(unet)
+    back = weights.params_to_state_dict(params)
+    assert back.keys() == state.keys()
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+
+
+REMAT_CONFIG = dict(  # small, but with both rematerialised block kinds: ResNets and transformer layers
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    cross_attention_dim=16,
+    attention_head_dim=2,
+    norm_num_groups=8,
+    transformer_layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def test_remat_changes_neither_parameters_nor_outputs_nor_gradients():
+    unet = random_torch_unet(REMAT_CONFIG)
+    inputs = flax_args(random_inputs(unet, batch=2, size=8))
+    plain, params = converted(unet)
+
+    def value_and_grads(model):
+        assert jax.tree.structure(model.abstract_params()) == jax.tree.structure(plain.abstract_params())
+        loss = lambda p: jnp.mean(model.apply({"params": p}, *inputs) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    value, grads = value_and_grads(plain)
+    for policy in ("full", "dots"):
+        remat_value, remat_grads = value_and_grads(UNet2DConditionModel(plain.config, remat=policy))
+        np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads), strict=True):
+            # Recomputation may reorder float32 sums: agree to float32 rounding of each leaf's scale.
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.abs(a).max()) + 1e-12)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    unet = random_torch_unet(TINY["sd1"])
+    inputs = flax_args(random_inputs(unet, batch=2, size=16))
+    model32, params = converted(unet)
+    model16 = UNet2DConditionModel(model32.config, dtype=jnp.bfloat16)
+    out32 = jax.jit(model32.apply)({"params": params}, *inputs)
+    out16 = jax.jit(model16.apply)({"params": params}, *inputs)
+    assert out16.dtype == jnp.bfloat16
+    err = relative_error(out16, out32)
+    print(f"bfloat16 vs float32 UNet: relative error {err:.2e}")
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per operation); a few
+    # dozen layers accumulate to about 1e-2. A wrong cast or a lost residual shows as O(1).
+    assert err < 3e-2
+
+
+def test_sdxl_unet_requires_text_embeds_and_time_ids():
+    model = UNet2DConditionModel(UNetConfig.from_dict(TINY["sdxl"]))
+    sample, t, context, _, _ = model.dummy_inputs()
+    with pytest.raises(ValueError, match="needs text_embeds and time_ids"):
+        model.init(jax.random.key(0), sample, t, context)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"class_embed_type": "timestep"}, "supports only class_embed_type=None"),
+        ({"time_cond_proj_dim": 256}, "supports only time_cond_proj_dim=None"),
+        ({"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}, "supported block types"),
+        ({"addition_embed_type": "image"}, "addition_embed_type='image'"),
+        ({"attention_head_dim": [8, 8]}, "attention_head_dim=.* with 2 entries; expected 4"),
+    ],
+)
+def test_unsupported_unet_configs_are_rejected_by_name(change, message):
+    with pytest.raises(ValueError, match=message):
+        UNetConfig.from_dict({**reference_configs.SD15_UNET, **change})
+
+
+def test_sdxl_weights_with_sd15_config_list_the_mismatches():
+    sdxl_like = random_torch_unet(TINY["sdxl"])
+    sd15_like = UNet2DConditionModel(UNetConfig.from_dict(TINY["sd2"]))
+    with pytest.raises(weights.WeightsMismatchError) as info:
+        weights.state_dict_to_params(torch_state_dict(sdxl_like), sd15_like.abstract_params(), name="unet")
+    message = str(info.value)
+    assert "missing keys" in message and "unexpected keys" in message and "mis-shaped keys" in message
+    assert "add_embedding.linear_1.weight" in message  # SDXL-only key, first of the unexpected ones
+    assert "(first 10 of" in message
+    assert message.count("\n    ") <= 30  # at most ten of each kind are listed
+
+
+# Full-size architectures at small spatial sizes (the network's depth and widths are what matter).
+FULL = {
+    "sd15": (reference_configs.SD15_UNET, 16),
+    "sd21": (reference_configs.SD21_UNET, 16),
+    "sdxl": (reference_configs.SDXL_UNET, 16),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(FULL))
+def test_full_size_unet_matches_diffusers_in_float32(arch):
+    config, size = FULL[arch]
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(config).eval()
+    inputs = random_inputs(unet, batch=1, size=size)
+    with torch.no_grad():
+        expected = unet(**inputs).sample.numpy()
+    model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet.config)))
+    # One copy of the weights at a time: SDXL's UNet is 10 GB in float32.
+    params = weights.state_dict_to_params(DrainingStateDict(unet), model.abstract_params(), name="unet")
+    del unet
+    gc.collect()
+    actual = model.apply({"params": params}, *flax_args(inputs))
+    err = relative_error(nhwc_to_nchw(actual), expected)
+    print(f"{arch} UNet ({size}x{size} latents): relative error {err:.2e}")
+    assert err < FLOAT32_NETWORK_RTOL
