@@ -1,0 +1,273 @@
+"""transformers' CLIPTextModel and CLIPTextModelWithProjection (the SD / SDXL text encoders).
+
+Parameter names follow the checkpoints on disk (``text_encoder/model.safetensors``):
+``text_model.embeddings.token_embedding``, ``text_model.encoder.layers.0.self_attn.q_proj``, ...,
+``text_projection``. transformers 5 drops the ``text_model.`` prefix of ``CLIPTextModel`` when it
+loads such a file; here it stays, so one tree layout serves both networks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from perflow_jax.models.attention import dot_product_attention
+
+# transformers' ACT2FN: "quick_gelu" is x * sigmoid(1.702 x); "gelu" is torch's exact (erf) GELU.
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """The fields of transformers' CLIPTextConfig that the forward pass reads, with its defaults."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"text encoder config has hidden_act {self.hidden_act!r}, which is not supported: "
+                f"use one of {', '.join(ACTIVATIONS)} (SD1.5 uses quick_gelu, SDXL's text_encoder_2 gelu)"
+            )
+        if not isinstance(self.eos_token_id, int):
+            raise ValueError(
+                f"text encoder config has eos_token_id {self.eos_token_id!r}: a single integer is needed to "
+                "pick the pooled token; set the end-of-text id (49407 for CLIP's tokenizer, or 2 as in old configs)"
+            )
+        if self.layer_norm_eps is None:
+            raise ValueError("text encoder config has layer_norm_eps None: set it (CLIP uses 1e-05)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"text encoder config has hidden_size {self.hidden_size} not divisible by num_attention_heads "
+                f"{self.num_attention_heads}: fix one of them"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
+        """From ``transformers.CLIPTextConfig.to_dict()`` or a ``text_encoder/config.json`` dict.
+
+        Keys that do not change the forward pass (metadata, token ids other than eos, dropout and
+        initialisation settings) are ignored; missing fields take transformers' defaults.
+        """
+        if "text_config" in d:
+            raise ValueError("this is a CLIPConfig (it has text_config): pass its d['text_config'] instead")
+        model_type = d.get("model_type", "clip_text_model")
+        if model_type != "clip_text_model":
+            raise ValueError(
+                f"text encoder config has model_type {model_type!r}, expected 'clip_text_model': "
+                "is this the text_encoder/config.json of a Stable Diffusion folder?"
+            )
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in d.items() if key in names})
+
+
+class CLIPTextOutput(NamedTuple):
+    """What the text encoders return.
+
+    last_hidden_state: [B, T, D], after final_layer_norm.
+    pooler_output: [B, D], last_hidden_state at the end-of-text token.
+    hidden_states: num_hidden_layers + 1 arrays [B, T, D]: the embeddings, then each layer's output
+      (before final_layer_norm); SDXL reads hidden_states[-2].
+    text_embeds: [B, projection_dim] from CLIPTextModelWithProjection, else None.
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array
+    hidden_states: tuple[jax.Array, ...]
+    text_embeds: jax.Array | None = None
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """Index of the token each row is pooled at, as transformers' CLIPTextModel picks it: [B, T] -> [B].
+
+    Configs written before transformers PR #24773 (SD1.5's, SDXL's) say eos_token_id 2; for them
+    transformers takes the highest token id, which is CLIP's end-of-text 49407 when a CLIP tokenizer
+    made the ids. Otherwise it takes the first token equal to eos_token_id (0 if there is none).
+    """
+    if eos_token_id == 2:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+
+
+def _layer_norm(config: CLIPTextConfig, dtype, name: str) -> nn.LayerNorm:
+    """torch.nn.LayerNorm(hidden_size, eps); statistics in float32."""
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token plus position embeddings: input_ids [B, T] int -> [B, T, D]."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        config = self.config
+        seq_length = input_ids.shape[-1]
+        if seq_length > config.max_position_embeddings:
+            raise ValueError(
+                f"{seq_length} tokens but the text encoder has max_position_embeddings "
+                f"{config.max_position_embeddings}: truncate the prompt ids to that length"
+            )
+        d = config.hidden_size
+        token = nn.Embed(config.vocab_size, d, dtype=self.dtype, name="token_embedding")
+        position = nn.Embed(config.max_position_embeddings, d, dtype=self.dtype, name="position_embedding")
+        return token(input_ids) + position(jnp.arange(seq_length))[None]
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention: [B, T, D] -> [B, T, D]."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        config = self.config
+        b, t, d = hidden_states.shape
+
+        def project(name):
+            y = nn.Dense(d, dtype=self.dtype, name=name)(hidden_states)
+            return y.reshape(b, t, config.num_attention_heads, config.head_dim)
+
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        out = dot_product_attention(q, k, v, is_causal=True, backend=self.attention_backend)
+        return nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, t, d))
+
+
+class CLIPMLP(nn.Module):
+    """fc1, activation, fc2: [B, T, D] -> [B, T, D]."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        config = self.config
+        hidden_states = nn.Dense(config.intermediate_size, dtype=self.dtype, name="fc1")(hidden_states)
+        hidden_states = ACTIVATIONS[config.hidden_act](hidden_states)
+        return nn.Dense(config.hidden_size, dtype=self.dtype, name="fc2")(hidden_states)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm transformer block: [B, T, D] -> [B, T, D]."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        residual = hidden_states
+        hidden_states = _layer_norm(self.config, self.dtype, "layer_norm1")(hidden_states)
+        hidden_states = CLIPAttention(self.config, self.dtype, self.attention_backend, name="self_attn")(hidden_states)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = _layer_norm(self.config, self.dtype, "layer_norm2")(hidden_states)
+        hidden_states = CLIPMLP(self.config, self.dtype, name="mlp")(hidden_states)
+        return residual + hidden_states
+
+
+class CLIPEncoder(nn.Module):
+    """The stack of layers: [B, T, D] -> its input and every layer's output, num_hidden_layers + 1 arrays."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, inputs_embeds: jax.Array) -> tuple[jax.Array, ...]:
+        hidden_states = (inputs_embeds,)
+        for i in range(self.config.num_hidden_layers):
+            layer = CLIPEncoderLayer(self.config, self.dtype, self.attention_backend, name=f"layers.{i}")
+            hidden_states += (layer(hidden_states[-1]),)
+        return hidden_states
+
+
+class CLIPTextTransformer(nn.Module):
+    """Embeddings, encoder, final_layer_norm and end-of-text pooling (transformers 4's module of this name)."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+        hidden_states = CLIPTextEmbeddings(self.config, self.dtype, name="embeddings")(input_ids)
+        hidden_states = CLIPEncoder(self.config, self.dtype, self.attention_backend, name="encoder")(hidden_states)
+        last_hidden_state = _layer_norm(self.config, self.dtype, "final_layer_norm")(hidden_states[-1])
+        positions = eos_positions(input_ids, self.config.eos_token_id)
+        pooler_output = last_hidden_state[jnp.arange(last_hidden_state.shape[0]), positions]
+        return CLIPTextOutput(last_hidden_state, pooler_output, hidden_states)
+
+
+class CLIPTextModel(nn.Module):
+    """transformers.CLIPTextModel (SD1.5's text_encoder, SDXL's text_encoder).
+
+    ``__call__(input_ids: [B, T] int32) -> CLIPTextOutput`` with text_embeds None.
+    """
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+        return CLIPTextTransformer(self.config, self.dtype, self.attention_backend, name="text_model")(input_ids)
+
+    def abstract_params(self) -> dict[str, Any]:
+        """The parameter tree as jax.ShapeDtypeStruct leaves (float32)."""
+        return _abstract_params(self)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers.CLIPTextModelWithProjection (SDXL's text_encoder_2).
+
+    ``__call__(input_ids: [B, T] int32) -> CLIPTextOutput`` with text_embeds = text_projection(pooler_output).
+    """
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+        if self.config.projection_dim is None:
+            raise ValueError("text encoder config has projection_dim None: CLIPTextModelWithProjection needs it")
+        out = CLIPTextTransformer(self.config, self.dtype, self.attention_backend, name="text_model")(input_ids)
+        text_embeds = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(
+            out.pooler_output
+        )
+        return out._replace(text_embeds=text_embeds)
+
+    def abstract_params(self) -> dict[str, Any]:
+        """The parameter tree as jax.ShapeDtypeStruct leaves (float32)."""
+        return _abstract_params(self)
+
+
+def _abstract_params(model: nn.Module) -> dict[str, Any]:
+    input_ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), input_ids)["params"]
