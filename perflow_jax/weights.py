@@ -13,16 +13,25 @@ whole mapping, read one way by ``params_to_state_dict`` and the other by
 | embedding  | 2    | weight       | Embedding                                       |
 | bias       | 1    | bias         |                                                 |
 
-Reading also accepts the key names older diffusers checkpoints use (``LEGACY_RENAMES``) and drops
-buffers that are not parameters (``IGNORED_TORCH_KEYS``).
+Reading also accepts the key names older diffusers checkpoints use (``LEGACY_RENAMES``), text
+encoders saved by transformers >= 5 without their ``text_model.`` prefix, and drops buffers that
+are not parameters (``IGNORED_TORCH_KEYS``).
+
+Below the rules: reading the weight files of a diffusers pipeline folder (safetensors, sharded or
+not, fp16 variants, and pickled ``.bin`` files only through ``torch.load(weights_only=True)``),
+PeRFlow delta weights, this project's converted folders (Orbax), and writing a diffusers UNet
+folder from Flax parameters.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 
@@ -53,6 +62,9 @@ LEGACY_RENAMES = (
     (re.compile(r"(attentions\.\d+)\.value\."), r"\1.to_v."),
     (re.compile(r"(attentions\.\d+)\.proj_attn\."), r"\1.to_out.0."),
 )
+
+# transformers >= 5 saves CLIPTextModel's weights without this prefix; older files have it.
+OPTIONAL_PREFIX = "text_model."
 
 # Buffers some transformers versions save beside the parameters.
 IGNORED_TORCH_KEYS = re.compile(r"(^|\.)position_ids$")
@@ -139,6 +151,8 @@ def state_dict_to_params(
         if IGNORED_TORCH_KEYS.search(torch_key):
             continue
         key = _apply_legacy_renames(torch_key)
+        if key not in wanted and OPTIONAL_PREFIX + key in wanted:
+            key = OPTIONAL_PREFIX + key
         if key not in wanted:
             unexpected.append(torch_key)
             continue
@@ -154,7 +168,9 @@ def state_dict_to_params(
         node[path[-1]] = _permute(np.asarray(value), rule.to_flax)
     missing = [key for key in wanted if key not in seen]
     if missing or unexpected or misshaped:
-        raise WeightsMismatchError(_mismatch_message(name, missing, unexpected, misshaped))
+        raise WeightsMismatchError(
+            _mismatch_message(f"the {name} weights do not fit the {name} config", missing, unexpected, misshaped)
+        )
     return tree
 
 
@@ -175,15 +191,279 @@ def _apply_legacy_renames(key: str) -> str:
     return key
 
 
-def _mismatch_message(name: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
-    lines = [f"the {name} weights do not fit the {name} config:"]
+SAME_MODEL_HINT = (
+    "Are the weights and config.json from the same model (e.g. SDXL weights with an SD1.5 config)? "
+    "Take both from one diffusers folder."
+)
+DELTA_HINT = (
+    "Delta weights apply to a UNet of the architecture they were trained from (SD1.5 deltas to "
+    "SD1.5-architecture UNets)."
+)
+
+
+def _mismatch_message(
+    title: str, missing: list[str], unexpected: list[str], misshaped: list[str], hint: str = SAME_MODEL_HINT
+) -> str:
+    lines = [f"{title}:"]
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
             more = f" (first 10 of {len(keys)})" if len(keys) > 10 else ""
             lines.append(f"  {len(keys)} {label} keys{more}:")
             lines.extend(f"    {key}" for key in keys[:10])
-    lines.append(
-        "Are the weights and config.json from the same model (e.g. SDXL weights with an SD1.5 "
-        "config)? Take both from one diffusers folder."
-    )
+    lines.append(hint)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+
+
+class WeightsFileError(ValueError):
+    """A weight file is missing, truncated, corrupt or of an unsupported kind."""
+
+
+# diffusers names its weight files diffusion_pytorch_model.*, transformers model.*.
+WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
+
+
+class SafetensorsStateDict(Mapping):
+    """The tensors of one or more safetensors files, read one at a time when asked for.
+
+    Converting through it holds one copy of a network in memory, not two (SDXL's UNet is 10 GB
+    in float32). Headers are read on construction, so a truncated or corrupt file fails here.
+    """
+
+    def __init__(self, files: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="numpy") as f:
+                    keys = list(f.keys())
+            except (SafetensorError, OSError) as error:
+                raise WeightsFileError(
+                    f"{file} is truncated or corrupt ({error}): download or copy it again"
+                ) from error
+            self._file_of.update(dict.fromkeys(keys, file))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import SafetensorError, safe_open
+
+        file = self._file_of[key]
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                return f.get_tensor(key)
+        except SafetensorError as error:
+            raise WeightsFileError(f"{file}: cannot read {key} ({error}): download or copy it again") from error
+
+    def __iter__(self):
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+
+def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The weight files of one component folder (e.g. ``unet/``), safetensors preferred.
+
+    ``variant``: e.g. "fp16" for ``diffusion_pytorch_model.fp16.safetensors``. Without it the
+    plain files are taken, else the only variant present.
+    """
+    folder = Path(folder)
+    names = [f"{stem}{{}}.{ext}" for ext in ("safetensors", "bin") for stem in WEIGHT_FILE_STEMS]
+    variants = [f".{variant}"] if variant else ["", *sorted(_variants_in(folder))]
+    for tag in variants:
+        for name in names:
+            single = folder / name.format(tag)
+            if single.is_file():
+                return [single]
+            index = folder / (name.format("") + f".index{tag}.json")
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                missing = [shard for shard in shards if not (folder / shard).is_file()]
+                if missing:
+                    raise WeightsFileError(f"{index} names shards that are not there: {', '.join(missing[:10])}")
+                return [folder / shard for shard in shards]
+        if not variant and tag == "" and len(variants) > 2:
+            raise WeightsFileError(
+                f"{folder} has no plain weight file but several variants ({', '.join(v[1:] for v in variants[1:])}): "
+                "choose one with --variant"
+            )
+    wanted = f"variant {variant!r} " if variant else ""
+    raise WeightsFileError(
+        f"{folder} holds no {wanted}weight file (looked for {', '.join(n.format('') for n in names)}"
+        f"{' with .' + variant if variant else ''} and their .index.json): is the download complete?"
+    )
+
+
+def _variants_in(folder: Path) -> set[str]:
+    """Variant tags present, e.g. {".fp16"} for diffusion_pytorch_model.fp16.safetensors."""
+    tags = set()
+    for file in folder.glob("*") if folder.is_dir() else ():
+        match = re.fullmatch(rf"(?:{'|'.join(WEIGHT_FILE_STEMS)})(\.[^.]+)\.(?:safetensors|bin)", file.name)
+        if match:
+            tags.add(match.group(1))
+    return tags
+
+
+def read_state_dict(folder: Path, variant: str | None = None) -> Mapping[str, np.ndarray]:
+    """The state dict of one component folder as numpy arrays (safetensors files read lazily)."""
+    files = find_weight_files(folder, variant)
+    if files[0].suffix == ".safetensors":
+        return SafetensorsStateDict(files)
+    state = {}
+    for file in files:
+        state.update(read_torch_pickle(file))
+    return state
+
+
+def read_torch_pickle(file: Path) -> dict[str, np.ndarray]:
+    """A pickled PyTorch state dict (.bin / .pt), loaded with ``weights_only=True`` only."""
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise WeightsFileError(
+            f"{file} cannot be read as a PyTorch state dict with weights_only=True ({error}); "
+            "pickled files that need code to load are refused: use its safetensors version"
+        ) from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {key: _torch_to_numpy(value) for key, value in state.items() if hasattr(value, "detach")}
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def read_delta(path: Path) -> Mapping[str, np.ndarray]:
+    """PeRFlow delta weights: a flat safetensors (or .bin) file with diffusers UNet keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"delta weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return SafetensorsStateDict([path])
+    return read_torch_pickle(path)
+
+
+class DeltaAppliedStateDict(Mapping):
+    """W + delta for every key, computed one tensor at a time as the authors' loader does it.
+
+    The sum is taken in the delta's dtype and cast back to W's dtype. The key sets must be equal;
+    a shape mismatch is reported when the tensor is read.
+    """
+
+    def __init__(self, base: Mapping[str, Any], delta: Mapping[str, Any]):
+        base_keys, delta_keys = set(base), set(delta)
+        if base_keys != delta_keys:
+            missing = sorted(base_keys - delta_keys)
+            unexpected = sorted(delta_keys - base_keys)
+            raise WeightsMismatchError(
+                _mismatch_message("the delta weights do not fit the UNet", missing, unexpected, [], hint=DELTA_HINT)
+            )
+        self._base, self._delta = base, delta
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        w, d = np.asarray(self._base[key]), np.asarray(self._delta[key])
+        if w.shape != d.shape:
+            raise WeightsMismatchError(
+                f"the delta weights do not fit the UNet: {key} is {d.shape} in the delta but {w.shape} in the UNet"
+            )
+        return (w.astype(d.dtype) + d).astype(w.dtype)
+
+    def __iter__(self):
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter checkpoints (Orbax) and diffusers UNet folders
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def cast_params(params: Any, dtype: str) -> Any:
+    """Every floating-point leaf cast to ``dtype`` (a key of DTYPES), as numpy arrays."""
+    import jax
+
+    target = np.dtype(DTYPES[dtype])
+    return jax.tree.map(lambda x: np.asarray(x).astype(target, copy=False), params)
+
+
+def save_params(path: Path, params: Any) -> None:
+    """Write a parameter tree as an Orbax checkpoint at ``path`` (which must not exist yet)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(path).absolute(), params)
+
+
+def load_params(path: Path) -> Any:
+    """A parameter tree written by ``save_params``, as numpy arrays in their stored dtypes."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(path).absolute())
+
+
+def write_diffusers_unet(params: Any, config: Mapping[str, Any], out: Path, dtype: str = "float32") -> Path:
+    """A diffusers-loadable UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+    Args:
+      params: the Flax UNet parameter tree.
+      config: the UNet's diffusers config dict (as read from its config.json).
+      out: the folder to write; created if needed.
+      dtype: a key of DTYPES.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = np.dtype(DTYPES[dtype])
+    state = {key: value.astype(target, copy=False) for key, value in params_to_state_dict(params).items()}
+    save_file(state, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    config = {"_class_name": "UNet2DConditionModel", **config}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Converted folders: one subfolder per network with its config.json and its Orbax parameters.
+
+CONVERTED_MANIFEST = "perflow_model.json"
+
+
+def write_component(folder: Path, name: str, class_name: str, config: Mapping[str, Any], params: Any) -> None:
+    """``folder/name/config.json`` (the PyTorch config, ``_class_name`` set) and ``folder/name/params``."""
+    target = Path(folder) / name
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps({**config, "_class_name": class_name}, indent=2) + "\n")
+    save_params(target / "params", params)
+
+
+def read_component(folder: Path, name: str) -> tuple[str, dict[str, Any], Any]:
+    """(PyTorch class name, config dict, parameter tree) of one network of a converted folder."""
+    folder = Path(folder)
+    if not (folder / CONVERTED_MANIFEST).is_file():
+        hint = (
+            "it is a diffusers folder: convert it first with python -m perflow_jax.convert --from "
+            f"{folder} --out CONVERTED_DIR"
+            if (folder / "model_index.json").is_file()
+            else "give the --out folder of python -m perflow_jax.convert"
+        )
+        raise WeightsFileError(f"{folder} is not a converted model folder (no {CONVERTED_MANIFEST}): {hint}")
+    config_file = folder / name / "config.json"
+    if not config_file.is_file():
+        present = sorted(p.name for p in folder.iterdir() if (p / "params").is_dir())
+        raise WeightsFileError(f"{folder} has no network {name!r}; it has {', '.join(present)}")
+    config = json.loads(config_file.read_text())
+    return config["_class_name"], config, load_params(folder / name / "params")

@@ -111,16 +111,8 @@ def prompt_ids(length: int, with_added_token: bool) -> tuple[np.ndarray, np.ndar
 
 
 def load_params(torch_model, flax_model) -> dict:
-    """The torch model's weights as the Flax model's parameter tree.
-
-    transformers 5 names CLIPTextModel's weights without the "text_model." prefix that the
-    checkpoints on disk (and transformers 4) have; the Flax tree keeps it.
-    """
-    state = {
-        key if key.startswith("text_") else f"text_model.{key}": value
-        for key, value in torch_state_dict(torch_model).items()
-    }
-    return state_dict_to_params(state, flax_model.abstract_params(), name="text_encoder")
+    """The torch model's weights as the Flax model's parameter tree."""
+    return state_dict_to_params(torch_state_dict(torch_model), flax_model.abstract_params(), name="text_encoder")
 
 
 def run_both(config_dict: dict, flax_cls, input_ids: np.ndarray):

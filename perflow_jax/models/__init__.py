@@ -6,3 +6,31 @@ to the leaf name; ``perflow_jax.weights`` holds the few leaf rules that finish t
 Parameters are float32; ``dtype`` sets the computation dtype. Images and latents are NHWC
 inside and at the public interface: ``sample: [B, H, W, C]``.
 """
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from perflow_jax.models.vae import AutoencoderKL, VAEConfig
+
+# PyTorch class name (as model_index.json names it) -> (config class, Flax module class).
+NETWORKS = {
+    "UNet2DConditionModel": (UNetConfig, UNet2DConditionModel),
+    "AutoencoderKL": (VAEConfig, AutoencoderKL),
+    "CLIPTextModel": (CLIPTextConfig, CLIPTextModel),
+    "CLIPTextModelWithProjection": (CLIPTextConfig, CLIPTextModelWithProjection),
+}
+
+
+def from_config(class_name: str, config: Mapping[str, Any], **module_kwargs) -> nn.Module:
+    """The Flax twin of PyTorch class ``class_name`` built from its config.json dict.
+
+    ``module_kwargs``: dtype, attention_backend (and remat for the UNet).
+    """
+    if class_name not in NETWORKS:
+        raise ValueError(f"no Flax twin of {class_name!r}: supported networks are {', '.join(NETWORKS)}")
+    config_class, module_class = NETWORKS[class_name]
+    return module_class(config_class.from_dict(config), **module_kwargs)

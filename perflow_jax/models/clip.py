@@ -1,9 +1,9 @@
 """transformers' CLIPTextModel and CLIPTextModelWithProjection (the SD / SDXL text encoders).
 
-Parameter names follow the checkpoints on disk (``text_encoder/model.safetensors``):
-``text_model.embeddings.token_embedding``, ``text_model.encoder.layers.0.self_attn.q_proj``, ...,
-``text_projection``. transformers 5 drops the ``text_model.`` prefix of ``CLIPTextModel`` when it
-loads such a file; here it stays, so one tree layout serves both networks.
+Parameter names follow the PyTorch modules: ``text_model.embeddings.token_embedding``,
+``text_model.encoder.layers.0.self_attn.q_proj``, ..., ``text_projection``. transformers >= 5
+names CLIPTextModel's weights without the ``text_model.`` prefix (older files have it); the tree
+keeps it for both networks and ``perflow_jax.weights`` accepts either when reading.
 """
 
 from __future__ import annotations

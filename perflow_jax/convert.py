@@ -1,0 +1,204 @@
+"""``python -m perflow_jax.convert``: a diffusers pipeline folder (PyTorch) -> Flax parameters (Orbax).
+
+    python -m perflow_jax.convert --from DIFFUSERS_DIR --out DIR [--dtype float32|bfloat16]
+        [--perflow-delta delta_weights.safetensors] [--variant fp16] [--overwrite]
+
+DIR then holds, for each network (unet, vae, text_encoder, text_encoder_2 for SDXL), its
+``config.json`` and an Orbax checkpoint of its parameters in ``params/``; the tokenizer folders
+and the scheduler config are copied; ``perflow_model.json`` records what was converted. Later
+commands load DIR without torch (``perflow_jax.weights.read_component``).
+
+Nothing partial is written: the conversion happens in a hidden folder beside DIR that replaces
+DIR only once everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perflow_jax import __version__, models, weights
+
+NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
+COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Pipeline parts that play no role in PeRFlow training or sampling.
+IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+class ConversionError(ValueError):
+    """The source folder, the delta weights or the output folder do not allow a conversion."""
+
+
+def read_model_index(source: Path) -> dict[str, str]:
+    """The pipeline's components that this project converts or copies: {name: class name}.
+
+    Raises ConversionError for a folder without model_index.json, a listed component without its
+    subfolder, a network class without a Flax twin, or a required component that is absent.
+    """
+    index_file = source / "model_index.json"
+    if not index_file.is_file():
+        raise ConversionError(
+            f"{source} is not a diffusers pipeline folder (no model_index.json): give the folder that "
+            "DiffusionPipeline.save_pretrained wrote (or a complete download of the model repository)"
+        )
+    index = json.loads(index_file.read_text())
+    components = {}
+    for name, entry in index.items():
+        if name.startswith("_") or name in IGNORED or not isinstance(entry, list) or entry[1] is None:
+            continue
+        class_name = entry[1]
+        if name in NETWORKS and class_name not in models.NETWORKS:
+            raise ConversionError(
+                f"model_index.json gives {name} the class {class_name!r}, which has no Flax twin here: "
+                f"supported network classes are {', '.join(models.NETWORKS)}"
+            )
+        if name not in NETWORKS + COPIED:
+            raise ConversionError(
+                f"model_index.json lists a component {name!r} ({class_name}) that this project does not know: "
+                f"it converts {', '.join(NETWORKS)} and copies {', '.join(COPIED)} (Stable Diffusion pipelines)"
+            )
+        if not (source / name).is_dir():
+            raise ConversionError(
+                f"model_index.json lists {name} but {source} has no {name}/ subfolder: is the download complete?"
+            )
+        components[name] = class_name
+    missing = [name for name in REQUIRED if name not in components]
+    if missing:
+        raise ConversionError(
+            f"{source} has no {', '.join(missing)} in model_index.json: a Stable Diffusion pipeline needs "
+            f"{', '.join(REQUIRED)}"
+        )
+    return components
+
+
+def convert(
+    source: Path,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    perflow_delta: Path | None = None,
+    variant: str | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Convert a diffusers pipeline folder into a converted folder ``out``; returns the manifest."""
+    source, out = Path(source), Path(out)
+    if dtype not in ("float32", "bfloat16"):
+        raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
+    components = read_model_index(source)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConversionError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    delta = weights.read_delta(perflow_delta) if perflow_delta else None
+
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        counts = {}
+        for name in (n for n in NETWORKS if n in components):
+            counts[name] = _convert_network(source, staging, name, components[name], dtype, variant, delta, log)
+        for name in (n for n in COPIED if n in components):
+            shutil.copytree(source / name, staging / name)
+        manifest = {
+            "format": "perflow_jax converted model",
+            "format_version": 1,
+            "perflow_jax_version": __version__,
+            "source": str(source.resolve()),
+            "dtype": dtype,
+            "variant": variant,
+            "perflow_delta": str(Path(perflow_delta).resolve()) if perflow_delta else None,
+            "components": components,
+            "parameters": counts,
+        }
+        (staging / weights.CONVERTED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    total = sum(counts.values())
+    log(
+        f"converted {len(counts)} networks ({_count(total)} parameters, {dtype}) and copied "
+        f"{', '.join(n for n in COPIED if n in components)} to {out} in {time.perf_counter() - start:.1f} s"
+    )
+    return manifest
+
+
+def _convert_network(source, staging, name, class_name, dtype, variant, delta, log) -> int:
+    start = time.perf_counter()
+    config = json.loads((source / name / "config.json").read_text())
+    try:
+        module = models.from_config(class_name, config)
+    except ValueError as error:
+        raise ConversionError(f"{source / name / 'config.json'}: {error}") from error
+    state = weights.read_state_dict(source / name, variant)
+    if name == "unet" and delta is not None:
+        state = weights.DeltaAppliedStateDict(state, delta)
+    params = weights.cast_params(weights.state_dict_to_params(state, module.abstract_params(), name=name), dtype)
+    weights.write_component(staging, name, class_name, config, params)
+    count = sum(int(np.size(x)) for x in weights.flatten(params).values())
+    extra = " + PeRFlow delta" if name == "unet" and delta is not None else ""
+    log(f"{name:<15} {class_name:<28} {_count(count):>8} parameters{extra}  {time.perf_counter() - start:6.1f} s")
+    return count
+
+
+def _count(n: int) -> str:
+    """1234567 -> '1.23 M'."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move the finished staging folder to ``out``, replacing what was there."""
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        staging.rename(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m perflow_jax.convert",
+        description="Convert a diffusers Stable Diffusion folder (PyTorch) into Flax parameters (Orbax).",
+    )
+    parser.add_argument("--from", dest="source", type=Path, required=True, help="diffusers pipeline folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored parameter dtype")
+    parser.add_argument(
+        "--perflow-delta", type=Path, help="PeRFlow delta_weights.safetensors to add to the UNet before saving"
+    )
+    parser.add_argument("--variant", help="weight file variant to read, e.g. fp16 (default: plain files)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    try:
+        convert(
+            args.source,
+            args.out,
+            dtype=args.dtype,
+            perflow_delta=args.perflow_delta,
+            variant=args.variant,
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, weights.WeightsFileError, weights.WeightsMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The weight rule table and the diffusers UNet folder writer."""
+
+import json
+
+import diffusers
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from perflow_jax import weights
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tests.parity import torch_state_dict
+from tests.test_unet import TINY, random_torch_unet
+
+
+def test_leaf_rules_transpose_convolutions_and_dense_kernels():
+    rng = np.random.default_rng(0)
+    params = {
+        "conv": {"kernel": rng.standard_normal((3, 3, 4, 8)), "bias": rng.standard_normal(8)},
+        "to_out.0": {"kernel": rng.standard_normal((8, 5))},
+        "norm": {"scale": rng.standard_normal(8)},
+        "token_embedding": {"embedding": rng.standard_normal((10, 8))},
+    }
+    state = weights.params_to_state_dict(params)
+    np.testing.assert_array_equal(state["conv.weight"], params["conv"]["kernel"].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(state["to_out.0.weight"], params["to_out.0"]["kernel"].T)
+    np.testing.assert_array_equal(state["norm.weight"], params["norm"]["scale"])
+    np.testing.assert_array_equal(state["token_embedding.weight"], params["token_embedding"]["embedding"])
+    back = weights.state_dict_to_params(state, params)
+    for path in weights.flatten(params):
+        np.testing.assert_array_equal(weights.flatten(back)[path], weights.flatten(params)[path])
+
+
+def test_text_model_prefix_is_optional_when_reading():
+    template = {"text_model": {"final_layer_norm": {"scale": np.zeros(4), "bias": np.zeros(4)}}}
+    state = {"final_layer_norm.weight": np.ones(4), "final_layer_norm.bias": np.full(4, 2.0)}
+    params = weights.state_dict_to_params(state, template)
+    np.testing.assert_array_equal(params["text_model"]["final_layer_norm"]["bias"], np.full(4, 2.0))
+
+
+def test_position_ids_buffer_is_ignored():
+    template = {"a": {"bias": np.zeros(2)}}
+    params = weights.state_dict_to_params({"a.bias": np.ones(2), "embeddings.position_ids": np.arange(77)}, template)
+    np.testing.assert_array_equal(params["a"]["bias"], np.ones(2))
+
+
+def architecture(config) -> dict:
+    """A diffusers config without its bookkeeping keys, lists and tuples alike."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("float32", torch.float32), ("float16", torch.float16)])
+def test_written_unet_folder_loads_in_diffusers_with_equal_tensors(tmp_path, dtype, torch_dtype):
+    unet = random_torch_unet(TINY["sdxl"])
+    model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet.config)))
+    params = weights.state_dict_to_params(torch_state_dict(unet), model.abstract_params())
+    weights.write_diffusers_unet(params, dict(unet.config), tmp_path / "unet", dtype=dtype)
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet", torch_dtype=torch_dtype)
+    assert architecture(loaded.config) == architecture(unet.config)
+    expected = torch_state_dict(unet)
+    actual = torch_state_dict(loaded)
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        # float32: bit for bit; float16: exactly the cast of the float32 weights.
+        np.testing.assert_array_equal(actual[key], value.astype(weights.DTYPES[dtype]), err_msg=key)
+
+
+def test_bfloat16_unet_folder_holds_the_rounded_weights(tmp_path):
+    unet = random_torch_unet(TINY["sd1"])
+    state = torch_state_dict(unet)
+    model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet.config)))
+    weights.write_diffusers_unet(
+        weights.state_dict_to_params(state, model.abstract_params()), dict(unet.config), tmp_path, dtype="bfloat16"
+    )
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.bfloat16
+        np.testing.assert_array_equal(value.float().numpy(), state[key].astype(ml_dtypes.bfloat16).astype(np.float32))
