@@ -74,28 +74,21 @@ class WeightsMismatchError(ValueError):
     """A state dict does not fit a network: keys missing, unexpected or of the wrong shape."""
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     """{'a': {'b.0': {'kernel': x}}} -> {'a.b.0.kernel': x}."""
-    flat = {}
-    for name, value in tree.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, key + "."))
-        else:
-            flat[key] = value
-    return flat
+    return {key: leaf for key, (_, leaf) in _leaf_paths(tree).items()}
 
 
-def _paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
-    """Flattened key -> path tuple, keeping module names that contain dots intact."""
-    paths = {}
+def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Flattened key -> (path tuple, leaf), keeping module names that contain dots intact."""
+    leaves = {}
     for name, value in tree.items():
         path = prefix + (name,)
         if isinstance(value, Mapping):
-            paths.update(_paths(value, path))
+            leaves.update(_leaf_paths(value, path))
         else:
-            paths[".".join(path)] = path
-    return paths
+            leaves[".".join(path)] = (path, value)
+    return leaves
 
 
 def _rule_for_flax(leaf: str, rank: int) -> LeafRule:
@@ -136,13 +129,12 @@ def state_dict_to_params(
       WeightsMismatchError: listing (in PyTorch key names) the first ten missing, unexpected and
         mis-shaped keys.
     """
-    paths = _paths(template)
-    # What each template leaf is called on the PyTorch side, and how to get it from there.
+    # What each template leaf is called on the PyTorch side: (path, rule, PyTorch shape).
     wanted = {}
-    for flat_key, path in paths.items():
-        module, _, leaf = flat_key.rpartition(".")
-        rule = _rule_for_flax(leaf, len(template_shape(template, path)))
-        wanted[f"{module}.{rule.torch_leaf}"] = (path, rule)
+    for flat_key, (path, leaf) in _leaf_paths(template).items():
+        module, _, leaf_name = flat_key.rpartition(".")
+        rule = _rule_for_flax(leaf_name, len(leaf.shape))
+        wanted[f"{module}.{rule.torch_leaf}"] = (path, rule, _torch_shape(tuple(leaf.shape), rule))
 
     tree: dict[str, Any] = {}
     unexpected, misshaped = [], []
@@ -156,9 +148,8 @@ def state_dict_to_params(
         if key not in wanted:
             unexpected.append(torch_key)
             continue
-        path, rule = wanted[key]
+        path, rule, expected = wanted[key]
         seen.add(key)
-        expected = _torch_shape(template_shape(template, path), rule)
         if tuple(np.shape(value)) != expected:
             misshaped.append(f"{torch_key}: {tuple(np.shape(value))}, expected {expected}")
             continue
@@ -172,13 +163,6 @@ def state_dict_to_params(
             _mismatch_message(f"the {name} weights do not fit the {name} config", missing, unexpected, misshaped)
         )
     return tree
-
-
-def template_shape(template: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, ...]:
-    node: Any = template
-    for part in path:
-        node = node[part]
-    return tuple(node.shape)
 
 
 def _torch_shape(flax_shape: tuple[int, ...], rule: LeafRule) -> tuple[int, ...]:
