@@ -28,57 +28,9 @@ import numpy as np
 
 from perflow_jax import __version__, models, weights
 
-NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
-COPIED = ("tokenizer", "tokenizer_2", "scheduler")
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# Pipeline parts that play no role in PeRFlow training or sampling.
-IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
-
 
 class ConversionError(ValueError):
     """The source folder, the delta weights or the output folder do not allow a conversion."""
-
-
-def read_model_index(source: Path) -> dict[str, str]:
-    """The pipeline's components that this project converts or copies: {name: class name}.
-
-    Raises ConversionError for a folder without model_index.json, a listed component without its
-    subfolder, a network class without a Flax twin, or a required component that is absent.
-    """
-    index_file = source / "model_index.json"
-    if not index_file.is_file():
-        raise ConversionError(
-            f"{source} is not a diffusers pipeline folder (no model_index.json): give the folder that "
-            "DiffusionPipeline.save_pretrained wrote (or a complete download of the model repository)"
-        )
-    index = json.loads(index_file.read_text())
-    components = {}
-    for name, entry in index.items():
-        if name.startswith("_") or name in IGNORED or not isinstance(entry, list) or entry[1] is None:
-            continue
-        class_name = entry[1]
-        if name in NETWORKS and class_name not in models.NETWORKS:
-            raise ConversionError(
-                f"model_index.json gives {name} the class {class_name!r}, which has no Flax twin here: "
-                f"supported network classes are {', '.join(models.NETWORKS)}"
-            )
-        if name not in NETWORKS + COPIED:
-            raise ConversionError(
-                f"model_index.json lists a component {name!r} ({class_name}) that this project does not know: "
-                f"it converts {', '.join(NETWORKS)} and copies {', '.join(COPIED)} (Stable Diffusion pipelines)"
-            )
-        if not (source / name).is_dir():
-            raise ConversionError(
-                f"model_index.json lists {name} but {source} has no {name}/ subfolder: is the download complete?"
-            )
-        components[name] = class_name
-    missing = [name for name in REQUIRED if name not in components]
-    if missing:
-        raise ConversionError(
-            f"{source} has no {', '.join(missing)} in model_index.json: a Stable Diffusion pipeline needs "
-            f"{', '.join(REQUIRED)}"
-        )
-    return components
 
 
 def convert(
@@ -95,7 +47,7 @@ def convert(
     source, out = Path(source), Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
-    components = read_model_index(source)
+    components = weights.read_model_index(source)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConversionError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
@@ -106,9 +58,9 @@ def convert(
     start = time.perf_counter()
     try:
         counts = {}
-        for name in (n for n in NETWORKS if n in components):
+        for name in (n for n in weights.PIPELINE_NETWORKS if n in components):
             counts[name] = _convert_network(source, staging, name, components[name], dtype, variant, delta, log)
-        for name in (n for n in COPIED if n in components):
+        for name in (n for n in weights.PIPELINE_COPIED if n in components):
             shutil.copytree(source / name, staging / name)
         manifest = {
             "format": "perflow_jax converted model",
@@ -126,10 +78,10 @@ def convert(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    total = sum(counts.values())
+    copied = ", ".join(n for n in weights.PIPELINE_COPIED if n in components)
     log(
-        f"converted {len(counts)} networks ({_count(total)} parameters, {dtype}) and copied "
-        f"{', '.join(n for n in COPIED if n in components)} to {out} in {time.perf_counter() - start:.1f} s"
+        f"converted {len(counts)} networks ({_count(sum(counts.values()))} parameters, {dtype}) and copied "
+        f"{copied} to {out} in {time.perf_counter() - start:.1f} s"
     )
     return manifest
 

@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from perflow_jax.models import NETWORKS as NETWORK_CLASSES
+
 
 class LeafRule(NamedTuple):
     flax_leaf: str
@@ -367,6 +369,59 @@ class DeltaAppliedStateDict(Mapping):
 
     def __len__(self) -> int:
         return len(self._base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusers pipeline folders
+
+PIPELINE_NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PIPELINE_COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+PIPELINE_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Pipeline parts that play no role in PeRFlow training or sampling.
+PIPELINE_IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def read_model_index(source: Path) -> dict[str, str]:
+    """The pipeline's components that this project converts or copies: {name: class name}.
+
+    Raises WeightsFileError for a folder without model_index.json, a listed component without its
+    subfolder, a network class without a Flax twin, or a required component that is absent.
+    """
+    index_file = source / "model_index.json"
+    if not index_file.is_file():
+        raise WeightsFileError(
+            f"{source} is not a diffusers pipeline folder (no model_index.json): give the folder that "
+            "DiffusionPipeline.save_pretrained wrote (or a complete download of the model repository)"
+        )
+    index = json.loads(index_file.read_text())
+    components = {}
+    for name, entry in index.items():
+        if name.startswith("_") or name in PIPELINE_IGNORED or not isinstance(entry, list) or entry[1] is None:
+            continue
+        class_name = entry[1]
+        if name in PIPELINE_NETWORKS and class_name not in NETWORK_CLASSES:
+            raise WeightsFileError(
+                f"model_index.json gives {name} the class {class_name!r}, which has no Flax twin here: "
+                f"supported network classes are {', '.join(NETWORK_CLASSES)}"
+            )
+        if name not in PIPELINE_NETWORKS + PIPELINE_COPIED:
+            raise WeightsFileError(
+                f"model_index.json lists a component {name!r} ({class_name}) that this project does not know: "
+                f"it converts {', '.join(PIPELINE_NETWORKS)} and copies {', '.join(PIPELINE_COPIED)} "
+                "(Stable Diffusion pipelines)"
+            )
+        if not (source / name).is_dir():
+            raise WeightsFileError(
+                f"model_index.json lists {name} but {source} has no {name}/ subfolder: is the download complete?"
+            )
+        components[name] = class_name
+    missing = [name for name in PIPELINE_REQUIRED if name not in components]
+    if missing:
+        raise WeightsFileError(
+            f"{source} has no {', '.join(missing)} in model_index.json: a Stable Diffusion pipeline needs "
+            f"{', '.join(PIPELINE_REQUIRED)}"
+        )
+    return components
 
 
 # ---------------------------------------------------------------------------------------------
