@@ -10,6 +10,20 @@ import numpy as np
 FLOAT32_NETWORK_RTOL = 1e-5
 
 
+def random_module(build, seed: int = 0):
+    """``build()`` under ``torch.manual_seed(seed)``, in eval mode, with its 1-D parameters (norm
+    scales and biases) moved off their initial ones and zeros, so that a swapped or missing one shows."""
+    import torch
+
+    torch.manual_seed(seed)
+    module = build().eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return module
+
+
 def torch_state_dict(module) -> dict[str, np.ndarray]:
     """A PyTorch module's state dict as numpy arrays (copies)."""
     return {key: value.detach().cpu().numpy().copy() for key, value in module.state_dict().items()}

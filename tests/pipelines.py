@@ -62,7 +62,7 @@ def tiny_pipeline(folder: Path, *, xl: bool = False, seed: int = 0) -> diffusers
     text_config = transformers.CLIPTextConfig(**{**TEXT, "vocab_size": len(vocab)})
     text_encoder = transformers.CLIPTextModel(text_config).eval()
     scheduler = diffusers.DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
     )
     vae = diffusers.AutoencoderKL(**TINY_VAE).eval()
     if not xl:

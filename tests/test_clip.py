@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from perflow_jax.models import reference_configs
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, eos_positions
 from perflow_jax.weights import WeightsMismatchError, state_dict_to_params
 from tests.parity import FLOAT32_NETWORK_RTOL, relative_error, torch_state_dict
@@ -16,52 +17,27 @@ from tests.parity import FLOAT32_NETWORK_RTOL, relative_error, torch_state_dict
 BOS, EOT = 49406, 49407  # CLIP tokenizer's start- and end-of-text ids
 ADDED_TOKEN = 49409  # a token added after the vocabulary, id above EOT
 
-# The text_encoder/config.json of SD1.5 and text_encoder_2/config.json of SDXL base: both say
-# eos_token_id 2, written before transformers PR #24773.
+# The text_encoder/config.json files of SD1.5, SD2.1 and SDXL base (text_encoder_2), with their
+# bookkeeping keys; all say eos_token_id 2, written before transformers PR #24773.
 SD15_TEXT_ENCODER = {
+    **reference_configs.SD15_TEXT_ENCODER,
     "_name_or_path": "openai/clip-vit-large-patch14",
     "architectures": ["CLIPTextModel"],
     "attention_dropout": 0.0,
-    "bos_token_id": 0,
     "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
     "initializer_factor": 1.0,
     "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
     "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
     "torch_dtype": "float32",
     "transformers_version": "4.22.0.dev0",
-    "vocab_size": 49408,
 }
+SD21_TEXT_ENCODER = {**SD15_TEXT_ENCODER, **reference_configs.SD21_TEXT_ENCODER, "transformers_version": "4.25.0.dev0"}
 SDXL_TEXT_ENCODER_2 = {
+    **SD15_TEXT_ENCODER,
+    **reference_configs.SDXL_TEXT_ENCODER_2,
     "architectures": ["CLIPTextModelWithProjection"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "gelu",
-    "hidden_size": 1280,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 5120,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 20,
-    "num_hidden_layers": 32,
-    "pad_token_id": 1,
-    "projection_dim": 1280,
     "torch_dtype": "float16",
     "transformers_version": "4.32.0.dev0",
-    "vocab_size": 49408,
 }
 
 TORCH_MODELS = {
@@ -252,6 +228,13 @@ def test_sd15_text_encoder_matches_transformers():
     ids, _ = prompt_ids(77, with_added_token=False)
     expected, actual = run_both(SD15_TEXT_ENCODER, CLIPTextModel, ids)
     assert_parity(expected, actual, "SD1.5 text_encoder")
+
+
+@pytest.mark.slow
+def test_sd21_text_encoder_matches_transformers():
+    ids, _ = prompt_ids(77, with_added_token=False)
+    expected, actual = run_both(SD21_TEXT_ENCODER, CLIPTextModel, ids)
+    assert_parity(expected, actual, "SD2.1 text_encoder")
 
 
 @pytest.mark.slow

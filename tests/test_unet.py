@@ -17,6 +17,7 @@ from tests.parity import (
     DrainingStateDict,
     nchw_to_nhwc,
     nhwc_to_nchw,
+    random_module,
     relative_error,
     torch_state_dict,
 )
@@ -63,14 +64,7 @@ TINY = {
 
 
 def random_torch_unet(config: dict, seed: int = 0) -> diffusers.UNet2DConditionModel:
-    """A diffusers UNet with random weights; norms and biases moved off their 1/0 initial values."""
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(**config).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return unet
+    return random_module(lambda: diffusers.UNet2DConditionModel(**config), seed)
 
 
 def random_inputs(unet: diffusers.UNet2DConditionModel, batch: int, size: int, seed: int = 1) -> dict:

@@ -16,6 +16,7 @@ from tests.parity import (
     DrainingStateDict,
     nchw_to_nhwc,
     nhwc_to_nchw,
+    random_module,
     relative_error,
     torch_state_dict,
 )
@@ -31,14 +32,7 @@ TINY = dict(
 
 
 def random_torch_vae(config: dict, seed: int = 0) -> diffusers.AutoencoderKL:
-    """A diffusers AutoencoderKL with random weights; norms and biases moved off their 1/0 initial values."""
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(**config).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return vae
+    return random_module(lambda: diffusers.AutoencoderKL(**config), seed)
 
 
 def check_parity(vae: diffusers.AutoencoderKL, state_dict, image_size: int, label: str):
