@@ -222,32 +222,24 @@ class SafetensorsStateDict(Mapping):
     def __init__(self, files: list[Path]):
         from safetensors import SafetensorError, safe_open
 
-        self._file_of: dict[str, Path] = {}
+        self._handle_of: dict[str, Any] = {}  # key -> the open file (memory-mapped) holding it
         for file in files:
             try:
-                with safe_open(str(file), framework="numpy") as f:
-                    keys = list(f.keys())
+                handle = safe_open(str(file), framework="numpy")
             except (SafetensorError, OSError) as error:
                 raise WeightsFileError(
                     f"{file} is truncated or corrupt ({error}): download or copy it again"
                 ) from error
-            self._file_of.update(dict.fromkeys(keys, file))
+            self._handle_of.update(dict.fromkeys(handle.keys(), handle))
 
     def __getitem__(self, key: str) -> np.ndarray:
-        from safetensors import SafetensorError, safe_open
-
-        file = self._file_of[key]
-        try:
-            with safe_open(str(file), framework="numpy") as f:
-                return f.get_tensor(key)
-        except SafetensorError as error:
-            raise WeightsFileError(f"{file}: cannot read {key} ({error}): download or copy it again") from error
+        return self._handle_of[key].get_tensor(key)
 
     def __iter__(self):
-        return iter(self._file_of)
+        return iter(self._handle_of)
 
     def __len__(self) -> int:
-        return len(self._file_of)
+        return len(self._handle_of)
 
 
 def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
