@@ -49,6 +49,21 @@ def velocity(
     return schedule.eps_to_velocity(parameterization, output, z, t, t_s, t_e, a_s, a_e)
 
 
+def step(
+    output: jax.Array,
+    z: jax.Array,
+    t: jax.Array,
+    dt: jax.Array,
+    ab: jax.Array,
+    *,
+    parameterization: str,
+    num_windows: int,
+) -> jax.Array:
+    """One Euler step z + dt v, v from the model ``output`` at time ``t``; dt = (next timestep - timestep) / 1000."""
+    v = velocity(output, z, t, ab, parameterization=parameterization, num_windows=num_windows)
+    return z + jnp.asarray(dt).astype(z.dtype) * v
+
+
 def sample(
     apply: Apply,
     noise: jax.Array,
@@ -76,12 +91,11 @@ def sample(
     ab = jnp.asarray(ab)
     z = noise.astype(jnp.promote_types(noise.dtype, jnp.float32))
 
-    def step(z, tau_t_dt):
+    def body(z, tau_t_dt):
         tau, t, dt = tau_t_dt
         taus = jnp.broadcast_to(tau.astype(jnp.float32), (z.shape[0],))
         output = guided(apply, z, taus, cond, null_cond, guidance).astype(z.dtype)
-        v = velocity(output, z, t, ab, parameterization=parameterization, num_windows=num_windows)
-        return z + dt.astype(z.dtype) * v, None
+        return step(output, z, t, dt, ab, parameterization=parameterization, num_windows=num_windows), None
 
-    z, _ = jax.lax.scan(step, z, (jnp.asarray(timesteps), jnp.asarray(times), jnp.asarray(dts)))
+    z, _ = jax.lax.scan(body, z, (jnp.asarray(timesteps), jnp.asarray(times), jnp.asarray(dts)))
     return z
