@@ -1,0 +1,491 @@
+"""``python -m perflow_jax.prepare_data``: images and captions -> ArrayRecord shards of VAE latents.
+
+    python -m perflow_jax.prepare_data --model MODEL_DIR --input SRC --out DIR --resolution 512
+        [--shard-size 1000] [--batch-size 16] [--latent-dtype float16|float32]
+
+MODEL_DIR is a converted folder (``python -m perflow_jax.convert``) or a diffusers folder. SRC is
+- a folder of images with captions: a ``.txt`` beside each image, or ``metadata.jsonl`` /
+  ``metadata.csv`` with ``file_name`` and ``text`` (or ``caption``) columns;
+- webdataset ``.tar`` shards as img2dataset writes them (image + ``.txt`` or ``.json``): a tar
+  file, a folder of them, or a glob;
+- ``tfds:NAME[:SPLIT]``: a prepared TFDS data set (``--tfds-data-dir``) with an image feature and
+  a caption feature (``--caption-field``, default: the first of caption, text).
+
+Each image is resized (shorter side to the resolution) and centre-cropped; its VAE latent
+moments, its token ids for each tokenizer and its caption are stored (record schema in
+``perflow_jax.data``). Input item i goes to shard i // shard_size, so a run is deterministic:
+finished shards (those with a sidecar ``.json``) are kept when an interrupted run is started
+again, and on a pod process p prepares the shards s with s % process_count == p. Unreadable,
+corrupt, too small or caption-less items are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import hashlib
+import io
+import json
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from perflow_jax import data, models, weights
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+SKIP_REASONS = ("unreadable", "corrupt", "too_small", "no_caption")
+STATE_FILE = "prepare_settings.json"
+
+
+class PrepareError(ValueError):
+    """The source, the model or the output folder do not allow the preparation."""
+
+
+@dataclass
+class Item:
+    """One input example: ``open()`` gives the image (may raise), ``caption`` may be None."""
+
+    key: str
+    open: Callable[[], Image.Image]
+    caption: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def open_source(spec: str, *, tfds_data_dir: str | None = None, caption_field: str | None = None):
+    """(number of items or None, iterator of Items) for a source spec, in a deterministic order."""
+    if spec.startswith("tfds:"):
+        return _tfds_source(spec[len("tfds:") :], tfds_data_dir, caption_field)
+    path = Path(spec)
+    tars = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in sorted(glob.glob(spec))] or [path]
+    if path.is_dir() and not tars:
+        items = _folder_items(path)
+        return len(items), iter(items)
+    missing = [t for t in tars if not t.is_file()]
+    if not tars or missing:
+        raise PrepareError(
+            f"input {spec!r} is neither a folder of images, nor webdataset .tar files, nor tfds:NAME[:SPLIT]"
+        )
+    return None, _webdataset_items(tars)
+
+
+def _folder_items(folder: Path) -> list[Item]:
+    captions = _folder_captions(folder)
+    items = []
+    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        relative = file.relative_to(folder).as_posix()
+        caption = captions.get(relative) if captions is not None else _read_text(file.with_suffix(".txt"))
+        items.append(Item(relative, lambda file=file: Image.open(file), caption))
+    if not items:
+        raise PrepareError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return items
+
+
+def _folder_captions(folder: Path) -> dict[str, str] | None:
+    """file_name -> caption from metadata.jsonl or metadata.csv; None when there is neither."""
+    if (folder / "metadata.jsonl").is_file():
+        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    elif (folder / "metadata.csv").is_file():
+        with open(folder / "metadata.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        return None
+    return {row["file_name"]: row.get("text", row.get("caption")) for row in rows if "file_name" in row}
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text(errors="replace").strip() if path.is_file() else None
+
+
+def _webdataset_items(tars: list[Path]) -> Iterator[Item]:
+    """Items of webdataset tars: members grouped by key (the name up to the first dot)."""
+    for tar_path in tars:
+        with tarfile.open(tar_path) as tar:
+            group: dict[str, bytes] = {}
+            key = None
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name
+                directory, _, base = name.rpartition("/")
+                member_key = f"{directory}/{base.split('.', 1)[0]}" if directory else base.split(".", 1)[0]
+                if member_key != key and group:
+                    yield _webdataset_item(tar_path, key, group)
+                    group = {}
+                key = member_key
+                group[base.split(".", 1)[1].lower() if "." in base else ""] = tar.extractfile(member).read()
+            if group:
+                yield _webdataset_item(tar_path, key, group)
+
+
+def _webdataset_item(tar_path: Path, key: str, group: dict[str, bytes]) -> Item:
+    image_bytes = next((group[ext[1:]] for ext in IMAGE_SUFFIXES if ext[1:] in group), None)
+    caption = group["txt"].decode(errors="replace").strip() if "txt" in group else None
+    if caption is None and "json" in group:
+        meta = json.loads(group["json"])
+        caption = meta.get("caption") or meta.get("text")
+
+    def open_image():
+        if image_bytes is None:
+            raise UnidentifiedImageError(f"no image member for {key}")
+        return Image.open(io.BytesIO(image_bytes))
+
+    return Item(f"{tar_path.name}/{key}", open_image, caption)
+
+
+def _tfds_source(name_split: str, data_dir: str | None, caption_field: str | None):
+    import tensorflow_datasets as tfds
+
+    name, _, split = name_split.partition(":")
+    try:
+        source = tfds.data_source(name, split=split or "train", data_dir=data_dir)
+    except Exception as error:  # tfds raises several kinds for a missing or unprepared data set
+        raise PrepareError(
+            f"cannot open TFDS data set {name_split!r} ({error}); is it prepared in --tfds-data-dir?"
+        ) from error
+    features = set(source.dataset_info.features.keys())
+    field = caption_field or next((f for f in ("caption", "text") if f in features), None)
+    if field not in features or "image" not in features:
+        raise PrepareError(
+            f"TFDS data set {name} has features {sorted(features)}: it needs 'image' and a caption feature "
+            "(choose it with --caption-field)"
+        )
+
+    def items():
+        for index in range(len(source)):
+            example = source[index]
+            caption = example[field]
+            caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+            yield Item(f"{name_split}/{index}", lambda image=example["image"]: Image.fromarray(image), caption)
+
+    return len(source), items()
+
+
+# ---------------------------------------------------------------------------------------------
+# One example
+
+
+def center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """Shorter side resized to ``resolution`` (bicubic), then the centre square cut out.
+
+    Returns (pixels [R, R, 3] float32 in [-1, 1], original (height, width), crop (top, left)).
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    resized = image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    crop = resized.crop((left, top, left + resolution, top + resolution))
+    pixels = np.asarray(crop, np.float32) / 127.5 - 1.0
+    return pixels, (height, width), (top, left)
+
+
+def load_item(item: Item, resolution: int, min_size: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(example without latents and ids, None) or (None, skip reason)."""
+    if not item.caption or not item.caption.strip():
+        return None, "no_caption"
+    try:
+        image = item.open()
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None, "unreadable"
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError):
+        return None, "corrupt"
+    if min(image.size) < min_size:
+        return None, "too_small"
+    pixels, original_size, crop = center_crop(image, resolution)
+    return {"key": item.key, "caption": item.caption.strip(), "pixels": pixels,
+            "original_size": original_size, "crop_top_left": crop}, None  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The model side: VAE encoder and tokenizers
+
+
+class Encoder:
+    """The VAE encoder (jitted, the batch spread over local devices) and the model's tokenizers."""
+
+    def __init__(self, model_dir: Path, batch_size: int):
+        model_dir = Path(model_dir)
+        if (model_dir / weights.CONVERTED_MANIFEST).is_file():
+            class_name, self.vae_config, params = weights.read_component(model_dir, "vae")
+        elif (model_dir / "model_index.json").is_file():
+            class_name = weights.read_model_index(model_dir)["vae"]
+            self.vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
+            template = models.from_config(class_name, self.vae_config).abstract_params()
+            params = weights.state_dict_to_params(weights.read_state_dict(model_dir / "vae"), template, name="vae")
+        else:
+            raise PrepareError(
+                f"--model {model_dir} is neither a converted folder ({weights.CONVERTED_MANIFEST}) nor a diffusers "
+                "folder (model_index.json)"
+            )
+        self.vae = models.from_config(class_name, self.vae_config)
+        self.downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+        self.tokenizers = _load_tokenizers(model_dir)
+        devices = jax.local_devices()
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        self._encode = jax.jit(
+            lambda p, x: self.vae.apply({"params": p}, x, method="encode"),
+            in_shardings=(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), batch_sharding),
+            out_shardings=batch_sharding,
+        )
+        self.fingerprint = _fingerprint(self.vae_config, params, model_dir)
+
+    def moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[N, R, R, 3] in [-1, 1] -> (mean, logvar) [N, h, w, c] float32, in fixed-size batches."""
+        means, logvars = [], []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = pixels[start : start + self.batch_size]
+            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            mean, logvar = self._encode(self.params, padded)
+            means.append(np.asarray(mean)[: len(chunk)])
+            logvars.append(np.asarray(logvar)[: len(chunk)])
+        return np.concatenate(means), np.concatenate(logvars)
+
+    def token_ids(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """input_ids (and input_ids_2 for SDXL): [N, 77] int32, padded and truncated."""
+        ids = {}
+        for field, tokenizer in self.tokenizers.items():
+            ids[field] = np.asarray(
+                tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)[
+                    "input_ids"
+                ],
+                np.int32,
+            )
+        return ids
+
+
+def _load_tokenizers(model_dir: Path) -> dict[str, Any]:
+    from transformers import CLIPTokenizer
+
+    found = {}
+    for folder, field in (("tokenizer", "input_ids"), ("tokenizer_2", "input_ids_2")):
+        if (model_dir / folder).is_dir():
+            found[field] = CLIPTokenizer.from_pretrained(str(model_dir / folder))
+    if "input_ids" not in found:
+        raise PrepareError(f"{model_dir} has no tokenizer/ folder: convert the whole diffusers pipeline")
+    return found
+
+
+def _fingerprint(vae_config: dict, params: Any, model_dir: Path) -> str:
+    """sha256 over the VAE config and weights and the tokenizer files: prepared data belongs to one model."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in vae_config.items() if not k.startswith("_")},
+                                       sort_keys=True).encode())  # fmt: skip
+    for key, value in sorted(weights.flatten(params).items()):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(np.asarray(value, np.float32)).tobytes())
+    for folder in ("tokenizer", "tokenizer_2"):
+        for file in sorted((model_dir / folder).glob("*")) if (model_dir / folder).is_dir() else ():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def prepare(
+    model: Path,
+    source: str,
+    out: Path,
+    *,
+    resolution: int,
+    shard_size: int = 1000,
+    batch_size: int = 16,
+    latent_dtype: str = "float16",
+    min_size: int | None = None,
+    tfds_data_dir: str | None = None,
+    caption_field: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    max_items: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Prepare (or resume preparing) ``out``; returns the manifest once every shard is finished.
+
+    ``max_items`` stops after that many input items (a run that is interrupted on purpose).
+    """
+    out = Path(out)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if latent_dtype not in ("float16", "float32"):
+        raise PrepareError(f"--latent-dtype {latent_dtype!r}: use float16 or float32")
+    min_size = resolution // 2 if min_size is None else min_size
+    encoder = Encoder(model, batch_size)
+    if resolution % encoder.downsampling:
+        raise PrepareError(
+            f"--resolution {resolution} is not a multiple of {encoder.downsampling}, the VAE's downsampling factor"
+        )
+    settings = {
+        "source": source, "resolution": resolution, "shard_size": shard_size, "latent_dtype": latent_dtype,
+        "min_size": min_size, "model_fingerprint": encoder.fingerprint, "caption_field": caption_field,
+    }  # fmt: skip
+    _check_settings(out, settings)
+    for partial in out.glob("*.partial"):
+        partial.unlink()
+    total, items = open_source(source, tfds_data_dir=tfds_data_dir, caption_field=caption_field)
+
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="item", desc="preparing", disable=not progress, dynamic_ncols=True)
+    skipped: Counter = Counter()
+    written = 0
+    num_items = 0
+    for shard, chunk in enumerate(_chunks(items, shard_size)):
+        num_items += len(chunk)
+        bar.update(len(chunk))
+        if shard % process_count != process_index or _sidecar(out, shard).is_file():
+            continue
+        if max_items is not None and num_items > max_items:
+            bar.close()
+            return None
+        stats = _write_shard(out, shard, chunk, encoder, resolution, min_size, latent_dtype)
+        skipped.update(stats["skipped"])
+        written += stats["count"]
+        bar.set_postfix(written=written, skipped=sum(skipped.values()))
+    bar.close()
+    manifest = _finish(out, settings, num_items, shard_size, encoder)
+    elapsed = time.perf_counter() - start
+    if manifest is not None:
+        skips = ", ".join(f"{n} {reason}" for reason, n in manifest["skipped"].items() if n) or "none"
+        print(
+            f"prepared {manifest['count']} examples from {manifest['input_items']} items in "
+            f"{len(manifest['shards'])} shards at {resolution} px ({elapsed:.1f} s); skipped: {skips}; -> {out}"
+        )
+    return manifest
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    state = out / STATE_FILE
+    if state.is_file():
+        before = json.loads(state.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+            raise PrepareError(f"{out} was prepared with other settings ({details}): use another --out to start afresh")
+    elif out.exists() and any(out.iterdir()):
+        raise PrepareError(f"{out} exists, is not empty and is not a prepared data folder: choose another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _shard_file(out: Path, shard: int) -> Path:
+    return out / f"shard-{shard:05d}{data.SHARD_SUFFIX}"
+
+
+def _sidecar(out: Path, shard: int) -> Path:
+    return out / f"shard-{shard:05d}.json"
+
+
+def _write_shard(out, shard, chunk, encoder, resolution, min_size, latent_dtype) -> dict[str, Any]:
+    """Encode one shard's items and write the shard, then its sidecar (the mark of a finished shard)."""
+    examples, skipped = [], Counter()
+    for item in chunk:
+        example, reason = load_item(item, resolution, min_size)
+        if reason:
+            skipped[reason] += 1
+        else:
+            examples.append(example)
+    records = []
+    if examples:
+        mean, logvar = encoder.moments(np.stack([e.pop("pixels") for e in examples]))
+        ids = encoder.token_ids([e["caption"] for e in examples])
+        for i, example in enumerate(examples):
+            example.update(mean=mean[i].astype(latent_dtype), logvar=logvar[i].astype(latent_dtype))
+            example.update({field: values[i] for field, values in ids.items()})
+            example.update(original_size=np.asarray(example["original_size"], np.int32),
+                           crop_top_left=np.asarray(example["crop_top_left"], np.int32))  # fmt: skip
+            records.append(data.encode_record(example))
+    partial = _shard_file(out, shard).with_name(_shard_file(out, shard).name + ".partial")
+    data.write_shard(partial, records)
+    partial.replace(_shard_file(out, shard))
+    stats = {"file": _shard_file(out, shard).name, "count": len(records), "input_items": len(chunk),
+             "skipped": {reason: skipped[reason] for reason in SKIP_REASONS}}  # fmt: skip
+    sidecar = _sidecar(out, shard)
+    sidecar.with_suffix(".json.partial").write_text(json.dumps(stats) + "\n")
+    sidecar.with_suffix(".json.partial").replace(sidecar)
+    return stats
+
+
+def _finish(out: Path, settings: dict[str, Any], num_items: int, shard_size: int, encoder: Encoder):
+    """Write manifest.json once every shard of every process is finished; else None."""
+    num_shards = -(-num_items // shard_size)
+    sidecars = [_sidecar(out, shard) for shard in range(num_shards)]
+    if not all(s.is_file() for s in sidecars):
+        return None
+    shards = [json.loads(s.read_text()) for s in sidecars]
+    manifest = {
+        **settings,
+        "count": sum(s["count"] for s in shards),
+        "input_items": num_items,
+        "skipped": {reason: sum(s["skipped"][reason] for s in shards) for reason in SKIP_REASONS},
+        "latent_shape": [settings["resolution"] // encoder.downsampling] * 2 + [encoder.vae.config.latent_channels],
+        "scaling_factor": encoder.vae.config.scaling_factor,
+        "tokenizers": sorted(encoder.tokenizers),
+        "shards": [{"file": s["file"], "count": s["count"]} for s in shards if s["count"]],
+    }
+    data.write_manifest(out, manifest)
+    return data.read_manifest(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m perflow_jax.prepare_data",
+        description="Encode images and captions into ArrayRecord shards of VAE latents and token ids.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="converted or diffusers model folder")
+    parser.add_argument("--input", required=True, help="image folder, webdataset .tar(s), or tfds:NAME[:SPLIT]")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (resumed if it holds a started run)")
+    parser.add_argument("--resolution", type=int, required=True, help="square crop size in pixels, e.g. 512")
+    parser.add_argument("--shard-size", type=int, default=1000, help="input items per shard")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call")
+    parser.add_argument("--latent-dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default resolution/2)")
+    parser.add_argument("--tfds-data-dir", help="data_dir of a tfds: source")
+    parser.add_argument("--caption-field", help="caption feature of a tfds: source (default caption or text)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = prepare(
+            args.model, args.input, args.out, resolution=args.resolution, shard_size=args.shard_size,
+            batch_size=args.batch_size, latent_dtype=args.latent_dtype, min_size=args.min_size,
+            tfds_data_dir=args.tfds_data_dir, caption_field=args.caption_field,
+        )  # fmt: skip
+    except (PrepareError, weights.WeightsFileError, weights.WeightsMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if manifest is None:
+        print("this process's shards are done; the manifest is written when every process has finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

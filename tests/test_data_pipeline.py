@@ -1,0 +1,166 @@
+"""The grain input pipeline over prepared ArrayRecord shards: order, resumption, per-process slices, global arrays."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perflow_jax import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_SIZES = (17, 17, 16)
+N = sum(SHARD_SIZES)
+
+
+def write_folder(folder: Path, sdxl: bool = False) -> Path:
+    """A prepared data folder of N tiny examples in 3 shards; example i has mean and input_ids filled with i."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, i = [], 0
+    for s, count in enumerate(SHARD_SIZES):
+        records = []
+        for _ in range(count):
+            example = {
+                "key": f"image-{i}.jpg",
+                "caption": f"caption {i}",
+                "mean": np.full((2, 2, 4), i, np.float16),
+                "logvar": np.full((2, 2, 4), -i, np.float16),
+                "input_ids": np.full(77, i, np.int32),
+                "original_size": np.array([64 + i, 48], np.int32),
+                "crop_top_left": np.array([i, 0], np.int32),
+            }
+            if sdxl:
+                example["input_ids_2"] = np.full(77, 1000 + i, np.int32)
+            records.append(data.encode_record(example))
+            i += 1
+        name = f"shard-{s:05d}{data.SHARD_SUFFIX}"
+        data.write_shard(folder / name, records)
+        shards.append({"file": name, "count": count})
+    data.write_manifest(folder, {"shards": shards, "count": N, "resolution": 16})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("prepared"))
+
+
+def indices(batch) -> np.ndarray:
+    """The example indices of a batch (mean is filled with the index; float16 holds them exactly)."""
+    return batch["mean"][:, 0, 0, 0].astype(int)
+
+
+def epoch_order(folder, seed, **kwargs) -> np.ndarray:
+    iterator = data.create_iterator(folder, batch_size=5, seed=seed, num_epochs=1, **kwargs)
+    return np.concatenate([indices(batch) for batch in iterator])
+
+
+def test_one_epoch_yields_every_example_once_shuffled(folder):
+    order = epoch_order(folder, seed=0, process_index=0, process_count=1)
+    assert sorted(order) == list(range(N))
+    assert list(order) != list(range(N))
+
+
+def test_same_seed_gives_the_same_order_and_another_seed_another(folder):
+    np.testing.assert_array_equal(epoch_order(folder, seed=7), epoch_order(folder, seed=7))
+    assert list(epoch_order(folder, seed=7)) != list(epoch_order(folder, seed=8))
+
+
+def test_without_shuffle_examples_come_in_file_order(folder):
+    np.testing.assert_array_equal(epoch_order(folder, seed=0, shuffle=False), np.arange(N))
+
+
+def test_batches_hold_the_training_fields_of_their_examples(folder):
+    batch = next(data.create_iterator(folder, batch_size=4, seed=0))
+    i = indices(batch)
+    assert sorted(batch) == ["crop_top_left", "input_ids", "logvar", "mean", "original_size"]  # no input_ids_2
+    assert batch["mean"].shape == (4, 2, 2, 4) and batch["mean"].dtype == np.float16
+    np.testing.assert_array_equal(batch["logvar"], -batch["mean"])
+    assert batch["input_ids"].shape == (4, 77) and batch["input_ids"].dtype == np.int32
+    np.testing.assert_array_equal(batch["input_ids"], np.repeat(i[:, None], 77, axis=1))
+    np.testing.assert_array_equal(batch["original_size"], np.stack([64 + i, np.full(4, 48)], axis=1))
+    np.testing.assert_array_equal(batch["crop_top_left"], np.stack([i, np.zeros(4)], axis=1))
+
+
+def test_sdxl_records_give_input_ids_2(tmp_path):
+    batch = next(data.create_iterator(write_folder(tmp_path, sdxl=True), batch_size=3, seed=0))
+    np.testing.assert_array_equal(batch["input_ids_2"][:, 0], 1000 + indices(batch))
+
+
+def test_text_fields_come_when_asked_for(folder):
+    batch = next(data.create_iterator(folder, batch_size=3, seed=0, fields=("mean", "caption", "key")))
+    assert sorted(batch) == ["caption", "key", "mean"]
+    assert list(batch["caption"]) == [f"caption {i}" for i in indices(batch)]
+
+
+def test_restored_iterator_yields_what_the_uninterrupted_one_yields_next(folder):
+    kwargs = dict(batch_size=8, seed=3, num_epochs=None)
+    iterator = data.create_iterator(folder, **kwargs)
+    seen = np.concatenate([indices(next(iterator)) for _ in range(5)])  # 40 of 50: next, the second epoch
+    state = iterator.get_state()
+    expected = [indices(next(iterator)) for _ in range(6)]
+
+    restored = data.create_iterator(folder, **kwargs)
+    restored.set_state(state)
+    np.testing.assert_array_equal([indices(next(restored)) for _ in range(6)], expected)
+    assert set(np.concatenate(expected)[:10]) == set(range(N)) - set(seen)  # the batches crossed the epoch end
+
+
+def test_two_processes_read_disjoint_halves_in_equal_numbers_of_batches(folder):
+    per_process = [
+        [indices(batch) for batch in data.create_iterator(folder, batch_size=5, seed=0, num_epochs=1, **p)]
+        for p in (dict(process_index=0, process_count=2), dict(process_index=1, process_count=2))
+    ]
+    assert len(per_process[0]) == len(per_process[1]) == N // 2 // 5
+    first, second = (set(np.concatenate(batches)) for batches in per_process)
+    assert first.isdisjoint(second) and first | second == set(range(N))
+
+
+def test_global_batch_splits_the_batch_over_data_and_fsdp_devices():
+    script = textwrap.dedent(
+        """
+        import jax
+        import numpy as np
+        from perflow_jax import data
+
+        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+        local = {"mean": np.arange(16 * 2 * 2 * 4, dtype=np.float16).reshape(16, 2, 2, 4),
+                 "input_ids": np.arange(16 * 77, dtype=np.int32).reshape(16, 77)}
+        batch = data.global_batch(local, mesh)
+        device_position = {d: i for i, d in enumerate(mesh.devices.flat)}  # 'data' major, then 'fsdp'
+        for name, value in batch.items():
+            assert value.shape == local[name].shape and value.dtype == local[name].dtype, name
+            np.testing.assert_array_equal(np.asarray(value), local[name])
+            assert len(value.addressable_shards) == 8
+            for shard in value.addressable_shards:
+                k = 2 * device_position[shard.device]
+                assert shard.index[0] == slice(k, k + 2), (name, shard.index)
+                np.testing.assert_array_equal(np.asarray(shard.data), local[name][k : k + 2])
+        print("ok")
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# ---- errors: each names the problem and what to do -------------------------------------------
+
+
+def test_folder_without_manifest_says_to_prepare_the_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no manifest.json: prepare the data first"):
+        data.create_iterator(tmp_path, batch_size=2, seed=0)
+
+
+def test_batch_larger_than_a_process_slice_is_refused(folder):
+    with pytest.raises(ValueError, match="per-process batch 26 is larger than the 25 examples each of 2 processes"):
+        data.create_iterator(folder, batch_size=26, seed=0, process_index=0, process_count=2)
+
+
+def test_missing_field_is_named_with_the_fields_present(folder):
+    with pytest.raises(ValueError, match="no field 'latents'; they hold caption, crop_top_left, input_ids, key"):
+        data.create_iterator(folder, batch_size=2, seed=0, fields=("mean", "latents"))

@@ -1,0 +1,236 @@
+"""python -m perflow_jax.prepare_data: sources, skip reasons, stored values, resume, processes."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from perflow_jax import data, models, weights
+from perflow_jax.convert import convert
+from perflow_jax.prepare_data import PrepareError, center_crop, prepare
+from tests.pipelines import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 32  # the tiny VAE downsamples by 4: 8x8 latents
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A converted tiny random SD pipeline."""
+    folder = tmp_path_factory.mktemp("model")
+    tiny_pipeline(folder / "sources").save_pretrained(folder / "diffusers")
+    convert(folder / "diffusers", folder / "converted", log=lambda _: None)
+    return folder / "converted"
+
+
+def image(seed: int, height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """9 good images (various sizes) with .txt captions, and one item of each skip reason."""
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(9):
+        image(i, 40 + 3 * i, 64 - 2 * i).save(folder / f"good{i}.png")
+        (folder / f"good{i}.txt").write_text(f"a photo number {i}\n")
+    (folder / "unreadable.jpg").write_bytes(b"this is not an image")
+    (folder / "unreadable.txt").write_text("caption")
+    (folder / "corrupt.png").write_bytes(png_bytes(image(20, 48, 48))[:200])
+    (folder / "corrupt.txt").write_text("caption")
+    image(21, 12, 40).save(folder / "small.png")
+    (folder / "small.txt").write_text("caption")
+    image(22, 48, 48).save(folder / "uncaptioned.png")
+    return folder
+
+
+def read_examples(out: Path) -> dict[str, dict]:
+    examples = {}
+    for path in data.shard_paths(out):
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        reader = ArrayRecordReader(str(path))
+        for record in reader.read_all():
+            example = data.decode_record(record)
+            examples[example["key"]] = example
+        reader.close()
+    return examples
+
+
+def test_folder_source_counts_skips_by_reason(model, image_folder, tmp_path):
+    manifest = prepare(model, str(image_folder), tmp_path / "out", resolution=RESOLUTION, shard_size=4, progress=False)
+    assert manifest["count"] == 9 and manifest["input_items"] == 13
+    assert manifest["skipped"] == {"unreadable": 1, "corrupt": 1, "too_small": 1, "no_caption": 1}
+    assert manifest["latent_shape"] == [8, 8, 4] and manifest["schema_version"] == data.SCHEMA_VERSION
+    assert sum(shard["count"] for shard in manifest["shards"]) == 9
+    assert sorted(read_examples(tmp_path / "out")) == [f"good{i}.png" for i in range(9)]
+
+
+def test_records_hold_the_vae_moments_of_the_crop_and_the_token_ids(model, image_folder, tmp_path):
+    prepare(model, str(image_folder), tmp_path / "out", resolution=RESOLUTION, latent_dtype="float32", progress=False)
+    example = read_examples(tmp_path / "out")["good3.png"]
+    source = Image.open(image_folder / "good3.png")
+    pixels, original, crop = center_crop(source, RESOLUTION)
+    assert tuple(example["original_size"]) == (49, 58) == original and tuple(example["crop_top_left"]) == crop
+    class_name, config, params = weights.read_component(model, "vae")
+    vae = models.from_config(class_name, config)
+    mean, logvar = vae.apply({"params": params}, pixels[None], method="encode")
+    # The same network on the same crop; only the batch it ran in differs: float32 rounding.
+    np.testing.assert_allclose(example["mean"], mean[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(example["logvar"], logvar[0], rtol=1e-5, atol=1e-6)
+    assert example["caption"] == "a photo number 3"
+    tokenizer = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+    expected_ids = tokenizer("a photo number 3", padding="max_length", max_length=77, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(example["input_ids"], expected_ids)
+
+
+def test_center_crop_keeps_the_middle_of_the_longer_side():
+    gradient = np.tile(np.arange(100, dtype=np.uint8)[None, :, None], (50, 1, 3))  # 50 x 100, brightness = column
+    pixels, original, (top, left) = center_crop(Image.fromarray(gradient), 32)
+    assert original == (50, 100) and top == 0 and left == 16  # resized to 32 x 64, 16 columns cut each side
+    assert abs(pixels[:, 16].mean() - ((50 / 127.5) - 1)) < 0.05  # the middle column is the original's middle
+
+
+def test_float16_latents_are_the_rounded_float32_ones(model, image_folder, tmp_path):
+    prepare(model, str(image_folder), tmp_path / "a", resolution=RESOLUTION, latent_dtype="float32", progress=False)
+    prepare(model, str(image_folder), tmp_path / "b", resolution=RESOLUTION, latent_dtype="float16", progress=False)
+    a, b = read_examples(tmp_path / "a")["good0.png"], read_examples(tmp_path / "b")["good0.png"]
+    assert b["mean"].dtype == np.float16
+    np.testing.assert_array_equal(b["mean"], a["mean"].astype(np.float16))
+
+
+def test_metadata_jsonl_captions(model, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for i in range(3):
+        image(i, 40, 40).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"caption {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows[:2]) + "\n")  # the third has none
+    manifest = prepare(model, str(folder), tmp_path / "out", resolution=RESOLUTION, progress=False)
+    assert manifest["count"] == 2 and manifest["skipped"]["no_caption"] == 1
+    assert read_examples(tmp_path / "out")["1.png"]["caption"] == "caption 1"
+
+
+def test_webdataset_tars(model, tmp_path):
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for i in range(3):
+                key = f"{shard:05d}{i:04d}"
+                add(tar, f"{key}.jpg", png_bytes(image(10 * shard + i, 48, 40)))
+                if i == 2:
+                    add(tar, f"{key}.json", json.dumps({"caption": f"json caption {key}"}).encode())
+                else:
+                    add(tar, f"{key}.txt", f"text caption {key}".encode())
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "a") as tar:
+            add(tar, f"{shard:05d}9999.txt", b"caption without image")
+    manifest = prepare(model, str(tmp_path / "*.tar"), tmp_path / "out", resolution=RESOLUTION, progress=False)
+    assert manifest["count"] == 6 and manifest["skipped"]["unreadable"] == 2
+    examples = read_examples(tmp_path / "out")
+    assert examples["00001.tar/000010002"]["caption"] == "json caption 000010002"
+    assert examples["00000.tar/000000000"]["caption"] == "text caption 000000000"
+
+
+def test_tfds_source(model, tmp_path):
+    import tensorflow_datasets as tfds
+
+    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}
+            )
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(5):  # images as encoded bytes: TFDS needs no TensorFlow for those
+                yield i, {"image": io.BytesIO(png_bytes(image(i, 40, 48))), "caption": f"tfds caption {i}"}
+
+    TinyCaptions(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    manifest = prepare(
+        model, "tfds:tiny_captions:train", tmp_path / "out", resolution=RESOLUTION,
+        tfds_data_dir=str(tmp_path / "tfds"), progress=False,
+    )  # fmt: skip
+    assert manifest["count"] == 5
+    captions = sorted(example["caption"] for example in read_examples(tmp_path / "out").values())
+    assert captions == [f"tfds caption {i}" for i in range(5)]
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
+
+
+def test_interrupted_run_resumes_to_the_same_shards(model, image_folder, tmp_path):
+    whole = prepare(model, str(image_folder), tmp_path / "whole", resolution=RESOLUTION, shard_size=3, progress=False)
+    out = tmp_path / "resumed"
+    assert (
+        prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3, max_items=6, progress=False) is None
+    )
+    assert not (out / data.MANIFEST).exists() and len(list(out.glob("shard-*.json"))) == 2
+    (out / "shard-00002.array_record.partial").write_bytes(b"half a shard")  # killed while writing
+    resumed = prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3, progress=False)
+    assert resumed == whole
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+    assert not list(out.glob("*.partial"))
+
+
+def test_resume_with_other_settings_is_refused(model, image_folder, tmp_path):
+    prepare(
+        model, str(image_folder), tmp_path / "out", resolution=RESOLUTION, shard_size=3, max_items=3, progress=False
+    )
+    with pytest.raises(PrepareError, match="prepared with other settings .*resolution: 32 then, 64 now"):
+        prepare(model, str(image_folder), tmp_path / "out", resolution=64, shard_size=3, progress=False)
+
+
+def test_two_processes_prepare_disjoint_shards_and_one_manifest(model, image_folder, tmp_path):
+    single = prepare(model, str(image_folder), tmp_path / "single", resolution=RESOLUTION, shard_size=3, progress=False)
+    out = tmp_path / "pod"
+    first = prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3,
+                    process_index=0, process_count=2, progress=False)  # fmt: skip
+    assert first is None  # process 1's shards are missing
+    assert sorted(p.name for p in out.glob("shard-*.json")) == [
+        "shard-00000.json",
+        "shard-00002.json",
+        "shard-00004.json",
+    ]
+    second = prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3,
+                     process_index=1, process_count=2, progress=False)  # fmt: skip
+    assert second["count"] == single["count"] and shard_bytes(out) == shard_bytes(tmp_path / "single")
+
+
+def test_cli_prints_a_summary_and_errors_exit_2(model, image_folder, tmp_path):
+    command = [sys.executable, "-m", "perflow_jax.prepare_data", "--model", str(model), "--input", str(image_folder),
+               "--out", str(tmp_path / "out"), "--resolution", str(RESOLUTION)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "prepared 9 examples from 13 items" in result.stdout
+    assert "1 unreadable, 1 corrupt, 1 too_small, 1 no_caption" in result.stdout
+    bad = subprocess.run(command[:-1] + ["30"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "not a multiple of 4" in bad.stderr
+
+
+def test_missing_source_is_named(model, tmp_path):
+    with pytest.raises(PrepareError, match="neither a folder of images, nor webdataset .tar files, nor tfds"):
+        prepare(model, str(tmp_path / "nowhere"), tmp_path / "out", resolution=RESOLUTION, progress=False)
