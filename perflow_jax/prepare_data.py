@@ -170,7 +170,9 @@ def _tfds_source(name_split: str, data_dir: str | None, caption_field: str | Non
             example = source[index]
             caption = example[field]
             caption = caption.decode() if isinstance(caption, bytes) else str(caption)
-            yield Item(f"{name_split}/{index}", lambda image=example["image"]: Image.fromarray(image), caption)
+            pixels = example["image"]
+            pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels  # grey images
+            yield Item(f"{name_split}/{index}", lambda pixels=pixels: Image.fromarray(pixels), caption)
 
     return len(source), items()
 
