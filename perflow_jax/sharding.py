@@ -1,0 +1,92 @@
+"""Device mesh, parameter and batch shardings, and multi-host start-up: the one place for placement policy.
+
+Mesh axes ('data', 'fsdp'). A parameter (and its optimizer state, EMA and the frozen teacher) is
+split along its largest dimension that 'fsdp' divides, else replicated; it is replicated over
+'data'. The batch is split over both axes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES
+
+# Environment variables that start a multi-process GPU run (set by launch/ scripts, or by hand):
+# the coordinator's host:port, the number of processes and this process's index.
+COORDINATOR_ENV = "PERFLOW_COORDINATOR"
+NUM_PROCESSES_ENV = "PERFLOW_NUM_PROCESSES"
+PROCESS_ID_ENV = "PERFLOW_PROCESS_ID"
+
+
+def initialize_distributed(tpu_pod: bool = False) -> None:
+    """Join the other processes of a multi-host run, if this is one.
+
+    On a Cloud TPU pod slice (``tpu_pod``) ``jax.distributed.initialize()`` finds the other hosts
+    itself; on GPU clusters the three PERFLOW_* variables above name the coordinator, the
+    number of processes and this one. One process on one machine needs neither.
+    """
+    if COORDINATOR_ENV in os.environ:
+        missing = [name for name in (NUM_PROCESSES_ENV, PROCESS_ID_ENV) if name not in os.environ]
+        if missing:
+            raise ValueError(
+                f"{COORDINATOR_ENV} is set but {', '.join(missing)} not: set all three for a multi-host run"
+            )
+        jax.distributed.initialize(
+            coordinator_address=os.environ[COORDINATOR_ENV],
+            num_processes=int(os.environ[NUM_PROCESSES_ENV]),
+            process_id=int(os.environ[PROCESS_ID_ENV]),
+        )
+    elif tpu_pod:
+        jax.distributed.initialize()
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh; one entry of ``shape`` may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {tuple(shape)} needs one size per axis {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {tuple(shape)} does not divide the {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"mesh shape {tuple(shape)} holds {int(np.prod(shape))} devices but there are {len(devices)}: "
+            "make the sizes multiply to the device count, or use -1 for one of them"
+        )
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def parameter_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
+    """Split the largest dimension that ``fsdp_size`` divides over 'fsdp'; replicate otherwise."""
+    if fsdp_size > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+            if shape[dim] % fsdp_size == 0:
+                return PartitionSpec(*(["fsdp" if d == dim else None for d in range(len(shape))]))
+    return PartitionSpec()
+
+
+def parameter_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of a parameter-shaped tree (params, optimizer state, EMA)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, parameter_spec(np.shape(x), fsdp)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The batch dimension split over both mesh axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,133 @@
+"""Mesh construction and the parameter / batch sharding rule, on 8 simulated CPU devices."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec
+
+from perflow_jax import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_with_devices(code: str, devices: int = 8, env: dict | None = None) -> str:
+    """Run ``code`` in a fresh Python with ``devices`` simulated CPU devices; return its stdout."""
+    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, env=environment,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "shape, fsdp, expected",
+    [
+        ((320, 4, 3, 3), 4, PartitionSpec("fsdp", None, None, None)),  # largest dim divisible
+        ((3, 3, 4, 322), 4, PartitionSpec(None, None, "fsdp", None)),  # 322 is not, 4 is
+        ((77, 5), 4, PartitionSpec()),  # none divisible: replicated
+        ((640, 640), 8, PartitionSpec("fsdp", None)),  # ties: the first
+        ((1280,), 1, PartitionSpec()),  # no fsdp axis: replicated
+    ],
+)
+def test_parameter_is_split_on_its_largest_dimension_that_fsdp_divides(shape, fsdp, expected):
+    assert sharding.parameter_spec(shape, fsdp) == expected
+
+
+def test_mesh_fills_minus_one_and_names_the_axes():
+    out = run_with_devices(
+        """
+        from perflow_jax import sharding
+        for shape in ((-1, 1), (4, -1), (1, 8), (2, 4)):
+            mesh = sharding.make_mesh(shape)
+            print(dict(mesh.shape))
+        """
+    )
+    assert out.splitlines() == [
+        "{'data': 8, 'fsdp': 1}", "{'data': 4, 'fsdp': 2}", "{'data': 1, 'fsdp': 8}", "{'data': 2, 'fsdp': 4}",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((3, 3), "holds 9 devices but there are 1"), ((-1, -1), "at most one axis"), ((1, 2, 3), "one size per axis")],
+)
+def test_bad_mesh_shapes_are_explained(shape, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.make_mesh(shape, jax.devices()[:1])
+
+
+def test_parameters_and_batches_are_placed_by_the_rule():
+    out = run_with_devices(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from perflow_jax import sharding
+        mesh = sharding.make_mesh((2, 4))
+        params = {"conv": {"kernel": jnp.ones((3, 3, 4, 320))}, "norm": {"scale": jnp.ones((77,))}}
+        placed = jax.device_put(params, sharding.parameter_shardings(params, mesh))
+        kernel = placed["conv"]["kernel"]
+        print(kernel.sharding.spec, kernel.addressable_shards[0].data.shape)
+        print(placed["norm"]["scale"].sharding.spec, placed["norm"]["scale"].addressable_shards[0].data.shape)
+        batch = jax.device_put(np.arange(16.0).reshape(16, 1), sharding.batch_sharding(mesh))
+        print(sorted(float(s.data[0, 0]) for s in batch.addressable_shards))
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0] == "P(None, None, None, 'fsdp') (3, 3, 4, 80)"
+    assert lines[1] == "P() (77,)"
+    assert lines[2] == str([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0])  # 2 examples per device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_join_through_the_environment_variables():
+    port = free_port()
+    code = """
+        import jax, numpy as np
+        from perflow_jax import sharding
+        sharding.initialize_distributed()
+        mesh = sharding.make_mesh((-1, 1))
+        local = np.full((2, 1), float(jax.process_index()))
+        total = jax.jit(lambda x: x.sum())(jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local))
+        print(jax.process_count(), jax.device_count(), float(total))
+        """
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                sharding.COORDINATOR_ENV: f"127.0.0.1:{port}",
+                sharding.NUM_PROCESSES_ENV: "2",
+                sharding.PROCESS_ID_ENV: str(i),
+            },
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+        # 2 processes x 2 devices; the global batch holds process 0's zeros and process 1's ones.
+        assert out.strip().splitlines()[-1] == "2 4 2.0"
+
+
+def test_half_set_environment_is_refused(monkeypatch):
+    monkeypatch.setenv(sharding.COORDINATOR_ENV, "127.0.0.1:1234")
+    monkeypatch.delenv(sharding.NUM_PROCESSES_ENV, raising=False)
+    with pytest.raises(ValueError, match="PERFLOW_NUM_PROCESSES, PERFLOW_PROCESS_ID not"):
+        sharding.initialize_distributed()
