@@ -48,9 +48,7 @@ def ddim_step(z: jax.Array, output: jax.Array, a: jax.Array, a_prev: jax.Array, 
         x0 = jnp.sqrt(a) * z - jnp.sqrt(1 - a) * output
         eps = jnp.sqrt(a) * output + jnp.sqrt(1 - a) * z
     else:
-        raise ValueError(
-            f"unknown teacher prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}"
-        )
+        raise ValueError(_unknown_prediction_type(prediction_type))
     return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
 
 
@@ -99,9 +97,7 @@ def solve_window(
       z_e: [B, ...] in z_s's float dtype (at least float32), gradient stopped.
     """
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"unknown teacher prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}"
-        )
+        raise ValueError(_unknown_prediction_type(prediction_type))
     table = jnp.asarray(teacher_timesteps(num_windows, num_steps))[window]  # [B, S]
     jump = NUM_TRAIN_TIMESTEPS // (num_windows * num_steps)
     ab = jnp.asarray(ab)
