@@ -1,0 +1,180 @@
+"""The PeRFlow training step: (state, batch, rng) -> (state, metrics), one jitted function.
+
+Frozen text encoding, text dropout to the empty prompt, latents sampled from the stored VAE
+moments, the teacher's window solve, the reflow loss, gradients with global-norm clipping,
+AdamW, and the EMA with the reference's warm-up (PERFLOW_SPEC.md, "One training example").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from perflow_jax import loss, schedule
+
+
+class TrainState(struct.PyTreeNode):
+    """What a checkpoint holds besides the data position: float32 student, optimizer, EMA, step."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PeRFlowSettings:
+    """The algorithm's settings (static under jit)."""
+
+    parameterization: str = "diff_eps"
+    num_windows: int = 4
+    solver_steps: int = 8
+    teacher_guidance: float = 1.0  # 1: cfg_sync (SD1.5 recipe); 7.5 for SDXL
+    teacher_prediction_type: str = "epsilon"
+    discrete_timesteps: int = 1000
+    text_dropout: float = 0.1
+    distance: str = "l2"
+    weighting: str = "none"
+    zero_snr: bool = False
+    ema_max_decay: float = 0.9999
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The Flax modules of one model and the constants the step needs (static under jit).
+
+    ``text_encoder_2`` is set for SDXL; then the UNet also gets pooled text and size ids.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    text_encoder: nn.Module
+    text_encoder_2: nn.Module | None
+    alphas_cumprod: np.ndarray
+    scaling_factor: float
+    resolution: int
+
+    def __hash__(self):
+        return id(self)
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+    """The reference's EMA warm-up: min(max_decay, (1 + n) / (10 + n)) at update n."""
+    n = step.astype(jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    grad_clip: float = 1.0,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (the recipes': lr 8e-5, betas (0.9, 0.999), wd 1e-2)."""
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+
+
+def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh state: the student (float32) starts from ``params`` and the EMA from the same."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), ema_params=params)
+
+
+def encode_text(networks: Networks, text_params: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The UNet's condition from token ids: {"encoder_hidden_states"} (+ "text_embeds", "time_ids" for SDXL).
+
+    SD1.x / SD2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
+    states side by side, the second's projected pooled output, and the size ids (original size,
+    crop top-left, target size) of each example.
+    """
+    first = networks.text_encoder.apply({"params": text_params["text_encoder"]}, batch["input_ids"])
+    if networks.text_encoder_2 is None:
+        return {"encoder_hidden_states": first.last_hidden_state}
+    second = networks.text_encoder_2.apply({"params": text_params["text_encoder_2"]}, batch["input_ids_2"])
+    target = jnp.full((batch["input_ids"].shape[0], 2), networks.resolution, jnp.int32)
+    return {
+        "encoder_hidden_states": jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1),
+        "text_embeds": second.text_embeds,
+        "time_ids": jnp.concatenate([batch["original_size"], batch["crop_top_left"], target], axis=-1).astype(
+            jnp.float32
+        ),
+    }
+
+
+def _unet_apply(module: nn.Module, params: Any):
+    def apply(z, timesteps, cond):
+        return module.apply(
+            {"params": params}, z, timesteps, cond["encoder_hidden_states"], cond.get("text_embeds"),
+            cond.get("time_ids"),
+        )  # fmt: skip
+
+    return apply
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    frozen: dict[str, Any],
+    *,
+    networks: Networks,
+    settings: PeRFlowSettings,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One PeRFlow update.
+
+    Args:
+      state: the student, optimizer state, EMA and step.
+      batch: a data.py batch: mean, logvar [B, h, w, c]; input_ids [B, 77] (and for SDXL
+        input_ids_2, original_size, crop_top_left).
+      rng: this step's key (fold the step into the run's key outside).
+      frozen: {"teacher": UNet params (bfloat16), "text_encoder": ..., ("text_encoder_2": ...),
+        "null_cond": the empty prompt's condition for one example (``encode_text`` of its ids)}.
+    Returns:
+      (new state, metrics: loss, window_loss_sum [K], window_count [K], grad_norm).
+    """
+    k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
+    batch_size = batch["mean"].shape[0]
+    mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
+    x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
+    eps = jax.random.normal(k_eps, x0.shape)
+    t = schedule.sample_times(k_time, batch_size, settings.discrete_timesteps)
+    drop = jax.random.uniform(k_drop, (batch_size,)) < settings.text_dropout
+
+    cond = encode_text(networks, frozen, batch)
+    null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size,) + x.shape[1:]), frozen["null_cond"])
+    reflow = loss.reflow_targets(
+        _unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
+        jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
+        num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
+        prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
+    )  # fmt: skip
+
+    def loss_fn(params):
+        prediction = _unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+        return loss.reflow_loss(
+            prediction, reflow, num_windows=settings.num_windows, distance=settings.distance,
+            weighting=settings.weighting,
+        )  # fmt: skip
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(state.step, settings.ema_max_decay)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+    return new_state, metrics

@@ -1,0 +1,129 @@
+"""The training step: values of one update, EMA warm-up, and the same result on every mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perflow_jax import step
+from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from perflow_jax.schedule import alphas_cumprod_from_config
+from tests.test_sharding import run_with_devices
+
+TEXT = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=8, eos_token_id=2)  # fmt: skip
+UNET = dict(  # one level, so that compiling the step's gradient stays quick on the CPU
+    block_out_channels=(16,), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
+    norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+)  # fmt: skip
+LR = 1e-3
+
+
+def tiny_setup(batch_size=8, seed=0):
+    """Networks, frozen parameters, a train state and a batch of a tiny SD model (random weights)."""
+    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET))
+    text = CLIPTextModel(TEXT)
+    key_unet, key_text, key_data = jax.random.split(jax.random.key(seed), 3)
+    unet_params = unet.init(key_unet, *unet.dummy_inputs(text_len=8))["params"]
+    text_params = text.init(key_text, jnp.zeros((1, 8), jnp.int32))["params"]
+    networks = step.Networks(
+        student=unet, teacher=unet, text_encoder=text, text_encoder_2=None,
+        alphas_cumprod=alphas_cumprod_from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                   "beta_end": 0.012}),
+        scaling_factor=0.18215, resolution=32,
+    )  # fmt: skip
+    frozen = {"teacher": unet_params, "text_encoder": text_params}
+    frozen["null_cond"] = step.encode_text(networks, frozen, {"input_ids": jnp.array([[0, 2, 1, 1, 1, 1, 1, 1]])})
+    k_mean, k_ids = jax.random.split(key_data)
+    batch = {
+        "mean": jax.random.normal(k_mean, (batch_size, 8, 8, 4)).astype(jnp.float16),
+        "logvar": jnp.full((batch_size, 8, 8, 4), -4.0, jnp.float16),
+        "input_ids": jax.random.randint(k_ids, (batch_size, 8), 3, 100).at[:, -1].set(2),
+    }
+    optimizer = step.make_optimizer(LR)
+    return networks, frozen, step.create_train_state(unet_params, optimizer), batch, optimizer
+
+
+def test_ema_warm_up_is_the_references():
+    decays = step.ema_decay(jnp.arange(4), 0.9999)
+    np.testing.assert_allclose(decays, [1 / 10, 2 / 11, 3 / 12, 4 / 13], rtol=1e-6)
+    assert float(step.ema_decay(jnp.array(10**6), 0.9999)) == np.float32(0.9999)
+
+
+def test_one_step_updates_student_optimizer_and_ema():
+    networks, frozen, state, batch, optimizer = tiny_setup()
+    settings = step.PeRFlowSettings()
+    run = jax.jit(lambda s, b, r: step.train_step(s, b, r, frozen, networks=networks, settings=settings,
+                                                  optimizer=optimizer))  # fmt: skip
+    new, metrics = run(state, batch, jax.random.key(1))
+    assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
+    assert float(metrics["window_count"].sum()) == 8 and float(metrics["grad_norm"]) > 0
+    delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), new.params, state.params)
+    # AdamW's first step moves every weight that has a gradient by about lr (clipping rescales g only).
+    assert 0.5 * LR < max(jax.tree.leaves(delta)) < 1.5 * LR
+    # EMA after the first update: 0.1 old + 0.9 new.
+    for old, updated, ema in zip(
+        *(jax.tree.leaves(x) for x in (state.params, new.params, new.ema_params)), strict=True
+    ):
+        np.testing.assert_allclose(ema, 0.1 * old + 0.9 * updated, rtol=1e-5, atol=1e-7)
+
+
+def test_the_teacher_at_the_student_init_makes_a_small_eps_loss_for_ddim_eps():
+    """Sanity of the plumbing: a student equal to its teacher is already close for ddim_eps."""
+    networks, frozen, state, batch, optimizer = tiny_setup()
+
+    def losses(parameterization):
+        settings = step.PeRFlowSettings(parameterization=parameterization)
+        run = jax.jit(lambda s, b, r: step.train_step(s, b, r, frozen, networks=networks, settings=settings,
+                                                      optimizer=optimizer))  # fmt: skip
+        return run(state, batch, jax.random.key(2))[1]
+
+    close, far = losses("ddim_eps"), losses("velocity")
+    assert float(close["loss"]) < float(far["loss"])
+
+
+MESH_SCRIPT = """
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from perflow_jax import sharding, step
+from tests.test_step import tiny_setup
+networks, frozen, state, batch, optimizer = tiny_setup()
+settings = step.PeRFlowSettings()
+def run(s, b, r, f):
+    return step.train_step(s, b, r, f, networks=networks, settings=settings, optimizer=optimizer)
+rng = jax.random.key(3)
+single = jax.jit(run)(state, batch, rng, frozen)
+results = {}
+for shape in ((8, 1), (4, 2), (1, 8)):
+    mesh = sharding.make_mesh(shape)
+    state_shardings = sharding.parameter_shardings(state, mesh)
+    frozen_shardings = sharding.parameter_shardings(frozen, mesh)
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in batch}
+    in_shardings = (state_shardings, batch_shardings, sharding.replicated(mesh), frozen_shardings)
+    compiled = jax.jit(run, in_shardings=in_shardings, out_shardings=(state_shardings, sharding.replicated(mesh)))
+    placed = jax.device_put((state, batch, frozen), (state_shardings, batch_shardings, frozen_shardings))
+    new, metrics = compiled(placed[0], placed[1], rng, placed[2])
+    diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                            for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(single[0].params))])
+    loss_diff = abs(float(metrics["loss"]) - float(single[1]["loss"])) / float(single[1]["loss"])
+    norm_diff = abs(float(metrics["grad_norm"]) - float(single[1]["grad_norm"])) / float(single[1]["grad_norm"])
+    print(shape, loss_diff, norm_diff, float(np.quantile(diffs, 0.999)), float(diffs.max()))
+"""
+
+
+def test_the_step_on_every_mesh_equals_the_step_on_one_device():
+    lines = [line for line in run_with_devices(MESH_SCRIPT).splitlines() if line.startswith("(")]
+    assert len(lines) == 3
+    for line in lines:
+        shape, loss_diff, norm_diff, q999, largest = line.rsplit(" ", 4)
+        print(
+            f"mesh {shape}: relative difference of the loss {float(loss_diff):.1e}, of the gradient norm "
+            f"{float(norm_diff):.1e}; parameters: 99.9th percentile {float(q999):.1e}, largest {float(largest):.1e}"
+        )
+        # Sharded sums add the same float32 numbers in another order: loss and gradient norm agree
+        # to ~1e-6. AdamW's first step moves a weight by lr g / (|g| + 1e-8): lr sign(g) wherever the
+        # gradient is well above 1e-8, so nearly all weights agree to rounding; a weight whose
+        # gradient is within a few eps of zero moves by a rounding-dependent fraction of lr.
+        assert float(loss_diff) < 1e-5 and float(norm_diff) < 1e-5
+        assert float(q999) < 1e-3 * LR
+        assert float(largest) < 0.2 * LR
