@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from perflow_jax import data, models, weights
+from perflow_jax import data, pipeline, weights
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SKIP_REASONS = ("unreadable", "corrupt", "too_small", "no_caption")
@@ -224,22 +224,18 @@ class Encoder:
 
     def __init__(self, model_dir: Path, batch_size: int):
         model_dir = Path(model_dir)
-        if (model_dir / weights.CONVERTED_MANIFEST).is_file():
-            class_name, self.vae_config, params = weights.read_component(model_dir, "vae")
-        elif (model_dir / "model_index.json").is_file():
-            class_name = weights.read_model_index(model_dir)["vae"]
-            self.vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
-            template = models.from_config(class_name, self.vae_config).abstract_params()
-            params = weights.state_dict_to_params(weights.read_state_dict(model_dir / "vae"), template, name="vae")
-        else:
-            raise PrepareError(
-                f"--model {model_dir} is neither a converted folder ({weights.CONVERTED_MANIFEST}) nor a diffusers "
-                "folder (model_index.json)"
-            )
-        self.vae = models.from_config(class_name, self.vae_config)
+        try:
+            model = pipeline.load_model(model_dir, networks=("vae",))
+        except weights.WeightsFileError as error:
+            raise PrepareError(f"--model: {error}") from error
+        if "input_ids" not in model.tokenizers:
+            raise PrepareError(f"{model_dir} has no tokenizer/ folder: convert the whole diffusers pipeline")
+        self.model = model
+        self.vae_config, params = model.configs["vae"], model.params["vae"]
+        self.vae = model.module("vae")
         self.downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-        self.tokenizers = _load_tokenizers(model_dir)
+        self.tokenizers = model.tokenizers
         devices = jax.local_devices()
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
@@ -264,27 +260,7 @@ class Encoder:
 
     def token_ids(self, captions: list[str]) -> dict[str, np.ndarray]:
         """input_ids (and input_ids_2 for SDXL): [N, 77] int32, padded and truncated."""
-        ids = {}
-        for field, tokenizer in self.tokenizers.items():
-            ids[field] = np.asarray(
-                tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)[
-                    "input_ids"
-                ],
-                np.int32,
-            )
-        return ids
-
-
-def _load_tokenizers(model_dir: Path) -> dict[str, Any]:
-    from transformers import CLIPTokenizer
-
-    found = {}
-    for folder, field in (("tokenizer", "input_ids"), ("tokenizer_2", "input_ids_2")):
-        if (model_dir / folder).is_dir():
-            found[field] = CLIPTokenizer.from_pretrained(str(model_dir / folder))
-    if "input_ids" not in found:
-        raise PrepareError(f"{model_dir} has no tokenizer/ folder: convert the whole diffusers pipeline")
-    return found
+        return self.model.tokenize(captions)
 
 
 def _fingerprint(vae_config: dict, params: Any, model_dir: Path) -> str:

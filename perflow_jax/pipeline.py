@@ -1,0 +1,94 @@
+"""A loaded Stable Diffusion model: its networks' configs and parameters, tokenizers and scheduler config.
+
+``load_model`` reads a converted folder (``python -m perflow_jax.convert``; no torch needed) or a
+diffusers folder (converted in memory on the way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perflow_jax import models, schedule, weights
+
+TOKENIZER_FIELDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
+
+
+@dataclasses.dataclass
+class Model:
+    """One model's parts. ``params[name]`` are numpy trees in their stored dtype."""
+
+    path: Path
+    classes: dict[str, str]  # network name -> PyTorch class name, e.g. "unet" -> "UNet2DConditionModel"
+    configs: dict[str, dict[str, Any]]
+    params: dict[str, Any]
+    tokenizers: dict[str, Any]  # batch field ("input_ids", "input_ids_2") -> transformers CLIPTokenizer
+    scheduler_config: dict[str, Any]
+
+    @property
+    def sdxl(self) -> bool:
+        return "text_encoder_2" in self.classes
+
+    def module(self, name: str, **module_kwargs):
+        """The Flax module of network ``name`` (dtype, attention_backend, remat as keyword arguments)."""
+        return models.from_config(self.classes[name], self.configs[name], **module_kwargs)
+
+    def alphas_cumprod(self) -> np.ndarray:
+        return schedule.alphas_cumprod_from_config(self.scheduler_config)
+
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Token ids of each tokenizer, [len(prompts), 77] int32, padded and truncated as in training."""
+        return {
+            field: np.asarray(
+                tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)[
+                    "input_ids"
+                ],
+                np.int32,
+            )
+            for field, tokenizer in self.tokenizers.items()
+        }
+
+
+def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Model:
+    """A converted folder or a diffusers pipeline folder, as a Model.
+
+    ``networks``: the networks to load (e.g. ``("vae",)``), default all the folder has.
+    """
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    if (path / weights.CONVERTED_MANIFEST).is_file():
+        manifest = json.loads((path / weights.CONVERTED_MANIFEST).read_text())
+        names = [n for n in weights.PIPELINE_NETWORKS if n in manifest["components"] and n in (networks or n)]
+        classes, configs, params = {}, {}, {}
+        for name in names:
+            classes[name], configs[name], params[name] = weights.read_component(path, name)
+    elif (path / "model_index.json").is_file():
+        components = weights.read_model_index(path)
+        classes = {n: components[n] for n in weights.PIPELINE_NETWORKS if n in components and n in (networks or n)}
+        configs = {n: json.loads((path / n / "config.json").read_text()) for n in classes}
+        params = {
+            n: weights.state_dict_to_params(
+                weights.read_state_dict(path / n), models.from_config(classes[n], configs[n]).abstract_params(), name=n
+            )
+            for n in classes
+        }
+    else:
+        raise weights.WeightsFileError(
+            f"{path} is neither a converted model folder ({weights.CONVERTED_MANIFEST}) nor a diffusers folder "
+            "(model_index.json): give the --out folder of python -m perflow_jax.convert, or a diffusers download"
+        )
+    tokenizers = {
+        field: CLIPTokenizer.from_pretrained(str(path / folder))
+        for folder, field in TOKENIZER_FIELDS.items()
+        if (path / folder).is_dir()
+    }
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return Model(path, classes, configs, params, tokenizers, scheduler_config)
