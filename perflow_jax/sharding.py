@@ -47,25 +47,38 @@ def initialize_distributed(tpu_pod: bool = False) -> None:
         jax.distributed.initialize()
 
 
+def resolve_mesh_shape(shape: Sequence[int], device_count: int | None = None) -> tuple[int, ...]:
+    """(data, fsdp) sizes with a -1 filled in; checks the form, and the fit when ``device_count`` is given."""
+    shape = tuple(int(size) for size in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape}: give two sizes, (data, fsdp), e.g. (-1, 1)")
+    if any(size != -1 and size < 1 for size in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive, or -1 for one of them to fill the devices")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one size may be -1, e.g. (-1, 1) or (1, -1)")
+    if device_count is None:
+        return shape
+    known = int(np.prod([size for size in shape if size != -1]))
+    if -1 in shape:
+        if device_count % known:
+            divisors = ", ".join(str(d) for d in range(1, device_count + 1) if device_count % d == 0)
+            raise ValueError(
+                f"mesh shape {shape} needs the {device_count} devices to split into groups of {known}: "
+                f"use a size that divides {device_count} ({divisors})"
+            )
+        return tuple(device_count // known if size == -1 else size for size in shape)
+    if known != device_count:
+        raise ValueError(
+            f"mesh shape {shape} holds {known} devices but there are {device_count}: make the sizes multiply to "
+            f"{device_count}, or use -1 for one of them, e.g. (-1, 1) or (1, -1)"
+        )
+    return shape
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp') mesh; one entry of ``shape`` may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = list(shape)
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {tuple(shape)} needs one size per axis {MESH_AXES}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
-    if -1 in shape:
-        known = int(np.prod([s for s in shape if s != -1]))
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {tuple(shape)} does not divide the {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(
-            f"mesh shape {tuple(shape)} holds {int(np.prod(shape))} devices but there are {len(devices)}: "
-            "make the sizes multiply to the device count, or use -1 for one of them"
-        )
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(resolve_mesh_shape(shape, len(devices))), MESH_AXES)
 
 
 def parameter_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:

@@ -57,7 +57,7 @@ def test_mesh_fills_minus_one_and_names_the_axes():
 
 @pytest.mark.parametrize(
     "shape, message",
-    [((3, 3), "holds 9 devices but there are 1"), ((-1, -1), "at most one axis"), ((1, 2, 3), "one size per axis")],
+    [((3, 3), "holds 9 devices but there are 1"), ((-1, -1), "at most one size"), ((1, 2, 3), "give two sizes")],
 )
 def test_bad_mesh_shapes_are_explained(shape, message):
     with pytest.raises(ValueError, match=message):

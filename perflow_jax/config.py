@@ -1,0 +1,254 @@
+"""Checks of a run's config (configs/*.py) before anything is compiled, and what the step needs from it.
+
+``validate(config)`` checks the config on its own (names, ranges, required paths);
+``validate_against(config, ...)`` checks it against the loaded model, the prepared data and the
+devices. Both raise one ``ConfigError`` listing every problem found, each saying what is wrong
+and what would be right. ``settings`` and ``optimizer`` turn the config into the step's
+``PeRFlowSettings`` and its optax optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import optax
+
+from perflow_jax import loss, schedule, sharding, solver, step
+from perflow_jax.models.attention import BACKENDS
+from perflow_jax.models.unet import REMAT_POLICIES
+
+DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem found."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _choice(problems: list[str], key: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        problems.append(f"config.{key} is {value!r}: choose one of {', '.join(valid)}")
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Static checks of ``config`` (no model, data or devices needed). Raises ConfigError."""
+    problems: list[str] = []
+    model, perflow, optim, log = config.model, config.perflow, config.optim, config.log
+
+    if not model.path:
+        problems.append(
+            "config.model.path is empty: set --config.model.path=DIR, a folder from python -m perflow_jax.convert "
+            "or a diffusers pipeline folder"
+        )
+    if not config.data.path:
+        problems.append(
+            "config.data.path is empty: set --config.data.path=DIR, a folder from python -m perflow_jax.prepare_data"
+        )
+    _choice(problems, "model.compute_dtype", model.compute_dtype, DTYPES)
+    _choice(problems, "model.teacher_dtype", model.teacher_dtype, DTYPES)
+    _choice(problems, "model.attention_backend", model.attention_backend, BACKENDS)
+    _choice(problems, "model.remat", model.remat, tuple(REMAT_POLICIES))
+
+    _choice(problems, "perflow.parameterization", perflow.parameterization, schedule.PARAMETERIZATIONS)
+    _choice(problems, "perflow.teacher_prediction_type", perflow.teacher_prediction_type, solver.PREDICTION_TYPES)
+    _choice(problems, "perflow.distance", perflow.distance, loss.DISTANCES)
+    _choice(problems, "perflow.weighting", perflow.weighting, loss.WEIGHTINGS)
+    k, s, m = perflow.num_windows, perflow.solver_steps, perflow.discrete_timesteps
+    if k < 1:
+        problems.append(f"config.perflow.num_windows is {k}: use at least 1 (the recipes use 4)")
+    if s < 1:
+        problems.append(f"config.perflow.solver_steps is {s}: the teacher needs at least 1 step per window (8 or 10)")
+    if k >= 1 and s >= 1 and k * s > schedule.NUM_TRAIN_TIMESTEPS:
+        problems.append(
+            f"config.perflow.num_windows x solver_steps is {k * s}, more than the teacher's "
+            f"{schedule.NUM_TRAIN_TIMESTEPS} timesteps: each solver step must move at least one timestep"
+        )
+    if perflow.teacher_guidance < 1:
+        problems.append(
+            f"config.perflow.teacher_guidance is {perflow.teacher_guidance}: use 1 for cfg_sync (one teacher pass on "
+            "the student's text, the SD1.5 recipe) or more for classifier-free guidance (7.5 in the SDXL recipe)"
+        )
+    if not k <= m <= schedule.NUM_TRAIN_TIMESTEPS:
+        problems.append(
+            f"config.perflow.discrete_timesteps is {m}: use between num_windows ({k}) and "
+            f"{schedule.NUM_TRAIN_TIMESTEPS}, so that every window holds a training time (1000, or 200 for SDXL)"
+        )
+    if not 0 <= perflow.text_dropout < 1:
+        problems.append(
+            f"config.perflow.text_dropout is {perflow.text_dropout}: use a probability in [0, 1) (the recipes: 0.1)"
+        )
+    if not 0 <= perflow.ema_max_decay <= 1:
+        problems.append(f"config.perflow.ema_max_decay is {perflow.ema_max_decay}: use a value in [0, 1] (0.9999)")
+
+    if config.data.resolution < 1:
+        problems.append(f"config.data.resolution is {config.data.resolution}: use the prepared data's size in pixels")
+    if optim.lr <= 0:
+        problems.append(f"config.optim.lr is {optim.lr}: use a positive learning rate (8e-5 in the SD1.5 recipe)")
+    for key in ("b1", "b2"):
+        if not 0 <= optim[key] < 1:
+            problems.append(f"config.optim.{key} is {optim[key]}: use a value in [0, 1) (0.9 and 0.999)")
+    if optim.eps <= 0:
+        problems.append(f"config.optim.eps is {optim.eps}: use a small positive number (1e-8)")
+    if optim.weight_decay < 0:
+        problems.append(f"config.optim.weight_decay is {optim.weight_decay}: use 0 or more (1e-2)")
+    if optim.grad_clip <= 0:
+        problems.append(f"config.optim.grad_clip is {optim.grad_clip}: use a positive global norm (1.0)")
+    _choice(problems, "optim.schedule", optim.schedule, LR_SCHEDULES)
+    if optim.warmup_steps < 0:
+        problems.append(f"config.optim.warmup_steps is {optim.warmup_steps}: use 0 (no warm-up) or more")
+    elif optim.schedule == "cosine" and optim.warmup_steps >= config.train.num_steps:
+        problems.append(
+            f"config.optim.warmup_steps ({optim.warmup_steps}) leaves no steps of the cosine decay in "
+            f"config.train.num_steps ({config.train.num_steps}): use fewer warm-up steps"
+        )
+
+    if config.train.global_batch_size < 1:
+        problems.append(f"config.train.global_batch_size is {config.train.global_batch_size}: use at least 1")
+    if config.train.num_steps < 1:
+        problems.append(f"config.train.num_steps is {config.train.num_steps}: use at least 1")
+    problems.extend(_mesh_problems(tuple(config.mesh.shape)))
+    for key in ("checkpoint.every_steps", "checkpoint.keep", "log.every_steps", "log.eval_every_steps"):
+        group, name = key.split(".")
+        if config[group][name] < 1:
+            problems.append(f"config.{key} is {config[group][name]}: use at least 1")
+
+    if not log.sample_prompts:
+        problems.append("config.log.sample_prompts is empty: give at least one prompt for the sample grid")
+    if log.sample_steps < k:
+        problems.append(
+            f"config.log.sample_steps is {log.sample_steps} but there are {k} windows: every window needs a step, "
+            f"so the sampler would silently run {k}; set --config.log.sample_steps={k} or more"
+        )
+    if log.sample_guidance < 0:
+        problems.append(f"config.log.sample_guidance is {log.sample_guidance}: use 0 or more (1 turns CFG off)")
+    _raise(problems)
+
+
+def _mesh_problems(shape: tuple[int, ...], device_count: int | None = None) -> list[str]:
+    try:
+        sharding.resolve_mesh_shape(shape, device_count)
+    except ValueError as error:
+        return [f"config.{str(error).replace('mesh shape', 'mesh.shape', 1)}"]
+    return []
+
+
+def validate_against(
+    config: ml_collections.ConfigDict,
+    *,
+    cross_attention_dim: int,
+    text_widths: Sequence[int],
+    sdxl: bool,
+    manifest: dict[str, Any],
+    device_count: int,
+    teacher_prediction_type: str | None = None,
+) -> None:
+    """Check ``config`` against the model, the prepared data and the devices. Raises ConfigError.
+
+    Args:
+      cross_attention_dim: the UNet config's cross-attention width.
+      text_widths: the hidden width of each text encoder, in order (SDXL: both, concatenated).
+      sdxl: whether the UNet is SDXL's (two text encoders, pooled text and size ids).
+      manifest: the prepared data's manifest (``data.read_manifest``).
+      device_count: the number of devices of the run, over all hosts.
+      teacher_prediction_type: the teacher scheduler's prediction_type, where known.
+    """
+    problems: list[str] = []
+    widths = list(text_widths)
+    if sum(widths) != cross_attention_dim:
+        given = " + ".join(str(w) for w in widths)
+        problems.append(
+            f"UNet config has cross_attention_dim {cross_attention_dim} but the text encoder"
+            f"{'s give' if len(widths) > 1 else ' gives'} {given}-wide states: "
+            + _model_hint(cross_attention_dim, sdxl)
+        )
+    has_second_tokens = "input_ids_2" in manifest.get("tokenizers", ())
+    if sdxl and not has_second_tokens:
+        problems.append(
+            f"the UNet is SDXL's (two text encoders) but the data at {config.data.path} holds token ids of one "
+            "tokenizer (no input_ids_2): prepare it again with python -m perflow_jax.prepare_data --model pointing "
+            "at the SDXL model"
+        )
+    if not sdxl and has_second_tokens:
+        problems.append(
+            f"the data at {config.data.path} was prepared for SDXL (it has input_ids_2) but the UNet is not SDXL's: "
+            "prepare the data again with this model, or set --config.model.path to the SDXL model and use "
+            "configs/sdxl.py"
+        )
+    if "resolution" in manifest and manifest["resolution"] != config.data.resolution:
+        problems.append(
+            f"config.data.resolution is {config.data.resolution} but the data at {config.data.path} was prepared at "
+            f"{manifest['resolution']} px: set --config.data.resolution={manifest['resolution']}, or prepare the "
+            f"data again with --resolution {config.data.resolution}"
+        )
+    if teacher_prediction_type is not None and teacher_prediction_type != config.perflow.teacher_prediction_type:
+        problems.append(
+            f"the teacher's scheduler predicts {teacher_prediction_type!r} but config.perflow.teacher_prediction_type "
+            f"is {config.perflow.teacher_prediction_type!r}: set --config.perflow.teacher_prediction_type="
+            f"{teacher_prediction_type}"
+            + (" (an SD2.x 768 model: configs/sd21.py)" if teacher_prediction_type == "v_prediction" else "")
+        )
+    batch = config.train.global_batch_size
+    if batch % device_count:
+        lower, upper = batch // device_count * device_count, (batch // device_count + 1) * device_count
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        problems.append(
+            f"config.train.global_batch_size {batch} does not split evenly over {device_count} devices: "
+            f"use a multiple of {device_count}, e.g. {nearest}"
+        )
+    problems.extend(_mesh_problems(tuple(config.mesh.shape), device_count))
+    _raise(problems)
+
+
+def _model_hint(cross_attention_dim: int, sdxl: bool) -> str:
+    if sdxl or cross_attention_dim == 2048:
+        return (
+            "is this an SDXL checkpoint? Convert the whole SDXL pipeline (both text encoders) and use configs/sdxl.py"
+        )
+    if cross_attention_dim == 1024:
+        return "is this an SD2.x checkpoint? Use its own text encoder (OpenCLIP, 1024 wide) and configs/sd21.py"
+    if cross_attention_dim == 768:
+        return "is this an SD1.x checkpoint? Use its own text encoder (CLIP ViT-L, 768 wide) and configs/sd15.py"
+    return "the UNet and the text encoder come from different models: convert them from one diffusers pipeline folder"
+
+
+def settings(config: ml_collections.ConfigDict) -> step.PeRFlowSettings:
+    """The step's algorithm settings: ``config.perflow``, whose keys are PeRFlowSettings' fields."""
+    types = {field.name: type(field.default) for field in dataclasses.fields(step.PeRFlowSettings)}
+    return step.PeRFlowSettings(**{name: cast(config.perflow[name]) for name, cast in types.items()})
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate at each step: linear warm-up from 0 over ``warmup_steps``, then constant or cosine to 0."""
+    optim = config.optim
+    decay_steps = max(config.train.num_steps - optim.warmup_steps, 1)
+    if optim.schedule == "constant":
+        main = optax.constant_schedule(optim.lr)
+    elif optim.schedule == "cosine":
+        main = optax.cosine_decay_schedule(optim.lr, decay_steps)
+    else:
+        raise ConfigError([f"config.optim.schedule is {optim.schedule!r}: choose one of {', '.join(LR_SCHEDULES)}"])
+    if optim.warmup_steps <= 0:
+        return main
+    warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+    return optax.join_schedules([warmup, main], [optim.warmup_steps])
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW on ``learning_rate(config)`` (step.make_optimizer)."""
+    optim = config.optim
+    return step.make_optimizer(
+        learning_rate(config), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+        grad_clip=optim.grad_clip,
+    )  # fmt: skip
