@@ -75,16 +75,21 @@ def _auto_backend(q: jax.Array, k: jax.Array, is_causal: bool) -> str:
 
 
 def _cudnn_accepts(q: jax.Array, k: jax.Array, is_causal: bool) -> bool:
-    """Whether cuDNN's fused attention takes these shapes and dtype (checked by tracing it)."""
+    """Whether cuDNN's fused attention takes these shapes and dtype, for inference and for training.
+
+    Checked by tracing its forward and backward: cuDNN's training kernels are stricter (on an H200
+    with jax 0.11.2 they refuse SD's cross-attention, 4096 queries on 77 keys, which inference takes).
+    """
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
+    attention = functools.partial(jax.nn.dot_product_attention, is_causal=is_causal, implementation="cudnn")
+
+    def forward_and_backward(q, k, v):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return vjp(out)
+
     try:
-        jax.eval_shape(
-            functools.partial(jax.nn.dot_product_attention, is_causal=is_causal, implementation="cudnn"),
-            q,
-            k,
-            k,
-        )
+        jax.eval_shape(forward_and_backward, q, k, k)
     except (NotImplementedError, ValueError, RuntimeError):
         return False
     return True
