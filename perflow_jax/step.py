@@ -114,7 +114,9 @@ def encode_text(networks: Networks, text_params: dict[str, Any], batch: dict[str
     }
 
 
-def _unet_apply(module: nn.Module, params: Any):
+def unet_apply(module: nn.Module, params: Any):
+    """The UNet as the pure functions want it: ``apply(z, timesteps, cond)`` with cond from ``encode_text``."""
+
     def apply(z, timesteps, cond):
         return module.apply(
             {"params": params}, z, timesteps, cond["encoder_hidden_states"], cond.get("text_embeds"),
@@ -157,14 +159,14 @@ def train_step(
     cond = encode_text(networks, frozen, batch)
     null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size,) + x.shape[1:]), frozen["null_cond"])
     reflow = loss.reflow_targets(
-        _unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
+        unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
         jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
         num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
         prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
     )  # fmt: skip
 
     def loss_fn(params):
-        prediction = _unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+        prediction = unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
         return loss.reflow_loss(
             prediction, reflow, num_windows=settings.num_windows, distance=settings.distance,
             weighting=settings.weighting,
