@@ -1,0 +1,386 @@
+"""``python -m perflow_jax.train``: PeRFlow distillation of a Stable Diffusion model.
+
+    python -m perflow_jax.train --config configs/sd15.py --workdir WORKDIR \\
+        --config.model.path=CONVERTED_OR_DIFFUSERS_DIR --config.data.path=PREPARED_DATA_DIR
+
+The same command runs on one CPU, one GPU, or every host of a TPU pod (``--config.tpu_pod``; on
+GPU clusters set PERFLOW_COORDINATOR, PERFLOW_NUM_PROCESSES and PERFLOW_PROCESS_ID). A WORKDIR
+that holds checkpoints resumes from the newest. SIGTERM (preemption) or Ctrl-C saves a
+checkpoint and exits. WORKDIR gets checkpoints/, metrics.jsonl, TensorBoard events and samples/.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from perflow_jax import checkpoint, data, generate, pipeline, sharding, step
+from perflow_jax import config as configuration
+
+# Keys a resumed run may change: how long it runs and what it reports.
+RESUMABLE_KEYS = ("train.num_steps", "log.", "checkpoint.", "data.worker_count", "model.attention_backend")
+
+# Dense bfloat16 peak FLOP/s per chip, by jax's device_kind, for the MFU column.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, or a WORKDIR of another run)."""
+
+
+def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to resume a WORKDIR whose run differs in more than length and logging; list the keys."""
+    saved_flat, new_flat = _flatten(saved), _flatten(config)
+    differing = sorted(
+        key
+        for key in set(saved_flat) | set(new_flat)
+        if saved_flat.get(key) != new_flat.get(key) and not key.startswith(RESUMABLE_KEYS)
+    )
+    if differing:
+        details = "; ".join(f"{k}: {saved_flat.get(k)!r} saved, {new_flat.get(k)!r} now" for k in differing)
+        raise TrainingError(
+            f"this WORKDIR holds a run with other settings ({details}): use another --workdir, or the saved settings"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+class Stop:
+    """Set by SIGTERM or Ctrl-C; every process agrees on it at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+class Reporter:
+    """Console lines, metrics.jsonl and TensorBoard scalars/images (process 0 only)."""
+
+    def __init__(self, workdir: Path, total_steps: int):
+        self.active = jax.process_index() == 0
+        self.total = total_steps
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def scalars(self, step_number: int, values: dict[str, float], line: str) -> None:
+        if not self.active:
+            return
+        print(line, flush=True)
+        self.jsonl.write(json.dumps({"step": step_number, **values}) + "\n")
+        self.jsonl.flush()
+        for key, value in values.items():
+            self.tensorboard.add_scalar(key, value, step_number)
+        self.tensorboard.flush()
+
+    def image(self, step_number: int, name: str, image: np.ndarray) -> None:
+        if self.active:
+            self.tensorboard.add_image(name, image, step_number, dataformats="HWC")
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+class Samples:
+    """Grids of the fixed prompts: the teacher's few-step DDIM at step 0, the EMA student every eval.
+
+    Saved as WORKDIR/samples/teacher_ddim.png and step_XXXXXX.png, and to TensorBoard.
+    """
+
+    def __init__(self, config, workdir: Path, networks: step.Networks, model: pipeline.Model, mesh, reporter):
+        self.folder = workdir / "samples"
+        self.reporter = reporter
+        vae = model.module("vae")
+        replicated = sharding.replicated(mesh)
+        self.vae_params = jax.device_put(_cast(model.params["vae"], jnp.float32), replicated)
+        prompts = list(config.log.sample_prompts)
+        self.ids = {k: jnp.asarray(v) for k, v in model.tokenize(prompts).items()}
+        shape = generate.latent_shape(vae, config.data.resolution)
+        self.noise = jax.random.normal(jax.random.key(config.log.sample_seed), (len(prompts), *shape))
+        common = {"num_steps": config.log.sample_steps, "guidance": config.log.sample_guidance}
+        student = generate.GenerateSettings(
+            method="perflow", parameterization=config.perflow.parameterization,
+            num_windows=config.perflow.num_windows, **common,
+        )  # fmt: skip
+        teacher = generate.GenerateSettings(method="ddim", prediction_type=model.prediction_type(), **common)
+        self._student = jax.jit(generate.make_generate(networks, vae, student), out_shardings=replicated)
+        self._teacher = jax.jit(generate.make_generate(networks, vae, teacher), out_shardings=replicated)
+
+    def teacher(self, frozen: dict[str, Any]) -> None:
+        images = self._teacher(frozen["teacher"], frozen, self.vae_params, self.ids, frozen["null_cond"], self.noise)
+        self._save("teacher_ddim", 0, images)
+
+    def student(self, step_number: int, ema_params: Any, frozen: dict[str, Any]) -> None:
+        images = self._student(ema_params, frozen, self.vae_params, self.ids, frozen["null_cond"], self.noise)
+        self._save(f"step_{step_number:06d}", step_number, images)
+
+    def _save(self, name: str, step_number: int, images: jax.Array) -> None:
+        if jax.process_index() != 0:
+            return
+        picture = generate.grid(np.asarray(images))
+        self.folder.mkdir(exist_ok=True)
+        generate.save_png(picture, self.folder / f"{name}.png")
+        self.reporter.image(step_number, "samples/teacher_ddim" if name == "teacher_ddim" else "samples/ema", picture)
+
+
+def _cast(tree: Any, dtype) -> Any:
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+def _cross_attention_dim(unet_config: dict[str, Any]) -> int:
+    width = unet_config.get("cross_attention_dim", 1280)
+    return int(width[0] if isinstance(width, (list, tuple)) else width)
+
+
+def _student_init(config: ml_collections.ConfigDict, model: pipeline.Model) -> Any:
+    """The student's initial UNet parameters: the teacher's, or config.model.student_init's."""
+    source = config.model.student_init
+    if not source:
+        return model.params["unet"]
+    return pipeline.load_model(source, networks=("unet",)).params["unet"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> step.TrainState:
+    """Train (or resume training) per ``config`` in ``workdir``; returns the final state."""
+    sharding.initialize_distributed(config.tpu_pod)
+    configuration.validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = pipeline.load_model(config.model.path)
+    manifest = data.read_manifest(config.data.path)
+    text_names = [n for n in ("text_encoder", "text_encoder_2") if n in model.classes]
+    configuration.validate_against(
+        config,
+        cross_attention_dim=_cross_attention_dim(model.configs["unet"]),
+        text_widths=[model.configs[n]["hidden_size"] for n in text_names],
+        sdxl=model.sdxl,
+        manifest=manifest,
+        device_count=jax.device_count(),
+        teacher_prediction_type=model.prediction_type(),
+    )
+    mesh = sharding.make_mesh(config.mesh.shape)
+    compute, frozen_dtype = DTYPES[config.model.compute_dtype], DTYPES[config.model.teacher_dtype]
+    backend = config.model.attention_backend
+    networks = step.Networks(
+        student=model.module("unet", dtype=compute, attention_backend=backend, remat=config.model.remat),
+        teacher=model.module("unet", dtype=frozen_dtype, attention_backend=backend),
+        text_encoder=model.module("text_encoder", dtype=frozen_dtype, attention_backend=backend),
+        text_encoder_2=model.module("text_encoder_2", dtype=frozen_dtype, attention_backend=backend)
+        if model.sdxl
+        else None,
+        alphas_cumprod=model.alphas_cumprod(),
+        scaling_factor=float(manifest["scaling_factor"]),
+        resolution=config.data.resolution,
+    )
+
+    # Frozen parameters (teacher, text encoders) in the teacher dtype, sharded like the student.
+    frozen = {"teacher": _cast(model.params["unet"], frozen_dtype)}
+    frozen.update({n: _cast(model.params[n], frozen_dtype) for n in text_names})
+    frozen_shardings = sharding.parameter_shardings(frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    null_ids = {k: jnp.asarray(v) for k, v in model.tokenize([""]).items()}
+    if model.sdxl:
+        null_ids.update(original_size=jnp.full((1, 2), config.data.resolution), crop_top_left=jnp.zeros((1, 2)))
+    frozen["null_cond"] = jax.jit(functools.partial(step.encode_text, networks))(frozen, null_ids)
+    frozen_shardings["null_cond"] = jax.tree.map(lambda _: sharding.replicated(mesh), frozen["null_cond"])
+
+    optimizer = configuration.optimizer(config)
+    learning_rate = configuration.learning_rate(config)
+    init = functools.partial(step.create_train_state, optimizer=optimizer)
+    student = _student_init(config, model)
+    state_shardings = sharding.parameter_shardings(jax.eval_shape(init, student), mesh)
+    state = jax.jit(init, out_shardings=state_shardings)(student)
+    del student
+    model.params = {"vae": model.params["vae"]}  # the rest is on the devices now; free the host copies
+
+    batch_size = config.train.global_batch_size // jax.process_count()
+    iterator = data.create_iterator(
+        config.data.path, batch_size=batch_size, seed=config.data.seed, worker_count=config.data.worker_count
+    )
+    checkpoints = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep)
+    first_step = 0
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        check_resumable(checkpoints.saved_config(latest), config.to_dict())
+        state, _ = checkpoints.restore(latest, checkpoint.abstract_like(state), iterator)
+        first_step = latest
+        print(f"resuming from the checkpoint of step {latest} in {workdir}")
+
+    batch_shardings = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        functools.partial(step.train_step, networks=networks, settings=configuration.settings(config),
+                          optimizer=optimizer),
+        in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh), frozen_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )  # fmt: skip
+    return _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step,
+                 learning_rate, networks, model)  # fmt: skip
+
+
+def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step, learning_rate,
+          networks, model):  # fmt: skip
+    """The training loop: steps, checks, reports, samples and checkpoints until done or stopped."""
+    stop = Stop()
+    reporter = Reporter(workdir, config.train.num_steps)
+    sampler = Samples(config, workdir, networks, model, mesh, reporter)
+    base_key = jax.random.key(config.train.seed)
+    total = config.train.num_steps
+    pending: list[tuple[int, dict]] = []  # (step, metrics) not yet brought to the host
+    compiled, flops_per_step = None, None
+    clock = (time.perf_counter(), first_step)
+    try:
+        if first_step == 0:
+            sampler.teacher(frozen)
+        for step_number in range(first_step, total):
+            batch = data.global_batch(next(iterator), mesh)
+            rng = jax.random.fold_in(base_key, step_number)
+            if compiled is None:
+                start = time.perf_counter()
+                lowered = train_step.lower(state, batch, rng, frozen)
+                compiled = lowered.compile()
+                flops_per_step = _flops(lowered, compiled)
+                print(f"compiled the training step in {time.perf_counter() - start:.1f} s", flush=True)
+                clock = (time.perf_counter(), step_number)
+            state, metrics = compiled(state, batch, rng, frozen)
+            pending.append((step_number + 1, metrics))
+            done = step_number + 1
+            stopping = stop.agreed()
+            if done % config.log.every_steps == 0 or done == total or stopping:
+                clock = _report(reporter, pending, clock, done, total, learning_rate, flops_per_step, config)
+                pending.clear()
+            if done % config.checkpoint.every_steps == 0 or done == total or stopping:
+                _check_finite(pending)
+                pending.clear()
+                checkpoints.save(done, state, iterator, config.to_dict())
+            if done % config.log.eval_every_steps == 0 or done == total:
+                sampler.student(done, state.ema_params, frozen)
+            if stopping:
+                print(f"stopped at step {done} on request; the checkpoint of step {done} resumes the run", flush=True)
+                break
+    finally:
+        checkpoints.close()
+        reporter.close()
+    return state
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> None:
+    for step_number, metrics in pending:
+        loss = float(jax.device_get(metrics["loss"]))
+        if not np.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at step {step_number}; the run stops and its last checkpoint (before this "
+                "step) is left as it was. Lower --config.optim.lr, check the data (manifest.json) and the model"
+            )
+
+
+def _report(reporter, pending, clock, done, total, learning_rate, flops_per_step, config):
+    """Check the pending steps, print a line and write scalars; returns the new (time, step) clock."""
+    _check_finite(pending)
+    metrics = jax.device_get(pending[-1][1])
+    sums = np.sum([jax.device_get(m["window_loss_sum"]) for _, m in pending], axis=0)
+    counts = np.sum([jax.device_get(m["window_count"]) for _, m in pending], axis=0)
+    per_window = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    now = time.perf_counter()
+    steps_per_s = (done - clock[1]) / max(now - clock[0], 1e-9)
+    samples_per_s = steps_per_s * config.train.global_batch_size
+    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+    mfu = flops_per_step * steps_per_s / (peak * jax.device_count()) if peak and flops_per_step else None
+    values = {
+        "loss": float(np.mean([float(jax.device_get(m["loss"])) for _, m in pending])),
+        "grad_norm": float(metrics["grad_norm"]),
+        "lr": float(learning_rate(done - 1)),
+        "samples_per_s": samples_per_s,
+        **{f"loss_window_{k}": float(v) for k, v in enumerate(per_window)},
+    }
+    if mfu is not None:
+        values["mfu"] = mfu
+    eta = (total - done) / max(steps_per_s, 1e-9)
+    windows = " ".join(f"{v:.4f}" for v in per_window)
+    line = (
+        f"step {done}/{total} | loss {values['loss']:.4f} | per window {windows} | grad norm "
+        f"{values['grad_norm']:.3f} | lr {values['lr']:.2e} | {samples_per_s:.1f} samples/s"
+        + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+        + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+    )
+    reporter.scalars(done, values, line)
+    return now, done
+
+
+def _flops(lowered, compiled) -> float | None:
+    """FLOPs of one step from XLA's cost analysis: the larger of the program before and after
+    optimisation (on GPUs the compiled count leaves out cuDNN and cuBLAS calls); None if neither."""
+    counts = []
+    for stage in (lowered, compiled):
+        try:
+            analysis = stage.cost_analysis()
+        except Exception:  # some backends have no cost analysis for one of the stages
+            continue
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0] if analysis else None
+        counts.append(float((analysis or {}).get("flops", 0.0)))
+    return max(counts) if counts and max(counts) > 0 else None
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: settings go in --config.KEY=VALUE")
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (configuration.ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/sd15.py", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics.jsonl, TensorBoard and samples")
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

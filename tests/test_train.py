@@ -1,0 +1,174 @@
+"""python -m perflow_jax.train on a tiny converted model and prepared data, on the CPU."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+
+from perflow_jax import data, sharding
+from perflow_jax.convert import convert
+from perflow_jax.prepare_data import prepare
+from tests.pipelines import tiny_pipeline
+from tests.test_prepare_data import image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(converted tiny model, prepared data of 24 captioned 32 px images)."""
+    root = tmp_path_factory.mktemp("train")
+    tiny_pipeline(root / "sources").save_pretrained(root / "diffusers")
+    convert(root / "diffusers", root / "model", log=lambda _: None)
+    images = root / "images"
+    images.mkdir()
+    for i in range(24):
+        image(i, 40, 48).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a photo number {i % 5}")
+    prepare(root / "model", str(images), root / "data", resolution=32, progress=False)
+    return root / "model", root / "data"
+
+
+def command(setup, workdir, *overrides):
+    model, data_dir = setup
+    return [
+        sys.executable, "-m", "perflow_jax.train", "--config", str(ROOT / "configs/tiny.py"), "--workdir", str(workdir),
+        f"--config.model.path={model}", f"--config.data.path={data_dir}", "--config.data.worker_count=0", *overrides,
+    ]  # fmt: skip
+
+
+def run(setup, workdir, *overrides, env=None):
+    result = subprocess.run(command(setup, workdir, *overrides), capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, **(env or {})}, timeout=600)  # fmt: skip
+    return result
+
+
+def saved_state(workdir: Path, step: int) -> dict:
+    manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return restored["state"]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup, tmp_path):
+    result = run(setup, tmp_path / "run", "--config.train.num_steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = losses(tmp_path / "run")
+    assert sorted(logged) == [1, 2, 3, 4] and all(np.isfinite(v) for v in logged.values())
+    assert "step 4/4 | loss" in result.stdout and "per window" in result.stdout
+    assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run/checkpoints/4").is_dir()
+    samples = sorted(p.name for p in (tmp_path / "run/samples").glob("*.png"))
+    assert "teacher_ddim.png" in samples and "step_000004.png" in samples
+
+
+def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
+    straight = run(setup, tmp_path / "straight", "--config.train.num_steps=6")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    process = subprocess.Popen(command(setup, tmp_path / "resumed", "--config.train.num_steps=6"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in process.stdout:
+        if line.startswith("step 3/6"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    stopped_at = max(int(p.name) for p in (tmp_path / "resumed/checkpoints").iterdir() if p.name.isdigit())
+    assert 3 <= stopped_at < 6
+
+    resumed = run(setup, tmp_path / "resumed", "--config.train.num_steps=6")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from the checkpoint of step {stopped_at}" in resumed.stdout
+    a, b = saved_state(tmp_path / "straight", 6), saved_state(tmp_path / "resumed", 6)
+    for key in ("params", "ema_params", "opt_state"):
+        for x, y in zip(jax_leaves(a[key]), jax_leaves(b[key]), strict=True):
+            np.testing.assert_array_equal(x, y)
+    # Same data order and noise: every step's loss is the same.
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
+    assert run(setup, tmp_path / "run", "--config.train.num_steps=1").returncode == 0
+    longer = run(setup, tmp_path / "run", "--config.train.num_steps=2", "--config.log.every_steps=2")
+    assert longer.returncode == 0, longer.stderr[-3000:]  # length and logging may change
+    other = run(setup, tmp_path / "run", "--config.train.num_steps=3", "--config.optim.lr=0.5")
+    assert other.returncode == 2
+    assert "other settings (optim.lr: 0.0001 saved, 0.5 now)" in other.stderr
+
+
+def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tmp_path):
+    model, data_dir = setup
+    data_copy = tmp_path / "data"
+    shutil.copytree(data_dir, data_copy)
+    overrides = (f"--config.data.path={data_copy}",)
+    assert run(setup, tmp_path / "run", "--config.train.num_steps=3", *overrides).returncode == 0
+    before = (tmp_path / "run/checkpoints/3").stat().st_mtime_ns
+    for shard in data.shard_paths(data_copy):  # every latent moment becomes NaN from here on
+        reader = ArrayRecordReader(str(shard))
+        examples = [data.decode_record(r) for r in reader.read_all()]
+        reader.close()
+        for example in examples:
+            example["mean"] = np.full_like(example["mean"], np.nan)
+        data.write_shard(shard, [data.encode_record(e) for e in examples])
+    result = run(setup, tmp_path / "run", "--config.train.num_steps=6", *overrides)
+    assert result.returncode == 2
+    assert "the loss became nan at step 4" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    assert (tmp_path / "run/checkpoints/3").stat().st_mtime_ns == before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_save_and_restore(setup, tmp_path):
+    def pair(steps):
+        port = free_port()
+        processes = [
+            subprocess.Popen(
+                command(setup, tmp_path / "run", f"--config.train.num_steps={steps}"),
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={
+                    **os.environ,
+                    sharding.COORDINATOR_ENV: f"127.0.0.1:{port}",
+                    sharding.NUM_PROCESSES_ENV: "2",
+                    sharding.PROCESS_ID_ENV: str(i),
+                },
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        outputs = [p.communicate(timeout=600) for p in processes]
+        for p, (_, err) in zip(processes, outputs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+        return outputs
+
+    pair(2)
+    assert (tmp_path / "run/checkpoints/2").is_dir()
+    out, _ = pair(4)[0]
+    assert "resuming from the checkpoint of step 2" in out
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
