@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()  # the teacher (and the student's initialisation)
     config.model.path = ""  # converted folder (python -m perflow_jax.convert) or diffusers folder; required
-    config.model.student_init = ""  # "": start the student from the teacher; else a converted folder or a workdir
+    config.model.student_init = ""  # "": start the student from the teacher; else another converted or diffusers folder
     config.model.compute_dtype = "bfloat16"  # recipe: bf16 activations and matmuls (master weights float32)
     config.model.teacher_dtype = "bfloat16"  # recipe: frozen teacher, VAE, both text encoders in bf16
     config.model.attention_backend = "auto"  # cuDNN on GPU, splash on TPU for long sequences, XLA otherwise

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()  # the teacher (and the student's initialisation)
     config.model.path = ""  # converted folder (python -m perflow_jax.convert) or diffusers folder; required
-    config.model.student_init = ""  # "": start the student from the teacher; else a converted folder or a workdir
+    config.model.student_init = ""  # "": start the student from the teacher; else another converted or diffusers folder
     config.model.compute_dtype = "float32"  # float32 everywhere, so CPU results compare tightly
     config.model.teacher_dtype = "float32"  # frozen teacher, VAE and text encoders kept in float32 too
     config.model.attention_backend = "auto"  # XLA on the CPU
