@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from perflow_jax.convert import convert
 from perflow_jax.prepare_data import prepare
 from tests.pipelines import tiny_pipeline
 from tests.test_prepare_data import image
+from tests.test_sharding import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,12 +135,6 @@ def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tm
     assert "the loss became nan at step 4" in result.stderr
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     assert (tmp_path / "run/checkpoints/3").stat().st_mtime_ns == before
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_train_save_and_restore(setup, tmp_path):
