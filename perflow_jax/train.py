@@ -76,7 +76,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Stop:
-    """Set by SIGTERM or Ctrl-C; every process agrees on it at the next step boundary."""
+    """Set by SIGTERM or Ctrl-C; the processes agree on it (one process: at once; several: at log steps)."""
 
     def __init__(self):
         self.requested = False
@@ -291,7 +291,8 @@ def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoint
             state, metrics = compiled(state, batch, rng, frozen)
             pending.append((step_number + 1, metrics))
             done = step_number + 1
-            stopping = stop.agreed()
+            # Several processes must stop at the same step: they agree where they synchronise anyway.
+            stopping = stop.agreed() if jax.process_count() == 1 or done % config.log.every_steps == 0 else False
             if done % config.log.every_steps == 0 or done == total or stopping:
                 clock = _report(reporter, pending, clock, done, total, learning_rate, flops_per_step, config)
                 pending.clear()
