@@ -69,6 +69,7 @@ import jaxlib
 import numpy as np
 import optax
 
+from bench.common import cost_flops, error_string
 from perflow_jax import sharding, step
 from perflow_jax.models import reference_configs
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
@@ -149,27 +150,9 @@ def random_like(shapes, key):
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def error_string(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:2000]
-
-
 def is_oom(error: BaseException) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-def cost_flops(stage) -> float | None:
-    """FLOPs of one call from XLA's cost analysis of a Lowered or Compiled function (None if absent).
-
-    cost_analysis() gives a dict, or a list of dicts in older jax.
-    """
-    try:
-        cost = stage.cost_analysis()
-    except Exception:  # a backend without cost analysis
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def memory_analysis(compiled) -> dict | None:

@@ -51,6 +51,7 @@ import jaxlib
 import numpy as np
 import torch
 
+from bench.common import cost_flops, error_string
 from perflow_jax import weights
 from perflow_jax.models import reference_configs
 from perflow_jax.models.attention import _auto_backend, dot_product_attention
@@ -181,21 +182,6 @@ def time_calls(call: Callable, wait: Callable, iters: int, warmup: int) -> dict:
     }
 
 
-def cost_flops(stage) -> float | None:
-    """FLOPs of one call from XLA's cost analysis of a Lowered or Compiled function.
-
-    cost_analysis() gives a dict, or a list of dicts in older jax. Custom calls (cuDNN attention)
-    may count as zero.
-    """
-    try:
-        cost = stage.cost_analysis()
-    except Exception:  # a backend without cost analysis
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def aot_compile(model: UNet2DConditionModel, *args) -> tuple:
     """jit(model.apply) lowered and compiled for ``args`` = (params, sample, timesteps, context).
 
@@ -217,10 +203,6 @@ def aot_compile(model: UNet2DConditionModel, *args) -> tuple:
         "flops_per_call_lowered": cost_flops(lowered),
         "flops_per_call_compiled": cost_flops(compiled),
     }
-
-
-def error_string(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:2000]
 
 
 def run_torch(unet, inputs: dict, device: str, args, results: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
