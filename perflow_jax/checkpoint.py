@@ -13,6 +13,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -84,3 +85,55 @@ class Checkpoints:
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs of ``state``'s arrays, keeping their shardings (a restore target)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run's trained UNet back (sample, export), without the optimizer state.
+
+WEIGHTS = {"ema": "ema_params", "student": "params"}  # --weights choice -> TrainState field
+
+
+class CheckpointError(ValueError):
+    """A WORKDIR without checkpoints, or without the one asked for."""
+
+
+def is_workdir(path: str | Path) -> bool:
+    """Whether ``path`` is a training run's folder (it has a checkpoints/ subfolder)."""
+    return (Path(path) / "checkpoints").is_dir()
+
+
+def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str = "ema") -> tuple[int, Any, dict]:
+    """(step, UNet parameters as numpy float32, the run's config dict) of a run's checkpoint.
+
+    Only the chosen weights are read (the optimizer state, twice the parameters, stays on disk).
+
+    Args:
+      workdir: the run's folder (``--workdir`` of python -m perflow_jax.train).
+      step: the checkpoint's step; None for the newest.
+      weights: "ema" (the EMA of the student, what the reference releases) or "student".
+    """
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"unknown weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+    directory = Path(workdir).absolute() / "checkpoints"
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f"{workdir} has no checkpoints yet (nothing in {directory}): train first")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(
+                f"{workdir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}"
+            )
+        config = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    state_dir = directory / str(step) / STATE
+    field = WEIGHTS[weights]
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(state_dir).item_metadata.tree[field]
+        item = {field: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restored = checkpointer.restore(
+            state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
+    return step, restored[field], config
