@@ -92,3 +92,75 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
     }
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return Model(path, classes, configs, params, tokenizers, scheduler_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# A PeRFlow student to sample or export: a training run's checkpoint, or a folder whose
+# scheduler is the PeRFlow scheduler (an export of this project, or the authors' release).
+
+PERFLOW_SCHEDULER = "PeRFlowScheduler"
+DEFAULT_LATENT_SIZE = 64  # diffusers' UNet2DConditionModel default sample_size (512 px with SD's VAE)
+
+
+@dataclasses.dataclass
+class Trained:
+    """A student UNet with the pipeline parts it runs with.
+
+    model: the pipeline; ``model.params["unet"]`` are the student's parameters.
+    parameterization, num_windows: how the student's output is read ("velocity", "ddim_eps",
+      "diff_eps") and its K; None for a plain Stable Diffusion folder (a teacher, DDIM only).
+    step: the checkpoint's training step (None for a folder).
+    teacher: the folder of the run's teacher (``config.model.path``; None for a folder).
+    resolution: the image size in pixels the student was trained at (a folder: the UNet's
+      ``sample_size``, default 64, times the VAE's downsampling).
+    """
+
+    model: Model
+    parameterization: str | None
+    num_windows: int | None
+    step: int | None
+    teacher: Path | None
+    resolution: int
+
+
+def perflow_scheduler_settings(scheduler_config: dict[str, Any]) -> tuple[str, int] | None:
+    """(parameterization, K) of a PeRFlowScheduler config; None for any other scheduler."""
+    if scheduler_config.get("_class_name") != PERFLOW_SCHEDULER:
+        return None
+    return scheduler_config["prediction_type"], int(scheduler_config["num_time_windows"])
+
+
+def load_trained(
+    path: str | Path, *, step: int | None = None, which: str = "ema", networks: tuple[str, ...] | None = None
+) -> Trained:
+    """A training run's folder (WORKDIR), a converted folder or a diffusers folder, as a Trained.
+
+    For a WORKDIR the student is checkpoint ``step`` (default the newest), ``which`` weights: "ema"
+    or "student"; the other networks come from the run's teacher folder. ``networks``: the networks
+    besides the UNet to load (default all).
+    """
+    from perflow_jax import checkpoint
+
+    path = Path(path)
+    others = None if networks is None else tuple(n for n in networks if n != "unet")
+    if checkpoint.is_workdir(path):
+        step, student, config = checkpoint.trained_unet(path, step=step, weights=which)
+        teacher = Path(config["model"]["path"])
+        everything = tuple(n for n in weights.PIPELINE_NETWORKS if n != "unet")
+        model = load_model(teacher, networks=others if others is not None else everything)
+        unet_config = json.loads((teacher / "unet" / "config.json").read_text())
+        model.classes["unet"], model.configs["unet"] = unet_config["_class_name"], unet_config
+        model.params["unet"] = student
+        perflow = config["perflow"]
+        return Trained(model, perflow["parameterization"], int(perflow["num_windows"]), step, teacher,
+                       int(config["data"]["resolution"]))  # fmt: skip
+    if step is not None:
+        raise weights.WeightsFileError(
+            f"--step {step} names a training checkpoint, but {path} is a model folder, not a training run's WORKDIR"
+        )
+    model = load_model(path, networks=None if others is None else ("unet", *others))
+    parameterization, num_windows = perflow_scheduler_settings(model.scheduler_config) or (None, None)
+    vae_config = model.configs.get("vae") or json.loads((path / "vae" / "config.json").read_text())
+    latent_size = model.configs["unet"].get("sample_size") or DEFAULT_LATENT_SIZE
+    resolution = int(latent_size) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return Trained(model, parameterization, num_windows, None, None, resolution)
