@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -52,9 +51,7 @@ def convert(
         raise ConversionError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
 
-    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = weights.staging_folder(out)
     start = time.perf_counter()
     try:
         counts = {}
@@ -74,7 +71,7 @@ def convert(
             "parameters": counts,
         }
         (staging / weights.CONVERTED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace(staging, out)
+        weights.replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -110,17 +107,6 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return str(n)
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move the finished staging folder to ``out``, replacing what was there."""
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        staging.rename(out)
 
 
 def main(argv: list[str] | None = None) -> int:

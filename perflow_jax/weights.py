@@ -26,7 +26,9 @@ folder from Flax parameters.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -465,6 +467,25 @@ def write_diffusers_unet(params: Any, config: Mapping[str, Any], out: Path, dtyp
     config = {"_class_name": "UNet2DConditionModel", **config}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def staging_folder(out: Path) -> Path:
+    """A new, empty hidden folder beside ``out`` to write into before ``replace_folder``."""
+    staging = Path(out).parent / f".{Path(out).name}.writing-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Move the finished ``staging`` folder to ``out``, replacing what was there: nothing half-written."""
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        staging.rename(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def assert_fails_cleanly(source, out, message, **kwargs):
     with pytest.raises((ConversionError, weights.WeightsFileError, weights.WeightsMismatchError), match=message):
         convert(source, out, log=quiet, **kwargs)
     assert not out.exists() or out.is_dir() and any(out.iterdir())  # nothing partial created
-    assert not [p for p in out.parent.iterdir() if ".converting-" in p.name]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging folder left
 
 
 def test_missing_subfolder_is_named(sd, tmp_path):
