@@ -1,0 +1,209 @@
+"""``python -m perflow_jax.export --to-torch``: a trained PeRFlow student as diffusers folders.
+
+    python -m perflow_jax.export --to-torch --model WORKDIR_OR_CONVERTED_DIR --out DIR
+        [--step N] [--weights ema|student] [--dtype float16|bfloat16|float32]
+        [--base DIFFUSERS_DIR] [--overwrite]
+
+DIR then holds:
+- ``unet/``: ``config.json`` + ``diffusion_pytorch_model.safetensors``, for diffusers'
+  ``UNet2DConditionModel.from_pretrained`` (in ``--dtype``, default float16);
+- ``delta_weights.safetensors``: student minus teacher for every UNet key, flat, with diffusers'
+  key names and in float32, as the authors release theirs (PERFLOW_SPEC.md "Delta weights"):
+  ``perflow_jax.torch.merge_delta_weights`` or ``convert --perflow-delta`` add it to any SD UNet
+  of the same architecture. The teacher is the run's ``config.model.path``; for a converted
+  folder it is the ``--base`` UNet, and without one no delta is written;
+- ``scheduler/scheduler_config.json``: the ``perflow_jax.torch.PeRFlowScheduler`` that samples the
+  student (its parameterization, windows and the teacher's betas);
+- with ``--base`` (a diffusers pipeline folder of the teacher's architecture): the rest of a
+  pipeline (VAE, text encoders, tokenizers copied from the base) and a ``model_index.json``
+  naming the PeRFlow scheduler, so that ``StableDiffusionPipeline`` (or the SDXL one)
+  ``.from_pretrained(DIR)`` loads it once ``perflow_jax.torch`` is imported.
+
+``--model`` is a training run's WORKDIR (the newest checkpoint unless ``--step``; EMA weights
+unless ``--weights student``) or a converted / diffusers folder whose scheduler is the PeRFlow
+scheduler. Nothing partial is written: DIR appears only once everything succeeded. No torch is
+needed to export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perflow_jax import checkpoint, pipeline, weights
+
+# Where diffusers finds the scheduler class named in model_index.json (the module that defines it).
+SCHEDULER_LIBRARY = "perflow_jax.torch.scheduler"
+DELTA_FILE = "delta_weights.safetensors"
+# The teacher's noise schedule, copied into the PeRFlow scheduler's config.
+BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+BETA_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}  # diffusers' scheduler defaults, for a teacher config that leaves a key out
+
+
+class ExportError(ValueError):
+    """The model, the base or the output folder do not allow the export."""
+
+
+def export_to_torch(
+    model: str | Path,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    which: str = "ema",
+    dtype: str = "float16",
+    base: str | Path | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], Any] = print,
+) -> Path:
+    """Write the diffusers export of ``model`` to ``out`` (see the module docstring); returns ``out``."""
+    model, out = Path(model), Path(out)
+    if dtype not in weights.DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(weights.DTYPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    if not checkpoint.is_workdir(model) and (step is not None or which != "ema"):
+        raise ExportError(
+            f"--step and --weights choose a training checkpoint, but {model} is a model folder, not a training "
+            "run's WORKDIR (one with checkpoints/)"
+        )
+    components = weights.read_model_index(Path(base)) if base else None
+    start = time.perf_counter()
+    trained = pipeline.load_trained(model, step=step, which=which, networks=())
+    if trained.parameterization is None:
+        raise ExportError(
+            f"{model} is a Stable Diffusion folder, not a PeRFlow student (its scheduler is "
+            f"{trained.model.scheduler_config.get('_class_name')}): give a training WORKDIR, or a folder "
+            "exported by this command or released by the PeRFlow authors"
+        )
+    student, unet_config = trained.model.params["unet"], _diffusers_config(trained.model.configs["unet"])
+    if base:
+        _check_same_architecture(unet_config, Path(base))
+    teacher_dir = trained.teacher or (Path(base) if base else None)
+    teacher = pipeline.load_model(teacher_dir, networks=("unet",)) if teacher_dir else None
+    if teacher is not None and _diffusers_config(teacher.configs["unet"]) != unet_config:
+        raise ExportError(f"the teacher in {teacher_dir} is not the student's architecture: no delta can be taken")
+    what = f"checkpoint {trained.step} ({which} weights)" if trained.step is not None else "the student"
+    log(f"read {what} of {model} in {time.perf_counter() - start:.1f} s")
+
+    staging = weights.staging_folder(out)
+    try:
+        weights.write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
+        log(f"unet/ ({dtype})")
+        if teacher is not None:
+            _write_delta(student, teacher.params["unet"], staging / DELTA_FILE)
+            log(f"{DELTA_FILE} (student - teacher of {teacher_dir}, float32)")
+        else:
+            log(f"no {DELTA_FILE}: {model} names no teacher; pass --base TEACHER_DIR to write one")
+        noise_schedule = (teacher or trained.model).scheduler_config
+        _write_scheduler(staging / "scheduler", noise_schedule, trained.parameterization, trained.num_windows)
+        log(f"scheduler/ (PeRFlowScheduler: {trained.parameterization}, {trained.num_windows} windows)")
+        if base:
+            _write_pipeline(staging, Path(base), components)
+            log(f"pipeline parts from {base}: {', '.join(n for n in components if n not in ('unet', 'scheduler'))}")
+        weights.replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"exported to {out} in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def _diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A UNet config without diffusers' bookkeeping keys (``_class_name``, ``_diffusers_version``, ...)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _check_same_architecture(unet_config: dict[str, Any], base: Path) -> None:
+    base_config = _diffusers_config(json.loads((base / "unet" / "config.json").read_text()))
+    different = sorted(k for k in unet_config.keys() | base_config.keys() if unet_config.get(k) != base_config.get(k))
+    if different:
+        raise ExportError(
+            f"--base {base} has another UNet architecture than the student (different: {', '.join(different)}): "
+            "give the diffusers folder of the model the student was distilled from"
+        )
+
+
+def _write_delta(student: Any, teacher: Any, path: Path) -> None:
+    """student - teacher, float32, for every UNet key (diffusers' names), as one flat safetensors file."""
+    from safetensors.numpy import save_file
+
+    student_state, teacher_state = weights.params_to_state_dict(student), weights.params_to_state_dict(teacher)
+    delta = {
+        key: np.asarray(value, np.float32) - np.asarray(teacher_state[key], np.float32)
+        for key, value in student_state.items()
+    }
+    save_file(delta, str(path), metadata={"format": "pt"})
+
+
+def scheduler_config(noise_schedule: dict[str, Any], parameterization: str, num_windows: int) -> dict[str, Any]:
+    """The PeRFlowScheduler config: the teacher's betas, the student's parameterization and K."""
+    return {
+        "_class_name": pipeline.PERFLOW_SCHEDULER,
+        **{key: noise_schedule.get(key, BETA_DEFAULTS[key]) for key in BETA_KEYS},
+        "set_alpha_to_one": False,
+        "prediction_type": parameterization,
+        "t_noise": 1,
+        "t_clean": 0,
+        "num_time_windows": num_windows,
+    }
+
+
+def _write_scheduler(folder: Path, noise_schedule: dict[str, Any], parameterization: str, num_windows: int) -> None:
+    folder.mkdir(parents=True)
+    config = scheduler_config(noise_schedule, parameterization, num_windows)
+    (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_pipeline(staging: Path, base: Path, components: dict[str, str]) -> None:
+    """Copy the base's other parts and write a model_index.json that names the PeRFlow scheduler."""
+    index = json.loads((base / "model_index.json").read_text())
+    for name in components:
+        if name not in ("unet", "scheduler"):
+            shutil.copytree(base / name, staging / name)
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    index["scheduler"] = [SCHEDULER_LIBRARY, pipeline.PERFLOW_SCHEDULER]
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m perflow_jax.export",
+        description="Export a trained PeRFlow student for PyTorch: a diffusers UNet folder, delta weights and "
+        "the PeRFlow scheduler (and with --base a whole pipeline folder).",
+    )
+    parser.add_argument("--to-torch", action="store_true", required=True, help="export for PyTorch / diffusers")
+    parser.add_argument("--model", type=Path, required=True, help="training WORKDIR, or a converted PeRFlow folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
+    parser.add_argument("--step", type=int, help="checkpoint step of a WORKDIR (default: the newest)")
+    parser.add_argument("--weights", default="ema", choices=tuple(checkpoint.WEIGHTS), help="EMA or raw student")
+    parser.add_argument("--dtype", default="float16", choices=tuple(weights.DTYPES), help="dtype of unet/")
+    parser.add_argument("--base", type=Path, help="diffusers folder of the teacher: write a whole pipeline folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    try:
+        export_to_torch(
+            args.model, args.out, step=args.step, which=args.weights, dtype=args.dtype, base=args.base,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+    except (ExportError, checkpoint.CheckpointError, weights.WeightsFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
