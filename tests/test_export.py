@@ -99,6 +99,18 @@ def test_delta_is_student_minus_teacher_for_every_unet_key(run, tmp_path):
     assert max(float(np.abs(d).max()) for d in delta.values()) > 1e-3  # the student moved
 
 
+def test_base_plus_delta_with_the_torch_loader_equals_the_exported_unet(run, tmp_path):
+    from perflow_jax.torch import merge_delta_weights
+
+    workdir, teacher_diffusers, _ = run
+    export_to_torch(workdir, tmp_path / "out", dtype="float32", log=quiet)
+    base = diffusers.UNet2DConditionModel.from_pretrained(teacher_diffusers / "unet")
+    teacher = {k: v.numpy().copy() for k, v in base.state_dict().items()}
+    merged = merge_delta_weights(base, tmp_path / "out" / export.DELTA_FILE).state_dict()
+    for key, value in torch_state(tmp_path / "out/unet").items():
+        assert_sum_rounds_to(merged[key].numpy(), value, teacher[key])
+
+
 def test_delta_imported_by_convert_reproduces_the_student(run, tmp_path):
     workdir, teacher_diffusers, _ = run
     export_to_torch(workdir, tmp_path / "out", dtype="float32", log=quiet)
