@@ -1,0 +1,235 @@
+"""bench/torch_reference.py (the authors' PeRFlow step in PyTorch) computes what perflow_jax's step computes.
+
+A tiny SD1.x UNet and CLIP text encoder with the same random weights on both sides (PyTorch's,
+converted with perflow_jax.weights), float32 on the CPU, the same draws (latents, noise, times,
+dropped texts: the ones ``step.train_step`` makes from its key), K=4, S=8, cfg_sync, diff_eps.
+
+Measured relative errors (||jax - torch|| / ||torch||, jax 0.10.2 and torch 2.13 on this project's
+CPU machine): z_s 7e-8, z_e 2.4e-7, z_t 2e-7, target 1.1e-6, loss 9e-8, per-window loss sums 8e-7,
+gradient norm 1e-6, AdamW's first moments (0.1 x the clipped gradients) 3e-6. The tolerances below
+are about 10x those: float32 sums in another order (convolutions, attention, the 8-step solve)
+and nothing more; a wrong formula, index or coefficient shows at 1e-3 or more.
+"""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from bench import torch_reference
+from perflow_jax import loss, step, weights
+from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from perflow_jax.schedule import alphas_cumprod_from_config
+from tests.parity import nhwc_to_nchw, random_module, relative_error, torch_state_dict
+from tests.pipelines import TEXT
+from tests.test_unet import TINY
+
+SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+SCALING_FACTOR = 0.18215
+# tests/test_unet.py's SD1.x layout at toy widths, one ResNet per level so that compiling the
+# step's gradient stays quick.
+UNET = {**TINY["sd1"], "layers_per_block": 1}
+BATCH, SIZE, TEXT_LEN = 8, 8, 77
+LR = 8e-5  # the SD1.5 recipe's
+# Dropout 0.5 instead of the recipe's 0.1, so that the batch of 8 has dropped and kept texts.
+SETTINGS = step.PeRFlowSettings(text_dropout=0.5)
+SEED = 3  # a key whose draws put examples in every window and drop some texts (checked below)
+
+STATE_TOL = 1e-6  # z_s: a few float32 operations
+SOLVE_TOL = 1e-5  # z_e, target: eight teacher passes
+LOSS_TOL = 2e-5  # loss, window sums, gradient norm
+GRAD_TOL = 5e-5  # gradients through the student's backward
+
+
+def jax_draws(rng, batch):
+    """x0, eps, t, drop exactly as step.train_step draws them from its key."""
+    k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
+    mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
+    x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * SCALING_FACTOR
+    eps = jax.random.normal(k_eps, x0.shape)
+    u = jax.random.uniform(k_time, (mean.shape[0],), jnp.float32)
+    drop = jax.random.uniform(k_drop, (mean.shape[0],)) < SETTINGS.text_dropout
+    return x0, eps, u, drop
+
+
+@pytest.fixture(scope="module")
+def both():
+    """One update on each side from the same weights and draws: {"jax": ..., "torch": ...}."""
+    unet_torch = random_module(lambda: diffusers.UNet2DConditionModel(**UNET), seed=0)
+    text_torch = random_module(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)), seed=1)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_torch.config)))
+    text = CLIPTextModel(CLIPTextConfig.from_dict(TEXT))
+    params = weights.state_dict_to_params(torch_state_dict(unet_torch), unet.abstract_params(), name="unet")
+    text_params = weights.state_dict_to_params(torch_state_dict(text_torch), text.abstract_params(), name="text")
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, TEXT["vocab_size"] - 1, (BATCH, TEXT_LEN)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = TEXT["bos_token_id"], TEXT["eos_token_id"]
+    null_ids = np.full((BATCH, TEXT_LEN), TEXT["eos_token_id"], np.int32)
+    null_ids[:, 0] = TEXT["bos_token_id"]
+    batch = {
+        "mean": rng.standard_normal((BATCH, SIZE, SIZE, 4)).astype(np.float16),
+        "logvar": np.full((BATCH, SIZE, SIZE, 4), -4.0, np.float16),
+        "input_ids": ids,
+    }
+
+    # JAX: the step, and the reflow problem it solves (the same function the step calls).
+    networks = step.Networks(
+        student=unet, teacher=unet, text_encoder=text, text_encoder_2=None,
+        alphas_cumprod=alphas_cumprod_from_config(SCHEDULER), scaling_factor=SCALING_FACTOR, resolution=8 * SIZE,
+    )  # fmt: skip
+    optimizer = step.make_optimizer(LR)
+
+    @jax.jit
+    def run(params, text_params, batch, null_ids, rng):
+        frozen = {"teacher": params, "text_encoder": text_params}
+        frozen["null_cond"] = step.encode_text(networks, frozen, {"input_ids": null_ids[:1]})
+        state = step.create_train_state(params, optimizer)
+        new_state, metrics = step.train_step(
+            state, batch, rng, frozen, networks=networks, settings=SETTINGS, optimizer=optimizer
+        )
+        x0, eps, u, drop = jax_draws(rng, batch)
+        t = 1.0 - jnp.floor(u * SETTINGS.discrete_timesteps) / SETTINGS.discrete_timesteps
+        cond = step.encode_text(networks, frozen, batch)
+        null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (BATCH,) + x.shape[1:]), frozen["null_cond"])
+        reflow = loss.reflow_targets(
+            step.unet_apply(unet, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
+            jnp.asarray(networks.alphas_cumprod), parameterization=SETTINGS.parameterization,
+            num_windows=SETTINGS.num_windows, num_steps=SETTINGS.solver_steps,
+        )  # fmt: skip
+        return new_state, metrics, (x0, eps, u, drop), reflow
+
+    new_state, metrics, draws, reflow = jax.tree.map(
+        np.array, run(params, text_params, batch, null_ids, jax.random.key(SEED))
+    )
+    x0, eps, u, drop = draws
+    assert set(reflow.window.tolist()) == {0, 1, 2, 3} and 0 < drop.sum() < BATCH, "pick another SEED"
+
+    # PyTorch: the reference from the same weights and draws.
+    ref = torch_reference.ReferenceStep(
+        unet_torch, text_torch, None, SCHEDULER, SETTINGS, scaling_factor=SCALING_FACTOR, resolution=8 * SIZE,
+        learning_rate=LR,
+    )  # fmt: skip
+    torch_batch = {"input_ids": torch.from_numpy(ids).long()}
+    null_batch = {"input_ids": torch.from_numpy(null_ids).long()}
+    torch_draws = (
+        torch.from_numpy(nhwc_to_nchw(x0)), torch.from_numpy(nhwc_to_nchw(eps)), torch.from_numpy(u),
+        torch.from_numpy(drop),
+    )  # fmt: skip
+    cond, null_cond = ref.encode_text(torch_batch["input_ids"]), ref.encode_text(null_batch["input_ids"])
+    torch_reflow = ref.reflow(cond, null_cond, *torch_draws)
+    torch_metrics = ref(torch_batch, null_batch, draws=torch_draws)
+    adam = {name: ref.optimizer.state[p]["exp_avg"] for name, p in ref.student.named_parameters()}
+    return {
+        "jax": {
+            "reflow": reflow,
+            "metrics": metrics,
+            "params": weights.params_to_state_dict(new_state.params),
+            "mu": weights.params_to_state_dict(optax.tree_utils.tree_get(new_state.opt_state, "mu")),
+        },
+        "torch": {
+            "reflow": torch_reflow,
+            "metrics": {k: v.numpy() for k, v in torch_metrics.items()},
+            "params": torch_state_dict(ref.student),
+            "mu": {k: v.numpy() for k, v in adam.items()},
+        },
+        "params_before": weights.params_to_state_dict(params),
+    }
+
+
+def test_window_start_points_agree(both):
+    err = relative_error(nhwc_to_nchw(both["jax"]["reflow"].z_s), both["torch"]["reflow"].z_s)
+    print(f"z_s: relative error {err:.1e}")
+    assert err < STATE_TOL
+
+
+def test_teacher_window_ends_agree(both):
+    err = relative_error(nhwc_to_nchw(both["jax"]["reflow"].z_e), both["torch"]["reflow"].z_e)
+    print(f"z_e: relative error {err:.1e}")
+    assert err < SOLVE_TOL
+
+
+def test_points_on_the_segment_agree(both):
+    err = relative_error(nhwc_to_nchw(both["jax"]["reflow"].z_t), both["torch"]["reflow"].z_t)
+    print(f"z_t: relative error {err:.1e}")
+    assert err < SOLVE_TOL
+
+
+def test_diff_eps_targets_agree(both):
+    err = relative_error(nhwc_to_nchw(both["jax"]["reflow"].target), both["torch"]["reflow"].target)
+    print(f"target: relative error {err:.1e}")
+    assert err < SOLVE_TOL
+
+
+def test_windows_and_times_agree(both):
+    jax_reflow, torch_reflow = both["jax"]["reflow"], both["torch"]["reflow"]
+    np.testing.assert_array_equal(jax_reflow.window, torch_reflow.window.numpy())
+    for name in ("t_s", "t_e"):
+        np.testing.assert_array_equal(getattr(jax_reflow, name), getattr(torch_reflow, name).numpy(), err_msg=name)
+    # t = 1 - floor(u M) / M: XLA turns the division by M into a product with float32(1 / M), so t
+    # may differ by one float32 rounding (at most 6e-8 below 1) from PyTorch's true division.
+    np.testing.assert_allclose(jax_reflow.t, torch_reflow.t.numpy(), rtol=0, atol=6e-8)
+
+
+def test_loss_and_per_window_sums_agree(both):
+    jax_metrics, torch_metrics = both["jax"]["metrics"], both["torch"]["metrics"]
+    errors = {k: relative_error(jax_metrics[k], torch_metrics[k]) for k in ("loss", "window_loss_sum", "grad_norm")}
+    print("relative errors: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert max(errors.values()) < LOSS_TOL
+    np.testing.assert_array_equal(jax_metrics["window_count"], torch_metrics["window_count"])
+
+
+def test_clipped_gradients_agree(both):
+    """AdamW's first moment after one update is 0.1 x the clipped gradient on both sides."""
+    jax_mu, torch_mu = both["jax"]["mu"], both["torch"]["mu"]
+    assert jax_mu.keys() == torch_mu.keys()
+    flat = [np.concatenate([m[k].ravel() for k in sorted(jax_mu)]) for m in (jax_mu, torch_mu)]
+    err = relative_error(*flat)
+    print(f"AdamW first moments: relative error {err:.1e}")
+    assert err < GRAD_TOL
+
+
+def test_updated_parameters_agree(both):
+    """One AdamW step moves each weight by about lr sign(g) (plus the decay lr wd w): the same on both sides.
+
+    The first step's move is lr m / (sqrt(v) + 1e-8) = lr g / (|g| + 1e-8): it depends on the sign of
+    the clipped gradient g alone, unless |g| is within a few 1e-8 of zero, where a float32 rounding
+    of g changes the move by a fraction of lr. The two sides also round w - move in another order
+    (PyTorch decays w first), one float32 ulp of w (1.2e-7 for the norm scales near 1). So: every
+    weight with |g| above 1e-6 (100 x Adam's eps) agrees to 1e-3 lr plus two ulps of w, and 99.9 %
+    of all weights to 1e-3 lr.
+    """
+    before, jax_params, torch_params = both["params_before"], both["jax"]["params"], both["torch"]["params"]
+    assert jax_params.keys() == torch_params.keys()
+    keys = sorted(jax_params)
+    diffs = np.concatenate([np.abs(jax_params[k] - torch_params[k]).ravel() for k in keys])
+    moved = np.concatenate([np.abs(torch_params[k] - before[k]).ravel() for k in keys])
+    gradient = np.concatenate([10 * np.abs(both["torch"]["mu"][k]).ravel() for k in keys])
+    ulp = np.concatenate([np.spacing(np.abs(before[k])).ravel() for k in keys])
+    clear = gradient > 1e-6
+    q999 = float(np.quantile(diffs, 0.999))
+    print(f"parameters: median move {np.median(moved):.1e} (lr {LR:.0e}); difference: 99.9th percentile "
+          f"{q999:.1e}, largest where |g| > 1e-6 ({clear.mean():.1%} of weights) {diffs[clear].max():.1e}, "
+          f"largest overall {diffs.max():.1e}")  # fmt: skip
+    assert 0.5 * LR < np.median(moved) < 1.5 * LR
+    assert q999 < 1e-3 * LR
+    assert np.all(diffs[clear] <= 1e-3 * LR + 2 * ulp[clear])
+
+
+def test_ema_warm_up_matches_diffusers_from_the_second_update():
+    """The reference's EMA (diffusers' EMAModel) and step.ema_decay give the same decay from update 2 on.
+
+    At update 1 EMAModel uses decay 0 (the EMA becomes the student); perflow_jax uses (1 + 0) / (10 + 0)
+    = 0.1, the spec's formula at n = 0. The EMA differs by 0.1 |w_1 - w_0| ~ 0.1 lr after that update
+    and the difference then shrinks by the decay at every step.
+    """
+    ema = diffusers.training_utils.EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=0.9999)
+    reference = [ema.get_decay(n) for n in range(1, 7)]
+    ours = [float(step.ema_decay(jnp.array(n - 1), 0.9999)) for n in range(1, 7)]
+    assert reference[0] == 0.0 and ours[0] == pytest.approx(0.1)
+    np.testing.assert_allclose(ours[1:], reference[1:], rtol=1e-6)
