@@ -102,18 +102,8 @@ def is_workdir(path: str | Path) -> bool:
     return (Path(path) / "checkpoints").is_dir()
 
 
-def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str = "ema") -> tuple[int, Any, dict]:
-    """(step, UNet parameters as numpy float32, the run's config dict) of a run's checkpoint.
-
-    Only the chosen weights are read (the optimizer state, twice the parameters, stays on disk).
-
-    Args:
-      workdir: the run's folder (``--workdir`` of python -m perflow_jax.train).
-      step: the checkpoint's step; None for the newest.
-      weights: "ema" (the EMA of the student, what the reference releases) or "student".
-    """
-    if weights not in WEIGHTS:
-        raise CheckpointError(f"unknown weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+def run_config(workdir: str | Path, *, step: int | None = None) -> tuple[int, dict]:
+    """(step, the run's config dict) of a run's checkpoint ``step`` (None: the newest); reads no weights."""
     directory = Path(workdir).absolute() / "checkpoints"
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     with ocp.CheckpointManager(directory, options=options) as manager:
@@ -126,8 +116,23 @@ def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str =
             raise CheckpointError(
                 f"{workdir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}"
             )
-        config = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-    state_dir = directory / str(step) / STATE
+        return step, manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+
+def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str = "ema") -> tuple[int, Any, dict]:
+    """(step, UNet parameters as numpy float32, the run's config dict) of a run's checkpoint.
+
+    Only the chosen weights are read (the optimizer state, twice the parameters, stays on disk).
+
+    Args:
+      workdir: the run's folder (``--workdir`` of python -m perflow_jax.train).
+      step: the checkpoint's step; None for the newest.
+      weights: "ema" (the EMA of the student, what the reference releases) or "student".
+    """
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"unknown weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+    step, config = run_config(workdir, step=step)
+    state_dir = Path(workdir).absolute() / "checkpoints" / str(step) / STATE
     field = WEIGHTS[weights]
     with ocp.PyTreeCheckpointer() as checkpointer:
         saved = checkpointer.metadata(state_dir).item_metadata.tree[field]

@@ -115,16 +115,26 @@ def ddim_sample(
     return z
 
 
+def vae_factor(vae: nn.Module) -> int:
+    """f, the VAE's downsampling factor: an H x W image has (H / f) x (W / f) latents (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def latent_shape(vae: nn.Module, resolution: int) -> tuple[int, int, int]:
     """(h, w, c) of the latents of ``resolution``-pixel square images: the noise is [N, h, w, c]."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
     return (resolution // factor, resolution // factor, vae.config.latent_channels)
 
 
-def make_generate(networks: step.Networks, vae: nn.Module, settings: GenerateSettings) -> Callable[..., jax.Array]:
+def make_generate(
+    networks: step.Networks, vae: nn.Module, settings: GenerateSettings, *, latents: bool = False
+) -> Callable[..., Any]:
     """``generate(unet_params, text_params, vae_params, ids, null_cond, noise) -> images``, jittable as a whole.
+
+    ``latents``: return ``(images, z)`` instead, with z [N, h, w, c] float32 the final latents before
+    the VAE decode (scaled by the VAE's scaling_factor, as the UNet sees them).
 
     ``generate``'s arguments:
       unet_params: the student's parameters (method "perflow"; e.g. the EMA) or the teacher's ("ddim").
@@ -170,7 +180,8 @@ def make_generate(networks: step.Networks, vae: nn.Module, settings: GenerateSet
                 prediction_type=settings.prediction_type, guidance=settings.guidance,
             )  # fmt: skip
         decoded = vae.apply({"params": vae_params}, z / networks.scaling_factor, method="decode")
-        return jnp.clip((decoded.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+        images = jnp.clip((decoded.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+        return (images, z) if latents else images
 
     return generate
 
