@@ -275,7 +275,6 @@ class ReferenceStep:
       learning_rate: AdamW's (betas (0.9, 0.999), weight decay 1e-2, eps 1e-8, clip 1.0).
       weight_dtype: storage dtype of the frozen teacher (a copy of the student) and text encoders.
       autocast_dtype: the mixed-precision compute dtype (torch.bfloat16 on a GPU), or None.
-      compile: ``torch.compile`` the teacher's and the student's forward.
       gradient_checkpointing: the student recomputes activations in its backward (SDXL script).
     """
 
@@ -292,7 +291,6 @@ class ReferenceStep:
         learning_rate: float,
         weight_dtype: torch.dtype = torch.float32,
         autocast_dtype: torch.dtype | None = None,
-        compile: bool = False,
         gradient_checkpointing: bool = False,
     ):
         if settings.distance != "l2" or settings.weighting != "none" or settings.zero_snr:
@@ -311,8 +309,12 @@ class ReferenceStep:
         device = next(student.parameters()).device
         self.ema.to(device)
         self.device, self.autocast_dtype = device, autocast_dtype
-        self.teacher_apply = unet_apply(torch.compile(self.teacher) if compile else self.teacher)
-        self.student_apply = unet_apply(torch.compile(self.student) if compile else self.student)
+        self.teacher_apply, self.student_apply = unet_apply(self.teacher), unet_apply(self.student)
+
+    def compile(self) -> None:
+        """From now on run the teacher's and the student's forward through ``torch.compile`` (default mode)."""
+        self.teacher_apply = unet_apply(torch.compile(self.teacher))
+        self.student_apply = unet_apply(torch.compile(self.student))
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -369,16 +371,21 @@ class ReferenceStep:
         self.ema.step(self.student.parameters())
         return metrics
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], null_batch: Mapping[str, torch.Tensor], draws=None):
-        """One update from a batch (input_ids [B, 77], and input_ids_2 for SDXL; mean, logvar [B, C, H, W]).
-
-        ``null_batch`` holds the empty prompt's ids for the whole batch (the authors encode it every
-        step); ``draws`` = (x0, eps, u, drop) replaces the random draws (``draw``) when given.
-        """
+    def teacher_part(self, batch: Mapping[str, torch.Tensor], null_batch: Mapping[str, torch.Tensor], draws=None):
+        """Text encoding (the prompts' and, as the authors do every step, the empty prompt's), the draws and
+        ``reflow``: everything before the student. Returns the Reflow."""
         cond = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
         null_cond = self.encode_text(null_batch["input_ids"], null_batch.get("input_ids_2"))
         x0, eps, u, drop = draws if draws is not None else self.draw(batch)
-        return self.student_update(self.reflow(cond, null_cond, x0, eps, u, drop))
+        return self.reflow(cond, null_cond, x0, eps, u, drop)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], null_batch: Mapping[str, torch.Tensor], draws=None):
+        """One update from a batch (input_ids [B, 77], and input_ids_2 for SDXL; mean, logvar [B, C, H, W]).
+
+        ``null_batch`` holds the empty prompt's ids for the whole batch; ``draws`` = (x0, eps, u, drop)
+        replaces the random draws (``draw``) when given. Returns the metrics as tensors.
+        """
+        return self.student_update(self.teacher_part(batch, null_batch, draws))
 
 
 def _frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -1,46 +1,71 @@
-"""The SD1.5 PeRFlow training step: compile time, step time, samples/s, MFU and peak memory.
+"""The PeRFlow training step on one device: this project's compiled JAX step against the authors' PyTorch step.
 
-The whole jitted update of ``perflow_jax.step.train_step`` at 512 px (64x64 latents), with random
-weights from Flax's own initialisation (no torch, no diffusers, nothing downloaded): text encoding
-(SD1.5's CLIP text tower, bfloat16), the teacher's window solve (K=4 windows, S=8 DDIM steps,
-cfg_sync: one teacher pass per step, guidance 1; teacher stored and computed in bfloat16), the
-diff_eps reflow loss, the student's forward and backward (bfloat16 compute, float32 master
-weights, attention backend ``auto``), global-norm clipping, AdamW and the EMA.
+Random weights of the true size (nothing is downloaded), one run, one card, four parts, each in
+its own process (JAX and PyTorch each take the card's memory for themselves) with its own time
+limit, run one after the other and merged into one report:
 
-Everything is built on the device by jitted functions (state, frozen parameters, batch); the
-state is donated to the step, which is compiled ahead of time (``jit(...).lower(...).compile()``)
-once per batch size. Per batch size: 2 untimed steps, then ``--iters`` steps each waited for
-(``jax.block_until_ready`` on the new state and the metrics), then ``--iters`` steps dispatched
-back to back and waited for at the end. Sanity on every step run: the loss is finite and the
-per-window counts sum to the batch.
+- ``jax-sd15``: ``perflow_jax.step.train_step`` for SD1.5 at 512 px (64x64 latents): CLIP text
+  encoding, the teacher's window solve (K=4 windows, S=8 DDIM steps, cfg_sync: one teacher pass
+  per step), the diff_eps reflow loss, the student's forward and backward (bfloat16 compute,
+  float32 master weights), global-norm clipping, AdamW (lr 8e-5) and the EMA; teacher and text
+  encoder stored and computed in bfloat16; attention ``auto``; the state donated. Per-device
+  batch 32 and 16, and at batch 32 the two halves alone: the teacher solve (draws, text encoding,
+  ``loss.reflow_targets``) and the student update (prediction, loss, gradients, AdamW, EMA).
+- ``torch-sd15``: ``bench/torch_reference.py``, the authors' step (diffusers UNets, SDPA attention,
+  ``torch.autocast(bfloat16)``, teacher and text encoder stored in bfloat16, float32 AdamW,
+  diffusers' EMAModel, ``cudnn.benchmark`` on): eager at batch 32 and 16, its two halves alone at
+  batch 32, then at batch 32 with teacher and student under ``torch.compile`` (the first call,
+  compilation included, is reported as the compile time), step and halves.
+- ``jax-sdxl`` / ``torch-sdxl``: the SDXL recipe at 1024 px (128x128 latents): two text encoders,
+  size ids, K=4, S=10, teacher CFG 7.5 (two teacher passes per step, in one batched call),
+  ddim_eps, M=200 discrete times, AdamW lr 1e-4; per-device batch 8 (``--sdxl-batch``), the
+  student rematerialised (``--sdxl-remat``; PyTorch: gradient checkpointing, as the authors'
+  SDXL script), inside ``--sdxl-memory-gb`` (80) of the card: XLA's memory pool and PyTorch's
+  allocator are capped at that share of a larger card.
 
-FLOPs per sample, reported three ways: XLA's cost analysis of the compiled step (on GPU it leaves
-out cuDNN / cuBLAS custom calls, so it counts far too little), of the lowered step before XLA's
-optimisations (it counts a while loop's body once: the teacher's 8-step solve as one pass), and
-the analytic 11 UNet passes x 803 GFLOP (8 teacher passes, 3 for the student's forward and
-backward; DESIGN.md "Where the cost is"), cross-checked with 11 x the lowered cost analysis of
-one UNet forward. MFU uses the compiled count if it is within 15% of the analytic one, else the
-analytic one.
+JAX side: random weights are drawn on the host with numpy (threads) and ``device_put``, so no
+initialiser is compiled. The step is lowered ahead of time from abstract arguments and compiled
+in a background thread while the weights are placed and the other functions are traced; each
+compiled function is timed only once no compilation runs (XLA autotunes on the card). Every
+stage (init, lower, compile, warm-up, steps) is timed and printed as it ends, and the part's JSON
+is rewritten at the start and end of each stage, so a part stopped by its time limit still says
+where its time went.
 
-Peak memory is the device allocator's running peak (``memory_stats()["peak_bytes_in_use"]``),
-which cannot be reset: batch sizes run in increasing order, and each figure is the peak up to
-and including that batch size's steps.
+Timing: ``--warmup`` untimed calls, then ``--iters`` calls each waited for (JAX:
+``block_until_ready``; PyTorch: ``cuda.synchronize``); the median is reported, with min, max and
+every time. Sanity on every step: finite loss, window counts summing to the batch (exit status 1
+otherwise). An out-of-memory stage is recorded and the part goes on.
 
-A markdown table goes to stdout, everything to ``$OUT/train_step.json`` (the current folder when
-OUT is unset), rewritten after each stage. Exit status 1 when a loss is not finite, the window
-counts are off, or a stage raised anything but an out-of-memory error (an out-of-memory batch
-size is recorded and the next one still runs).
+FLOPs per sample, for MFU (against the dense bfloat16 peak of the card, 989 TFLOP/s for an
+H100 SXM or H200): the analytic count, (S x teacher passes per step + 3) UNet forwards (the
+student's forward and backward ~ 3 forwards) x 803 GFLOP (SD1.5 at 512 px) or 6.76 TFLOP (SDXL
+at 1024 px): 11 x 803 GFLOP and 23 x 6.76 TFLOP. Cross-checks in the JSON: XLA's cost analysis of
+the compiled step (on a GPU it leaves out the convolutions and matrix products that become cuDNN /
+cuBLAS custom calls, so it counts far too little: 13 of 803 GFLOP for the SD1.5 forward on an
+H200), of the lowered step (before XLA's optimisations, it counts the solver loop's body once: the
+other S - 1 teacher passes are added from the lowered cost of one UNet forward). MFU uses the
+compiled count when it is within 15 % of the analytic one, else the analytic one.
 
-    python3 bench/train_step.py                      # SD1.5, batch 16 then 32 per device, on a GPU
-    python3 bench/train_step.py --batches 16 --iters 20
-    python3 bench/train_step.py --tiny               # tiny UNet and CLIP, batch 2, 8x8: a CPU smoke run
+Memory: JAX, the allocator's running peak (``peak_bytes_in_use`` cannot be reset: the first stage,
+at the largest batch, sets it) and XLA's memory analysis of each compiled function (arguments +
+outputs - aliased + temporaries); PyTorch, ``max_memory_allocated`` reset before each stage.
+
+Everything goes to ``$OUT/train_step.json`` (the current folder when OUT is unset; each part also
+writes ``$OUT/train_step.PART.json``), and a markdown table to stdout.
+
+    python3 bench/train_step.py                        # all four parts, on a GPU
+    python3 bench/train_step.py --parts jax-sd15,torch-sd15 --timeouts jax-sd15=200,torch-sd15=230
+    python3 bench/train_step.py --tiny                 # tiny networks, all parts, on a CPU in minutes
 """
 
-# The imports below must follow the sys.path and environment lines before them.
+# The imports below must follow the sys.path line before them.
 # ruff: noqa: E402
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -48,7 +73,9 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -58,9 +85,6 @@ from pathlib import Path
 # Run as `python3 bench/train_step.py` from the repository root, perflow_jax not installed:
 # the repository root goes first on the import path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# JAX alone on the GPU: take 90% of its memory up front (the default is 75%), leaving room for
-# the CUDA context and library handles outside XLA's pool.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
 
 import flax
 import jax
@@ -70,274 +94,354 @@ import numpy as np
 import optax
 
 from bench.common import cost_flops, error_string
-from perflow_jax import sharding, step
+from perflow_jax import loss, schedule, sharding, step
 from perflow_jax.models import reference_configs
-from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.schedule import alphas_cumprod_from_config
 
-# SD1.5's UNet forward at 64x64 latents and 77 text tokens, 2 FLOPs per multiply-add.
-SD15_FLOPS_PER_FORWARD = 803e9
-# K windows, S teacher DDIM steps per window (the SD1.5 recipe).
-NUM_WINDOWS, SOLVER_STEPS = 4, 8
-# UNet passes per example in one step: S=8 teacher passes (cfg_sync: one per DDIM step) and the
-# student's forward and backward (~3 forwards).
-PASSES_PER_SAMPLE = SOLVER_STEPS + 3
-# Dense bfloat16 datasheet peaks, by jax.devices()[0].device_kind.
+PARTS = ("jax-sd15", "torch-sd15", "jax-sdxl", "torch-sdxl")
+# Dense bfloat16 datasheet peaks, by device kind (jax's device_kind, torch's get_device_name).
 PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
-# SD1.5's scheduler (scheduler/scheduler_config.json) and VAE scaling factor.
+# XLA's pool when nothing caps it: 90% of the card (the default is 75%), leaving room for the CUDA
+# context and library handles outside it.
+JAX_MEMORY_FRACTION = 0.90
+# The student's forward and backward, in UNet forwards.
+STUDENT_PASSES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked model: its networks (diffusers / transformers config dicts) and recipe."""
+
+    name: str
+    unet: dict
+    text_encoders: tuple[dict, ...]  # SDXL: (CLIP ViT-L, OpenCLIP bigG with projection)
+    scheduler: dict
+    scaling_factor: float
+    latent_size: int
+    settings: dict  # perflow_jax.step.PeRFlowSettings fields
+    learning_rate: float
+    flops_per_forward: float | None  # analytic, one UNet forward of one sample at latent_size
+    text_len: int = 77
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @property
+    def teacher_passes(self) -> int:
+        """Teacher UNet passes per example and step: S, twice with CFG."""
+        return self.settings["solver_steps"] * (1 if self.settings["teacher_guidance"] == 1.0 else 2)
+
+
 SD15_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-SD15_SCALING_FACTOR = 0.18215
-LEARNING_RATE = 8e-5  # the SD1.5 recipe's
-# tests/test_step.py: a one-level UNet and a two-layer CLIP, so that compiling the step's
-# gradient stays quick on the CPU.
-TINY_UNET = dict(
-    block_out_channels=(16,),
-    layers_per_block=1,
-    cross_attention_dim=16,
-    attention_head_dim=2,
-    norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D",),
-    up_block_types=("CrossAttnUpBlock2D",),
+SD15 = ModelSpec(
+    name="SD1.5",
+    unet=reference_configs.SD15_UNET,
+    text_encoders=(reference_configs.SD15_TEXT_ENCODER,),
+    scheduler=SD15_SCHEDULER,
+    scaling_factor=0.18215,
+    latent_size=64,
+    settings=dict(parameterization="diff_eps", num_windows=4, solver_steps=8, teacher_guidance=1.0),
+    learning_rate=8e-5,
+    flops_per_forward=803e9,  # SD1.5's UNet at 64x64 latents and 77 tokens, 2 FLOPs per multiply-add
 )
-TINY_TEXT_ENCODER = dict(
-    vocab_size=100,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=8,
-    eos_token_id=2,
+SDXL = ModelSpec(
+    name="SDXL",
+    unet=reference_configs.SDXL_UNET,
+    text_encoders=(reference_configs.SD15_TEXT_ENCODER, reference_configs.SDXL_TEXT_ENCODER_2),
+    scheduler=SD15_SCHEDULER,  # SDXL base's scheduler has the same scaled_linear betas
+    scaling_factor=0.13025,
+    latent_size=128,
+    settings=dict(
+        parameterization="ddim_eps", num_windows=4, solver_steps=10, teacher_guidance=7.5, discrete_timesteps=200
+    ),
+    learning_rate=1e-4,
+    flops_per_forward=6.76e12,  # ../shared/DESIGN.md: SDXL's UNet at 1024 px
 )
+# Tiny stand-ins (tests/test_step.py's one-level UNet; a two-level text_time UNet for SDXL), for
+# a CPU run that checks the script, not speed.
+_TINY_TEXT = dict(
+    vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=8, projection_dim=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)  # fmt: skip
+TINY = {
+    "sd15": dataclasses.replace(
+        SD15,
+        name="tiny SD1.x",
+        unet=dict(
+            block_out_channels=(16,),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",),
+        ),  # fmt: skip
+        text_encoders=(_TINY_TEXT,),
+        latent_size=8,
+        flops_per_forward=None,
+        text_len=8,
+    ),
+    "sdxl": dataclasses.replace(
+        SDXL,
+        name="tiny SDXL",
+        unet=dict(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=2,
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 16,
+        ),  # fmt: skip
+        text_encoders=(_TINY_TEXT, {**_TINY_TEXT, "hidden_act": "gelu"}),
+        latent_size=8,
+        flops_per_forward=None,
+        text_len=8,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and the driver that runs the parts.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", help="per-device batch sizes, in increasing order (default 16,32; 2 with --tiny)")
-    parser.add_argument("--size", type=int, help="latent height and width (default 64 = 512 px; 8 with --tiny)")
-    parser.add_argument("--iters", type=int, default=10, help="timed steps per batch size (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"parts to run, in order (default {','.join(PARTS)})")
+    parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # run one part in this process
+    parser.add_argument("--batches", help="SD1.5 per-device batch sizes (default 16,32; 2 with --tiny)")
+    parser.add_argument("--alone-batch", type=int, help="batch of the halves timed alone (default: the largest)")
     parser.add_argument(
-        "--attention",
-        default="auto",
-        choices=("auto", "xla", "cudnn"),
-        help="attention backend of the student, teacher and text encoder (default auto: cuDNN on GPU)",
+        "--compile-batch", type=int, help="SD1.5 batch for torch.compile (default 32; 0 skips it; 0 with --tiny)"
     )
+    parser.add_argument("--sdxl-batch", type=int, help="SDXL per-device batch (default 8; 2 with --tiny)")
+    parser.add_argument(
+        "--sdxl-remat", default="full", choices=("none", "dots", "full"), help="JAX student rematerialisation (SDXL)"
+    )
+    parser.add_argument("--sdxl-memory-gb", type=float, default=80.0, help="memory cap of the SDXL parts (GB)")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per stage (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"), help="JAX attention backend")
+    parser.add_argument("--timeouts", default="", help="per-part time limits in s, e.g. jax-sd15=200,torch-sd15=230")
+    parser.add_argument("--deadline", type=float, help="time limit of the whole run in s (parts get what is left)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per device for MFU, if not an H100/H200")
-    parser.add_argument("--tiny", action="store_true", help="tiny UNet and CLIP, batch 2, 8x8 latents (CPU smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="tiny networks and batches (a CPU smoke run)")
     args = parser.parse_args(argv)
-    args.batches = [int(b) for b in (args.batches or ("2" if args.tiny else "16,32")).split(",")]
-    args.size = args.size or (8 if args.tiny else 64)
-    if any(b < 1 for b in args.batches) or args.batches != sorted(args.batches):
-        parser.error(f"--batches {args.batches}: positive sizes in increasing order (the memory peak only grows)")
+    args.parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        parser.error(f"--parts {unknown}: choose from {', '.join(PARTS)}")
+    args.batches = sorted(int(b) for b in (args.batches or ("2" if args.tiny else "16,32")).split(","))
+    args.alone_batch = args.alone_batch or max(args.batches)
+    if args.compile_batch is None:
+        args.compile_batch = 0 if args.tiny else 32
+    args.sdxl_batch = args.sdxl_batch or (2 if args.tiny else 8)
+    if min(args.batches) < 1 or args.alone_batch < 1 or args.sdxl_batch < 1 or args.compile_batch < 0:
+        parser.error("batch sizes must be positive (--compile-batch 0 skips torch.compile)")
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be at least 1 and --warmup at least 0")
+    try:
+        args.timeouts = {k: float(v) for k, v in (item.split("=") for item in args.timeouts.split(",") if item)}
+    except ValueError:
+        parser.error(f"--timeouts {args.timeouts!r}: write PART=SECONDS,PART=SECONDS")
+    if set(args.timeouts) - set(PARTS):
+        parser.error(f"--timeouts names {sorted(set(args.timeouts) - set(PARTS))}: parts are {', '.join(PARTS)}")
     return args
 
 
-def random_like(shapes, key):
-    """Random float32 parameters of the given shapes: scales 1, biases 0, other leaves normal(0, 0.02)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    values = []
-    for i, (path, leaf) in enumerate(leaves):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            values.append(jnp.ones(leaf.shape, jnp.float32))
-        elif name == "bias":
-            values.append(jnp.zeros(leaf.shape, jnp.float32))
-        else:
-            values.append(0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32))
-    return jax.tree_util.tree_unflatten(treedef, values)
+def out_dir() -> Path:
+    return Path(os.environ.get("OUT", "."))
+
+
+def drive(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run each part in a child process with its time limit, then merge and report."""
+    start = time.perf_counter()
+    results = {
+        "benchmark": "train_step",
+        "date": now(),
+        "command": shlex.join(["python3", "bench/train_step.py", *argv]),
+        "parts": {},
+    }
+    forwarded = without_options(argv, ("--parts", "--timeouts", "--deadline"))
+    for part in args.parts:
+        limit = args.timeouts.get(part)
+        if args.deadline is not None:
+            left = args.deadline - (time.perf_counter() - start)
+            limit = left if limit is None else min(limit, left)
+        status = {"time_limit_s": limit}
+        if limit is not None and limit < 20:
+            status["skipped"] = f"only {limit:.0f} s left of --deadline {args.deadline:.0f}"
+            print(f"\n=== {part}: skipped, {status['skipped']}", flush=True)
+            results["parts"][part] = {"status": status}
+            continue
+        print(f"\n=== {part}" + (f" (time limit {limit:.0f} s)" if limit else ""), flush=True)
+        (out_dir() / f"train_step.{part}.json").unlink(missing_ok=True)
+        began = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--part", part, *forwarded], start_new_session=True, env=child_env(args, part)
+        )
+        try:
+            status["returncode"] = process.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            status["timed_out"] = True
+            os.killpg(process.pid, signal.SIGKILL)  # the part and its children (torch.compile's workers)
+            status["returncode"] = process.wait()
+        status["wall_s"] = time.perf_counter() - began
+        path = out_dir() / f"train_step.{part}.json"
+        part_results = json.loads(path.read_text()) if path.exists() else {}
+        if status.get("timed_out"):
+            running = part_results.get("running")
+            status["timed_out_in"] = running
+            print(
+                f"=== {part}: stopped by its time limit after {status['wall_s']:.0f} s, in stage {running}", flush=True
+            )
+        results["parts"][part] = {**part_results, "status": status}
+    results["wall_s"] = time.perf_counter() - start
+    summary = summarise(results, args)
+    (out_dir() / "train_step.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print_report(results, summary)
+    print(f"\nresults: {out_dir() / 'train_step.json'}")
+    failed = [
+        p
+        for p, r in results["parts"].items()
+        if r.get("failures") or r["status"].get("returncode") not in (0, None) or r["status"].get("timed_out")
+    ]
+    return 1 if failed else 0
+
+
+def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the options ``names`` and their values (``--name value`` or ``--name=value``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{n}=" for n in names)):
+            out.append(arg)
+    return out
+
+
+def child_env(args: argparse.Namespace, part: str) -> dict:
+    """The part's environment: unbuffered output, and XLA's pool fraction (capped for SDXL on a larger card)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if part.startswith("jax"):
+        fraction = float(env.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_MEMORY_FRACTION))
+        total = gpu_memory_bytes()
+        if part.endswith("sdxl") and total:
+            fraction = min(fraction, args.sdxl_memory_gb * 1e9 / total)
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.3f}"
+    return env
+
+
+def gpu_memory_bytes() -> float | None:
+    """The first GPU's memory from nvidia-smi (None without one), read without initialising a framework."""
+    try:
+        text = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        return float(text.split()[0]) * 2**20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a part records: stages, each timed and saved as it starts and ends.
+
+
+class Recorder:
+    """A part's results, saved to $OUT/train_step.PART.json at every stage boundary."""
+
+    def __init__(self, part: str, args: argparse.Namespace, spec: ModelSpec):
+        self.path = out_dir() / f"train_step.{part}.json"
+        self.clock = time.perf_counter()
+        self.results = {
+            "part": part,
+            "framework": part.split("-")[0],
+            "model": spec.name,
+            "latent_size": spec.latent_size,
+            "settings": spec.settings,
+            "learning_rate": spec.learning_rate,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "date": now(),
+            "stages": {},
+            "failures": [],
+            "running": None,
+        }
+
+    def log(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.clock:6.1f}s] {message}", flush=True)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+
+    @contextlib.contextmanager
+    def stage(self, name: str, **info):
+        """Record a stage's wall time (and anything the body adds to the yielded dict); errors are kept.
+
+        An out-of-memory error marks the stage ``oom`` and the part goes on; any other error is a failure.
+        """
+        row = self.results["stages"].setdefault(name, {})
+        row.update(info)
+        self.results["running"] = name
+        self.save()
+        start = time.perf_counter()
+        try:
+            yield row
+        except Exception as error:
+            row["error"] = error_string(error)
+            traceback.print_exc()
+            if is_oom(error):
+                row["oom"] = True
+                self.log(f"{name}: out of memory (recorded; going on)")
+            else:
+                self.results["failures"].append(f"{name}: {row['error'].splitlines()[0][:300]}")
+                self.log(f"{name}: FAILED")
+        finally:
+            row["wall_s"] = time.perf_counter() - start
+            self.results["running"] = None
+            self.save()
+
+    def ok(self, name: str) -> bool:
+        row = self.results["stages"].get(name, {})
+        return bool(row) and "error" not in row
 
 
 def is_oom(error: BaseException) -> bool:
     text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def memory_analysis(compiled) -> dict | None:
-    """XLA's static buffer sizes of a compiled function, in bytes (None if the backend gives none)."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:
-        return None
-    if stats is None:
-        return None
-    names = ("argument", "output", "alias", "temp", "generated_code")
-    return {
-        f"{n}_bytes": int(getattr(stats, f"{n}_size_in_bytes")) for n in names if hasattr(stats, f"{n}_size_in_bytes")
-    }
-
-
-def device_memory(device) -> dict | None:
-    """The allocator's bytes_in_use, peak_bytes_in_use and bytes_limit (None on the CPU)."""
-    try:
-        stats = device.memory_stats()
-    except Exception:
-        return None
-    if not stats:
-        return None
-    return {key: int(stats[key]) for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if key in stats}
-
-
-class Bench:
-    """Networks, placement and the jitted pieces of one run; ``attention`` is the backend of all three networks."""
-
-    def __init__(self, args, mesh, attention: str):
-        self.args, self.mesh, self.attention = args, mesh, attention
-        self.unet_cfg = UNetConfig.from_dict(TINY_UNET if args.tiny else reference_configs.SD15_UNET)
-        self.text_cfg = CLIPTextConfig.from_dict(
-            TINY_TEXT_ENCODER if args.tiny else reference_configs.SD15_TEXT_ENCODER
-        )
-        self.text_len = self.text_cfg.max_position_embeddings
-        # CLIP's start / end-of-text ids are the vocabulary's last two (49406, 49407); SD1.5's config
-        # says eos_token_id 2, so the pooled token is the highest id: the first end-of-text.
-        self.bos, self.eos = self.text_cfg.vocab_size - 2, self.text_cfg.vocab_size - 1
-        self.networks = step.Networks(
-            student=UNet2DConditionModel(self.unet_cfg, dtype=jnp.bfloat16, attention_backend=attention),
-            teacher=UNet2DConditionModel(self.unet_cfg, dtype=jnp.bfloat16, attention_backend=attention),
-            text_encoder=CLIPTextModel(self.text_cfg, dtype=jnp.bfloat16, attention_backend=attention),
-            text_encoder_2=None,
-            alphas_cumprod=alphas_cumprod_from_config(SD15_SCHEDULER),
-            scaling_factor=SD15_SCALING_FACTOR,
-            resolution=8 * args.size,
-        )
-        self.settings = step.PeRFlowSettings(
-            parameterization="diff_eps", num_windows=NUM_WINDOWS, solver_steps=SOLVER_STEPS, teacher_guidance=1.0
-        )
-        self.optimizer = step.make_optimizer(LEARNING_RATE)
-        self.replicated = sharding.replicated(mesh)
-
-    def init_fn(self, key):
-        """(train state, frozen parameters without null_cond): random weights, teacher = the student's bf16 copy.
-
-        The weights are drawn directly (normal(0, 0.02) kernels, unit scales, zero biases) from the
-        parameter shapes: compiling Flax's own initialisers for 860 M parameters took 163 s on an H200.
-        """
-        k_unet, k_text = jax.random.split(key)
-        unet, text = self.networks.student, self.networks.text_encoder
-        unet_shapes = jax.eval_shape(
-            lambda: unet.init(jax.random.key(0), *unet.dummy_inputs(batch=1, size=8, text_len=self.text_len))["params"]
-        )
-        text_shapes = jax.eval_shape(
-            lambda: text.init(jax.random.key(0), jnp.zeros((1, self.text_len), jnp.int32))["params"]
-        )
-        params, text_params = random_like(unet_shapes, k_unet), random_like(text_shapes, k_text)
-        state = step.create_train_state(params, self.optimizer)
-        to_bf16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
-        return state, {"teacher": to_bf16(params), "text_encoder": to_bf16(text_params)}
-
-    def compile_init(self):
-        """The init, compiled with its outputs placed by sharding.parameter_shardings."""
-        key = jax.random.key(0)
-        abstract = jax.eval_shape(self.init_fn, key)
-        self.state_shardings, frozen_shardings = sharding.parameter_shardings(abstract, self.mesh)
-        return jax.jit(self.init_fn, out_shardings=(self.state_shardings, frozen_shardings)).lower(key).compile()
-
-    def null_cond(self, frozen):
-        """The empty prompt's condition [1, T, D]: ids [bos, eos, eos, ...]."""
-        ids = jnp.full((1, self.text_len), self.eos, jnp.int32).at[0, 0].set(self.bos)
-        encode = jax.jit(
-            lambda f, ids: step.encode_text(self.networks, f, {"input_ids": ids}), out_shardings=self.replicated
-        )
-        return encode(frozen, ids)
-
-    def make_batch(self, batch_size: int, seed: int) -> dict:
-        """A random data.py batch, made on the device: mean, logvar [B, s, s, 4] float16, input_ids [B, T] int32."""
-        size, text_len, bos, eos = self.args.size, self.text_len, self.bos, self.eos
-        channels = self.unet_cfg.in_channels
-
-        def make(key):
-            k_mean, k_logvar, k_ids, k_end = jax.random.split(key, 4)
-            shape = (batch_size, size, size, channels)
-            # VAE latent moments of about unit variance once scaled by the scaling factor.
-            mean = jax.random.normal(k_mean, shape) / SD15_SCALING_FACTOR
-            logvar = jax.random.uniform(k_logvar, shape, minval=-8.0, maxval=-2.0)
-            words = jax.random.randint(k_ids, (batch_size, text_len), 0, bos)
-            end = jax.random.randint(k_end, (batch_size, 1), 1, text_len)  # first end-of-text position
-            pos = jnp.arange(text_len)[None]
-            ids = jnp.where(pos == 0, bos, jnp.where(pos >= end, eos, words)).astype(jnp.int32)
-            return {"mean": mean.astype(jnp.float16), "logvar": logvar.astype(jnp.float16), "input_ids": ids}
-
-        batch_sharding = sharding.batch_sharding(self.mesh)
-        out = {name: batch_sharding for name in ("mean", "logvar", "input_ids")}
-        return jax.jit(make, out_shardings=out)(jax.random.key(seed))
-
-    def compile_step(self, state, batch, rng, frozen):
-        """jit(train_step, donate the state).lower(...).compile(), with timings, cost and memory analysis."""
-        fn = functools.partial(
-            step.train_step, networks=self.networks, settings=self.settings, optimizer=self.optimizer
-        )
-        frozen_shardings = sharding.parameter_shardings(frozen, self.mesh)
-        batch_shardings = {name: sharding.batch_sharding(self.mesh) for name in batch}
-        jitted = jax.jit(
-            fn,
-            in_shardings=(self.state_shardings, batch_shardings, self.replicated, frozen_shardings),
-            out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=0,
-        )
-        start = time.perf_counter()
-        lowered = jitted.lower(state, batch, rng, frozen)
-        traced = time.perf_counter()
-        compiled = lowered.compile()
-        done = time.perf_counter()
-        return compiled, {
-            "trace_s": traced - start,
-            "compile_s": done - traced,
-            "flops_per_step_lowered": cost_flops(lowered),
-            "flops_per_step_compiled": cost_flops(compiled),
-            "memory_analysis": memory_analysis(compiled),
-        }
-
-    def unet_forward_flops(self) -> float | None:
-        """Lowered (pre-optimisation) cost analysis of one bf16 UNet forward at batch 1: FLOPs per sample.
-
-        Lowered with XLA attention, so that the attention matmuls are counted (a cuDNN custom call is not).
-        """
-        unet = UNet2DConditionModel(self.unet_cfg, dtype=jnp.bfloat16, attention_backend="xla")
-        params = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet.dummy_inputs(size=8))["params"])
-        params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16), params)
-        size, text_len = self.args.size, self.text_len
-        args = (
-            jax.ShapeDtypeStruct((1, size, size, self.unet_cfg.in_channels), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1,), jnp.float32),
-            jax.ShapeDtypeStruct((1, text_len, self.unet_cfg.cross_attention_dim[0]), jnp.bfloat16),
-        )
-        forward = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
-        return cost_flops(forward.lower(params, *args))
-
-
-def time_steps(compiled, state, batch, keys, frozen, warmup: int, iters: int):
-    """Warm-up steps, ``iters`` steps each waited for, then ``iters`` back to back.
-
-    Returns (the last state, timing dict, the metrics of every step as numpy).
-    """
-    outputs = []
+def timed_calls(call: Callable[[int], Callable[[], None]], warmup: int, iters: int) -> dict:
+    """``call(i)`` runs call i and returns a function that waits for it; warm-up, then ``iters`` timed calls."""
     for i in range(warmup):
-        state, metrics = compiled(state, batch, keys[i], frozen)
-        jax.block_until_ready((state, metrics))
-        outputs.append(metrics)
+        call(i)()
     times = []
     for i in range(warmup, warmup + iters):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, keys[i], frozen)
-        jax.block_until_ready((state, metrics))
+        call(i)()
         times.append(time.perf_counter() - start)
-        outputs.append(metrics)
-    start = time.perf_counter()
-    for i in range(warmup + iters, warmup + 2 * iters):
-        state, metrics = compiled(state, batch, keys[i], frozen)
-        outputs.append(metrics)
-    jax.block_until_ready((state, metrics))
-    back_to_back = (time.perf_counter() - start) / iters
-    timing = {
+    return {
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
         "max_ms": 1e3 * max(times),
         "times_ms": [round(1e3 * t, 3) for t in times],
-        "back_to_back_mean_ms": 1e3 * back_to_back,
     }
-    return state, timing, [jax.tree.map(np.asarray, m) for m in outputs]
 
 
 def check_metrics(metrics: list[dict], batch_size: int) -> tuple[dict, list[str]]:
@@ -345,12 +449,12 @@ def check_metrics(metrics: list[dict], batch_size: int) -> tuple[dict, list[str]
     losses = [float(m["loss"]) for m in metrics]
     counts = [float(np.sum(m["window_count"])) for m in metrics]
     failures = []
-    bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+    bad = [i for i, value in enumerate(losses) if not math.isfinite(value)]
     if bad:
-        failures.append(f"batch {batch_size}: loss not finite at steps {bad} ({[losses[i] for i in bad]})")
+        failures.append(f"loss not finite at steps {bad} ({[losses[i] for i in bad]})")
     off = [i for i, c in enumerate(counts) if c != batch_size]
     if off:
-        failures.append(f"batch {batch_size}: window counts sum to {[counts[i] for i in off]}, not {batch_size}")
+        failures.append(f"window counts sum to {[counts[i] for i in off]}, not {batch_size}")
     summary = {
         "losses": losses,
         "grad_norms": [float(m["grad_norm"]) for m in metrics],
@@ -361,266 +465,690 @@ def check_metrics(metrics: list[dict], batch_size: int) -> tuple[dict, list[str]
     return summary, failures
 
 
-def run(args, results: dict, save: Callable) -> None:
-    """All stages, recording into ``results`` and calling ``save()`` after each."""
-    clock = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - clock:6.1f}s] {message}", flush=True)
-
-    devices = jax.devices()
-    mesh = sharding.make_mesh((-1, 1), devices)  # data parallel over the local devices; one GPU: (1, 1)
-    n_devices = len(devices)
-    setup = results["setup_s"]
-    bench = Bench(args, mesh, args.attention)
-
-    log(f"compiling the on-device init ({'tiny' if args.tiny else 'SD1.5'} UNet + CLIP, Flax random init)")
-    start = time.perf_counter()
-    init = bench.compile_init()
-    setup["init_compile"] = time.perf_counter() - start
-    start = time.perf_counter()
-    state, frozen = init(jax.random.key(0))
-    jax.block_until_ready((state, frozen))
-    setup["init_run"] = time.perf_counter() - start
-    results["parameters"] = {
-        "student": int(sum(x.size for x in jax.tree.leaves(state.params))),
-        "text_encoder": int(sum(x.size for x in jax.tree.leaves(frozen["text_encoder"]))),
+def host_batch(spec: ModelSpec, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    """A random data.py batch on the host: mean, logvar [B, s, s, 4] float16, input_ids [B, T] int32
+    (+ SDXL's input_ids_2, original_size and crop_top_left [B, 2] int32)."""
+    rng = np.random.default_rng(seed)
+    size, text_len = spec.latent_size, spec.text_len
+    shape = (batch_size, size, size, spec.unet.get("in_channels", 4))
+    # VAE latent moments of about unit variance once scaled by the scaling factor.
+    batch = {
+        "mean": (rng.standard_normal(shape, np.float32) / spec.scaling_factor).astype(np.float16),
+        "logvar": rng.uniform(-8.0, -2.0, shape).astype(np.float16),
     }
-    start = time.perf_counter()
-    frozen["null_cond"] = bench.null_cond(frozen)
-    jax.block_until_ready(frozen)
-    setup["null_cond"] = time.perf_counter() - start
-    results["memory_after_init"] = device_memory(devices[0])
-    log(f"state and frozen parameters on the device; student {results['parameters']['student'] / 1e6:.1f} M parameters")
-    save()
-
-    keys = list(jax.random.split(jax.random.key(1), args.warmup + 2 * args.iters))
-    for per_device in args.batches:
-        batch_size = per_device * n_devices
-        row = results["batches"][str(per_device)] = {"per_device_batch": per_device, "global_batch": batch_size}
-        try:
-            if state is None:  # a failed step consumed the donated state
-                log("re-creating the state")
-                state, frozen_new = init(jax.random.key(0))
-                frozen.update(frozen_new)
-            batch = bench.make_batch(batch_size, seed=per_device)
-            log(f"batch {per_device}/device: lowering and compiling the step (attention {bench.attention})")
-            compiled, info = bench.compile_step(state, batch, keys[0], frozen)
-            row.update(info)
-            row["attention"] = bench.attention
-            log(f"batch {per_device}: compiled in {info['trace_s']:.1f} s trace + {info['compile_s']:.1f} s; timing")
-            save()
-            state, timing, metrics = time_steps(compiled, state, batch, keys, frozen, args.warmup, args.iters)
-            row.update(timing)
-            row["memory"] = device_memory(devices[0])
-            summary, failures = check_metrics(metrics, batch_size)
-            row.update(summary)
-            results["failures"].extend(failures)
-            log(
-                f"batch {per_device}: median {timing['median_ms']:.1f} ms/step, loss {summary['losses'][-1]:.4g}"
-                + (f", peak {row['memory']['peak_bytes_in_use'] / 1e9:.1f} GB" if row["memory"] else "")
-            )
-            del compiled, batch
-        except Exception as error:
-            row["error"] = error_string(error)
-            row["memory"] = device_memory(devices[0])
-            traceback.print_exc()
-            if is_oom(error):
-                row["oom"] = True
-                log(f"batch {per_device}: out of memory (recorded; going on)")
-            else:
-                results["failures"].append(f"batch {per_device}: {row['error'].splitlines()[0][:300]}")
-            if any(x.is_deleted() for x in jax.tree.leaves(state)):
-                state = None
-        save()
-
-    log("lowering one UNet forward for its pre-optimisation FLOP count")
-    try:
-        results["unet_forward_flops_lowered"] = bench.unet_forward_flops()
-    except Exception as error:
-        results["errors"]["unet_forward_flops"] = error_string(error)
-    log("done")
+    for i, name in enumerate(("input_ids", "input_ids_2")[: len(spec.text_encoders)]):
+        vocab = spec.text_encoders[i]["vocab_size"]
+        bos, eos = vocab - 2, vocab - 1  # CLIP's start / end of text: the vocabulary's last two ids
+        words = rng.integers(0, bos, (batch_size, text_len))
+        end = rng.integers(1, text_len, (batch_size, 1))  # first end-of-text position
+        pos = np.arange(text_len)[None]
+        batch[name] = np.where(pos == 0, bos, np.where(pos >= end, eos, words)).astype(np.int32)
+    if spec.sdxl:
+        batch["original_size"] = np.full((batch_size, 2), 8 * size, np.int32)
+        batch["crop_top_left"] = np.zeros((batch_size, 2), np.int32)
+    return batch
 
 
-def summarise(args, results: dict) -> None:
-    """FLOPs per sample (each source), samples/s and MFU per batch size."""
-    n_devices = results["device_count"]
-    sd15_512 = not args.tiny and args.size == 64
-    analytic = PASSES_PER_SAMPLE * SD15_FLOPS_PER_FORWARD if sd15_512 else None
-    forward = results.get("unet_forward_flops_lowered")
-    flops = {
-        "analytic_11_x_803G": analytic,
-        "11_x_lowered_unet_forward": PASSES_PER_SAMPLE * forward if forward else None,
-        "lowered_unet_forward_per_sample": forward,
-    }
-    solver_steps = results["solver_steps"]
-    for row in results["batches"].values():
-        batch_size = row["global_batch"]
-        for stage in ("lowered", "compiled"):
-            count = row.get(f"flops_per_step_{stage}")
-            row[f"flops_per_sample_{stage}"] = count / batch_size if count else None
-        # The lowered step counts the teacher's fori_loop body once: add the other S - 1 passes.
-        lowered = row["flops_per_sample_lowered"]
-        row["flops_per_sample_lowered_plus_loop"] = (
-            lowered + (solver_steps - 1) * forward if lowered and forward else None
-        )
-    compiled = next(
-        (r["flops_per_sample_compiled"] for r in results["batches"].values() if r.get("flops_per_sample_compiled")),
-        None,
-    )
-    reference = analytic or flops["11_x_lowered_unet_forward"]
-    if compiled and reference and abs(compiled / reference - 1) < 0.15:
-        flops["per_sample"], flops["source"] = compiled, "cost analysis of the compiled step"
-    elif analytic:
-        flops["per_sample"], flops["source"] = analytic, "analytic 11 x 803 GFLOP (compiled cost analysis far off)"
-    elif reference:
-        flops["per_sample"], flops["source"] = reference, "11 x lowered cost analysis of one UNet forward"
-    else:
-        flops["per_sample"], flops["source"] = None, "none"
-    results["flops"] = flops
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else PEAK_BF16_FLOPS.get(results["device_kind"])
-    results["peak_bf16_flops_per_device"] = peak
-    for row in results["batches"].values():
-        if "median_ms" in row:
-            row["samples_per_s"] = row["global_batch"] / (row["median_ms"] / 1e3)
-            row["samples_per_s_back_to_back"] = row["global_batch"] / (row["back_to_back_mean_ms"] / 1e3)
-            per_sample = flops["per_sample"]
-            row["mfu"] = per_sample * row["samples_per_s"] / (peak * n_devices) if per_sample and peak else None
-
-
-def print_report(results: dict) -> None:
-    for name, error in results["errors"].items():
-        print(f"error {name}: {error.splitlines()[0][:300]}")
-    flops = results["flops"]
-
-    def g(x):
-        return f"{x / 1e9:.4g}" if x else "n/a"
-
-    print("\nFLOPs per sample (GFLOP):")
-    print(f"  analytic 11 x 803: {g(flops['analytic_11_x_803G'])}")
-    print(
-        f"  11 x lowered cost analysis of one UNet forward (XLA attention): {g(flops['11_x_lowered_unet_forward'])}"
-        f" (one forward: {g(flops['lowered_unet_forward_per_sample'])})"
-    )
-    for per_device, row in results["batches"].items():
-        print(
-            f"  batch {per_device}: step cost analysis, lowered {g(row.get('flops_per_sample_lowered'))} (the teacher"
-            f" loop's body counted once; + {results['solver_steps'] - 1} forwards:"
-            f" {g(row.get('flops_per_sample_lowered_plus_loop'))}), compiled {g(row.get('flops_per_sample_compiled'))}"
-            " (on GPU without cuDNN/cuBLAS custom calls)"
-        )
-    print(f"  MFU uses {g(flops['per_sample'])} ({flops['source']})")
-    setup = results["setup_s"]
-    print(
-        "setup: init compile {:.1f} s, init run {:.1f} s, null_cond {:.1f} s".format(
-            setup.get("init_compile", float("nan")),
-            setup.get("init_run", float("nan")),
-            setup.get("null_cond", float("nan")),
-        )
-    )
-    for per_device, row in results["batches"].items():
-        if "losses" in row:
-            print(
-                f"batch {per_device}: loss first/last {row['losses'][0]:.4g}/{row['losses'][-1]:.4g}, "
-                f"finite: {row['loss_finite']}, window counts (last step) {row['window_counts_last']} "
-                f"sum to batch: {row['window_counts_sum_to_batch']}; back-to-back "
-                f"{row['back_to_back_mean_ms']:.1f} ms/step ({row['samples_per_s_back_to_back']:.1f} samples/s)"
-            )
-    print(
-        f"\n{results['device_kind']} x{results['device_count']}, {results['model']}, {results['size']}x"
-        f"{results['size']} latents, K=4 S=8 cfg_sync diff_eps, bf16 compute; peak memory is the running peak "
-        "(batch sizes in increasing order, no reset)"
-    )
-    print("| batch/device | compile s | median ms/step | samples/s | MFU | peak GB |")
-    print("|---|---|---|---|---|---|")
-    for per_device, row in results["batches"].items():
-        compile_s = row["trace_s"] + row["compile_s"] if "compile_s" in row else None
-        memory = row.get("memory") or {}
-        peak = memory.get("peak_bytes_in_use")
-        median = row.get("median_ms")
-        cells = [
-            f"{compile_s:.1f}" if compile_s is not None else "-",
-            f"{median:.1f}" if median else ("OOM" if row.get("oom") else "failed"),
-            f"{row['samples_per_s']:.1f}" if median else "-",
-            f"{row['mfu']:.1%}" if row.get("mfu") else "-",
-            f"{peak / 1e9:.1f}" if peak else "-",
-        ]
-        print(f"| {per_device} | " + " | ".join(cells) + " |")
-    for failure in results["failures"]:
-        print(f"FAILED: {failure}")
-
-
-def versions() -> dict:
-    out = {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        from jax._src.lib import cuda_versions
-
-        if cuda_versions is not None:
-            out["cudnn"] = cuda_versions.cudnn_get_version()
-    except Exception:
-        pass
+def null_batch(spec: ModelSpec, batch_size: int) -> dict[str, np.ndarray]:
+    """The empty prompt's ids [bos, eos, eos, ...] for each text encoder (+ SDXL's size ids)."""
+    out = {}
+    for i, name in enumerate(("input_ids", "input_ids_2")[: len(spec.text_encoders)]):
+        vocab = spec.text_encoders[i]["vocab_size"]
+        ids = np.full((batch_size, spec.text_len), vocab - 1, np.int32)
+        ids[:, 0] = vocab - 2
+        out[name] = ids
+    if spec.sdxl:
+        out["original_size"] = np.full((batch_size, 2), 8 * spec.latent_size, np.int32)
+        out["crop_top_left"] = np.zeros((batch_size, 2), np.int32)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    path = Path(os.environ.get("OUT", ".")) / "train_step.json"
+def spec_for(part: str, args: argparse.Namespace) -> ModelSpec:
+    name = part.split("-")[1]
+    return TINY[name] if args.tiny else {"sd15": SD15, "sdxl": SDXL}[name]
+
+
+def part_plan(part: str, args: argparse.Namespace) -> tuple[list[int], int]:
+    """(step batch sizes, largest first; batch of the halves timed alone)."""
+    if part.endswith("sdxl"):
+        return [args.sdxl_batch], args.sdxl_batch
+    return sorted(args.batches, reverse=True), args.alone_batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The JAX part.
+
+
+def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
+    spec = spec_for(part, args)
+    sdxl = spec.sdxl
+    remat = args.sdxl_remat if sdxl else "none"
     device = jax.devices()[0]
-    results = {
-        "benchmark": "train_step",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python3", *sys.argv]),
-        "device_kind": device.device_kind,
-        "platform": jax.default_backend(),
-        "device_count": jax.device_count(),
-        "versions": versions(),
-        "env": {
-            k: os.environ.get(k)
-            for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE")
+    rec.results.update(
+        device_kind=device.device_kind,
+        platform=jax.default_backend(),
+        device_count=jax.device_count(),
+        versions={
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
         },
-        "model": "tiny (tests/test_step.py UNET, TEXT)" if args.tiny else "SD1.5 (random Flax init)",
-        "size": args.size,
-        "per_device_batches": args.batches,
-        "iters": args.iters,
-        "warmup": args.warmup,
-        "attention": args.attention,
-        "num_windows": NUM_WINDOWS,
-        "solver_steps": SOLVER_STEPS,
-        "settings": "K=4, S=8, teacher_guidance 1 (cfg_sync), diff_eps, text dropout 0.1, AdamW lr 8e-5, clip 1.0, EMA",
-        "dtypes": "student float32 master weights, bfloat16 compute; teacher and text encoder bfloat16 storage "
-        "and compute",
-        "timing": "median of --iters steps, each waited for (block_until_ready on state and metrics); "
-        "back_to_back: mean of --iters steps dispatched without waiting",
-        "peak_memory_note": "memory_stats peak_bytes_in_use cannot be reset: each batch size's figure is the running "
-        "peak of the process up to its steps (batch sizes in increasing order)",
-        "setup_s": {},
-        "batches": {},
-        "errors": {},
-        "failures": [],
-    }
+        env={k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
+        attention=args.attention,
+        remat=remat,
+        dtypes="student float32 master weights, bfloat16 compute; teacher and text encoders bfloat16",
+    )
+    mesh = sharding.make_mesh((-1, 1))  # data parallel over the local devices; one GPU: (1, 1)
+    n_devices = jax.device_count()
+    unet_cfg = UNetConfig.from_dict(spec.unet)
+    text_cfgs = [CLIPTextConfig.from_dict(c) for c in spec.text_encoders]
+    text_classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(text_cfgs)]
+    networks = step.Networks(
+        student=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=args.attention, remat=remat),
+        teacher=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=args.attention),
+        text_encoder=text_classes[0](text_cfgs[0], dtype=jnp.bfloat16, attention_backend=args.attention),
+        text_encoder_2=text_classes[1](text_cfgs[1], dtype=jnp.bfloat16, attention_backend=args.attention)
+        if sdxl
+        else None,
+        alphas_cumprod=alphas_cumprod_from_config(spec.scheduler),
+        scaling_factor=spec.scaling_factor,
+        resolution=8 * spec.latent_size,
+    )
+    settings = step.PeRFlowSettings(**spec.settings)
+    optimizer = step.make_optimizer(spec.learning_rate)
+    text_names = ["text_encoder", "text_encoder_2"][: len(text_cfgs)]
 
-    def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    # Abstract arguments with their placements: everything can be lowered before any weight exists.
+    def with_shardings(tree, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    unet_shapes = networks.student.abstract_params()
+    text_modules = [networks.text_encoder, networks.text_encoder_2][: len(text_cfgs)]
+    text_shapes = {n: m.abstract_params() for n, m in zip(text_names, text_modules, strict=True)}
+    state_shapes = jax.eval_shape(lambda p: step.create_train_state(p, optimizer), unet_shapes)
+    state_shardings = sharding.parameter_shardings(state_shapes, mesh)
+    bf16 = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16))
+    frozen_shapes = {"teacher": bf16(unet_shapes), **{n: bf16(t) for n, t in text_shapes.items()}}
+    frozen_shapes["null_cond"] = jax.eval_shape(
+        lambda f, ids: step.encode_text(networks, f, ids), frozen_shapes, null_batch(spec, 1)
+    )
+    frozen_shardings = sharding.parameter_shardings({k: v for k, v in frozen_shapes.items() if k != "null_cond"}, mesh)
+    frozen_shardings["null_cond"] = jax.tree.map(lambda _: replicated, frozen_shapes["null_cond"])
+    state_abstract = with_shardings(state_shapes, state_shardings)
+    frozen_abstract = with_shardings(frozen_shapes, frozen_shardings)
+    rng_abstract = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+
+    def batch_abstract(batch_size):
+        return {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+            for k, v in host_batch(spec, batch_size * n_devices, 0).items()
+        }
+
+    # The whole step, and its two halves for timing each alone.
+    def teacher_part(batch, rng, frozen):
+        """The first half of step.train_step: draws, text encoding, dropout and the window solve."""
+        k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
+        mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
+        x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
+        eps = jax.random.normal(k_eps, x0.shape)
+        t = schedule.sample_times(k_time, mean.shape[0], settings.discrete_timesteps)
+        drop = jax.random.uniform(k_drop, (mean.shape[0],)) < settings.text_dropout
+        cond = step.encode_text(networks, frozen, batch)
+        null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (mean.shape[0],) + x.shape[1:]), frozen["null_cond"])
+        return loss.reflow_targets(
+            step.unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
+            jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
+            num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
+            prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
+        )  # fmt: skip
+
+    def student_part(state, reflow):
+        """The second half of step.train_step: prediction, loss, gradients, clipped AdamW, EMA."""
+
+        def loss_fn(params):
+            prediction = step.unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+            return loss.reflow_loss(prediction, reflow, num_windows=settings.num_windows)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = step.ema_decay(state.step, settings.ema_max_decay)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
+
+    full_step = functools.partial(step.train_step, networks=networks, settings=settings, optimizer=optimizer)
+    metrics_shardings = replicated
+
+    @functools.cache
+    def reflow_abstract(batch_size):
+        return jax.eval_shape(teacher_part, batch_abstract(batch_size), rng_abstract, frozen_abstract)
+
+    def lower(name, batch_size):
+        batch = batch_abstract(batch_size)
+        if name.startswith("step"):
+            jitted = jax.jit(
+                full_step,
+                in_shardings=(state_shardings, batch_sharding, replicated, frozen_shardings),
+                out_shardings=(state_shardings, metrics_shardings),
+                donate_argnums=0,
+            )
+            return jitted.lower(state_abstract, batch, rng_abstract, frozen_abstract)
+        reflow_shardings = jax.tree.map(lambda _: batch_sharding, reflow_abstract(batch_size))
+        if name.startswith("teacher"):
+            jitted = jax.jit(
+                teacher_part,
+                in_shardings=(batch_sharding, replicated, frozen_shardings),
+                out_shardings=reflow_shardings,
+            )
+            return jitted.lower(batch, rng_abstract, frozen_abstract)
+        jitted = jax.jit(
+            student_part,
+            in_shardings=(state_shardings, reflow_shardings),
+            out_shardings=(state_shardings, metrics_shardings),
+            donate_argnums=0,
+        )
+        return jitted.lower(state_abstract, with_shardings(reflow_abstract(batch_size), reflow_shardings))
+
+    step_batches, alone_batch = part_plan(part, args)
+    plan = [f"step_b{step_batches[0]}", f"teacher_b{alone_batch}", f"student_b{alone_batch}"]
+    plan += [f"step_b{b}" for b in step_batches[1:]]
+    batch_of = {name: int(name.split("_b")[1]) for name in plan}
+    compiler = concurrent.futures.ThreadPoolExecutor(1)
+    lowered, compiling = {}, {}
+
+    def lower_stage(name):
+        with rec.stage(f"lower {name}", batch=batch_of[name]) as row:
+            start = time.perf_counter()
+            lowered[name] = lower(name, batch_of[name])
+            row["lower_s"] = time.perf_counter() - start
+            row["flops_lowered"] = cost_flops(lowered[name])
+        if name in lowered:
+            rec.log(f"{name}: lowered in {rec.results['stages'][f'lower {name}']['lower_s']:.1f} s")
+
+    def compile_in_background(name):
+        def work():
+            start = time.perf_counter()
+            compiled = lowered[name].compile()
+            return compiled, time.perf_counter() - start
+
+        compiling[name] = compiler.submit(work)
+
+    # 1. The first function is lowered, and compiled in the background while the weights are placed.
+    lower_stage(plan[0])
+    if plan[0] in lowered:
+        compile_in_background(plan[0])
+    host = {}
+    with rec.stage("init") as row:
+        start = time.perf_counter()
+        host["unet"] = host_random_params(unet_shapes, seed=0)
+        host.update({n: host_random_params(t, seed=1 + i) for i, (n, t) in enumerate(text_shapes.items())})
+        row["host_random_s"] = time.perf_counter() - start
+        rec.log(f"init: random weights drawn on the host in {row['host_random_s']:.1f} s")
+        start = time.perf_counter()
+        state = make_state(host["unet"], optimizer, state_shardings)
+        frozen = make_frozen(host, text_names, frozen_shardings)
+        frozen["null_cond"] = jax.jit(lambda f, ids: step.encode_text(networks, f, ids), out_shardings=replicated)(
+            frozen, null_batch(spec, 1)
+        )
+        jax.block_until_ready((state, frozen))
+        row["device_s"] = time.perf_counter() - start
+        row["parameters"] = {
+            "student": int(sum(x.size for x in jax.tree.leaves(state.params))),
+            **{n: int(sum(x.size for x in jax.tree.leaves(frozen[n]))) for n in text_names},
+        }
+        row["memory_after_init"] = device_memory(device)
+        rec.log(
+            f"init: state and frozen weights on the device in {row['device_s']:.1f} s; student "
+            f"{row['parameters']['student'] / 1e6:.1f} M parameters"
+        )
+    if not rec.ok("init"):
+        return
+    # 2. The other functions are traced meanwhile; then each is compiled and timed in turn.
+    for name in plan[1:]:
+        lower_stage(name)
+    with rec.stage("lower unet forward (FLOP count)") as row:
+        row["flops_per_sample"] = unet_forward_flops(networks, unet_shapes, spec)
+    live = {"state": state, "reflow": None}
+    del state
+    keys = [jax.device_put(k, replicated) for k in jax.random.split(jax.random.key(1), args.warmup + args.iters)]
+    for name in plan:
+        if name not in lowered:
+            continue
+        batch_size = batch_of[name] * n_devices
+        if name not in compiling:
+            compile_in_background(name)
+        with rec.stage(f"compile {name}", batch=batch_of[name]) as row:
+            compiled, row["compile_s"] = compiling[name].result()
+            row["flops_compiled"] = cost_flops(compiled)
+            row["memory_analysis"] = memory_analysis(compiled)
+            rec.log(f"{name}: compiled in {row['compile_s']:.1f} s")
+        if not rec.ok(f"compile {name}"):
+            continue
+        with rec.stage(f"run {name}", batch=batch_of[name], global_batch=batch_size) as row:
+            if any(x.is_deleted() for x in jax.tree.leaves(live["state"])):
+                rec.log("re-creating the state (a failed call consumed the donated one)")
+                live["state"] = make_state(host["unet"], optimizer, state_shardings)
+            if name.startswith("student") and live["reflow"] is None:
+                raise RuntimeError("the student half needs the teacher half's output, which failed")
+            batch = jax.device_put(host_batch(spec, batch_size, seed=batch_size), batch_sharding)
+            metrics = []
+            row.update(
+                timed_calls(jax_call(name, compiled, batch, frozen, keys, live, metrics), args.warmup, args.iters)
+            )
+            row["samples_per_s"] = batch_size / (row["median_ms"] / 1e3)
+            row["memory"] = device_memory(device)
+            if metrics:
+                summary, failures = check_metrics([jax.tree.map(np.asarray, m) for m in metrics], batch_size)
+                row.update(summary)
+                rec.results["failures"].extend(f"{name}: {f}" for f in failures)
+            peak = (row["memory"] or {}).get("peak_bytes_in_use")
+            rec.log(
+                f"{name}: median {row['median_ms']:.1f} ms, {row['samples_per_s']:.1f} samples/s"
+                + (f", running peak {peak / 1e9:.1f} GB" if peak else "")
+            )
+        if name.startswith("student"):
+            live["reflow"] = None  # the teacher half's output is not needed any more
+    compiler.shutdown()
+
+
+def jax_call(name: str, compiled, batch, frozen, keys, live: dict, metrics: list) -> Callable:
+    """``call(i)`` for ``timed_calls``: call i of a compiled step or half; ``live`` holds the (donated) state
+    and the teacher half's last output, which the student half takes."""
+
+    def call(i):
+        if name.startswith("teacher"):
+            live["reflow"] = out = compiled(batch, keys[i], frozen)
+        else:
+            args = (live["reflow"],) if name.startswith("student") else (batch, keys[i], frozen)
+            live["state"], m = out = compiled(live["state"], *args)
+            metrics.append(m)
+        return lambda: jax.block_until_ready(out)
+
+    return call
+
+
+def host_random_params(shapes, seed: int, workers: int = 16) -> dict:
+    """Random float32 numpy parameters of the given shapes: scales 1, biases 0, other leaves normal(0, 0.02).
+
+    Drawn in threads (numpy's generators release the GIL), one generator per leaf.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    seeds = np.random.SeedSequence(seed).spawn(len(leaves))
+
+    def make(i):
+        path, leaf = leaves[i]
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if name == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        values = np.random.default_rng(seeds[i]).standard_normal(leaf.shape, np.float32)
+        values *= 0.02
+        return values
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        values = list(pool.map(make, range(len(leaves))))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def make_state(params, optimizer, shardings) -> step.TrainState:
+    """A train state on the device from host parameters: student and EMA transferred separately (no
+    shared buffer, the state is donated), the optimizer state initialised on the device."""
+    student = jax.device_put(params, shardings.params)
+    ema = jax.device_put(params, shardings.ema_params)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(student)
+    zero = jax.device_put(np.zeros((), np.int32), shardings.step)
+    return step.TrainState(step=zero, params=student, opt_state=opt_state, ema_params=ema)
+
+
+def make_frozen(host, text_names, shardings) -> dict:
+    """Teacher (a copy of the student's initial weights) and text encoders, cast to bfloat16 on the device."""
+    to_bf16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
+    frozen = {}
+    for name, source in [("teacher", "unet"), *((n, n) for n in text_names)]:
+        placed = jax.device_put(host[source], shardings[name])
+        frozen[name] = jax.jit(to_bf16, out_shardings=shardings[name], donate_argnums=0)(placed)
+    return frozen
+
+
+def unet_forward_flops(networks, unet_shapes, spec: ModelSpec) -> float | None:
+    """Lowered (pre-optimisation) cost of one bfloat16 UNet forward of one sample, XLA attention (counted)."""
+    unet = UNet2DConditionModel(networks.student.config, dtype=jnp.bfloat16, attention_backend="xla")
+    inputs = unet.dummy_inputs(batch=1, size=spec.latent_size, text_len=spec.text_len)
+    args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), unet_shapes)
+    return cost_flops(jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(params, *args))
+
+
+def memory_analysis(compiled) -> dict | None:
+    """XLA's static buffer sizes of a compiled function, in bytes (None if the backend gives none)."""
     try:
-        run(args, results, save)
+        stats = compiled.memory_analysis()
+    except Exception:  # a backend without memory analysis
+        return None
+    if stats is None:
+        return None
+    names = ("argument", "output", "alias", "temp", "generated_code")
+    sizes = {f"{n}_bytes": int(getattr(stats, f"{n}_size_in_bytes")) for n in names}
+    sizes["total_bytes"] = sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"] + sizes["temp_bytes"]
+    return sizes
+
+
+def device_memory(device) -> dict | None:
+    """The allocator's bytes_in_use, peak_bytes_in_use and bytes_limit (None on the CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # a backend without memory statistics
+        return None
+    if not stats:
+        return None
+    return {key: int(stats[key]) for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if key in stats}
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch part.
+
+
+def run_torch(part: str, args: argparse.Namespace, rec: Recorder) -> None:
+    import diffusers
+    import torch
+    import transformers
+
+    from bench.torch_reference import ReferenceStep
+    from perflow_jax.step import PeRFlowSettings
+
+    spec = spec_for(part, args)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    rec.results.update(
+        device_kind=torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        platform=device.type,
+        device_count=1,
+        versions={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+        },
+        dtypes="student float32, autocast bfloat16; teacher and text encoders bfloat16" if cuda else "float32 (CPU)",
+        gradient_checkpointing=spec.sdxl,
+    )
+    torch.backends.cudnn.benchmark = True
+    if cuda and spec.sdxl:
+        total = torch.cuda.get_device_properties(0).total_memory
+        fraction = min(1.0, args.sdxl_memory_gb * 1e9 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        rec.results["memory_fraction"] = fraction
+
+    with rec.stage("init") as row:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(device):  # parameters made and initialised on the card
+            student = diffusers.UNet2DConditionModel(**spec.unet)
+            configs = [transformers.CLIPTextConfig(**c) for c in spec.text_encoders]
+            encoders = [transformers.CLIPTextModel(configs[0])]
+            if spec.sdxl:
+                encoders.append(transformers.CLIPTextModelWithProjection(configs[1]))
+        ref = ReferenceStep(
+            student, encoders[0], encoders[1] if spec.sdxl else None, spec.scheduler,
+            PeRFlowSettings(**spec.settings), scaling_factor=spec.scaling_factor, resolution=8 * spec.latent_size,
+            learning_rate=spec.learning_rate, weight_dtype=torch.bfloat16 if cuda else torch.float32,
+            autocast_dtype=torch.bfloat16 if cuda else None, gradient_checkpointing=spec.sdxl,
+        )  # fmt: skip
+        synchronize(torch)
+        row["init_s"] = time.perf_counter() - start
+        row["parameters"] = {"student": sum(p.numel() for p in student.parameters())}
+        rec.log(
+            f"init: networks on the device in {row['init_s']:.1f} s, student {row['parameters']['student'] / 1e6:.1f} M"
+        )
+    if not rec.ok("init"):
+        return
+
+    def to_device(host):
+        out = {}
+        for key, value in host.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(value.transpose(0, 3, 1, 2) if value.ndim == 4 else value))
+            out[key] = tensor.to(device, dtype=torch.long if key.startswith("input_ids") else None)
+        return out
+
+    def measure(name, batch_size, kind):
+        batch = to_device(host_batch(spec, batch_size, seed=batch_size))
+        null = to_device(null_batch(spec, batch_size))
+        metrics = []
+        with rec.stage(f"run {name}", batch=batch_size, global_batch=batch_size) as row:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            if kind == "teacher":
+
+                def call(i):
+                    ref.teacher_part(batch, null)
+                    return lambda: synchronize(torch)
+
+            elif kind == "student":
+                fixed = ref.teacher_part(batch, null)
+
+                def call(i):
+                    metrics.append(ref.student_update(fixed))
+                    return lambda: synchronize(torch)
+
+            else:
+
+                def call(i):
+                    metrics.append(ref(batch, null))
+                    return lambda: synchronize(torch)
+
+            if kind.startswith("compile"):
+                start = time.perf_counter()
+                call(-1)()
+                row["first_call_s"] = time.perf_counter() - start
+                rec.log(f"{name}: first call (torch.compile compiles) {row['first_call_s']:.1f} s")
+            row.update(timed_calls(call, args.warmup, args.iters))
+            row["samples_per_s"] = batch_size / (row["median_ms"] / 1e3)
+            if "first_call_s" in row:
+                row["compile_s"] = row["first_call_s"] - row["median_ms"] / 1e3
+            if cuda:
+                row["memory"] = {
+                    "peak_bytes_in_use": torch.cuda.max_memory_allocated(),
+                    "peak_bytes_reserved": torch.cuda.max_memory_reserved(),
+                }
+            if metrics:
+                host_metrics = [{k: v.detach().float().cpu().numpy() for k, v in m.items()} for m in metrics]
+                summary, failures = check_metrics(host_metrics, batch_size)
+                row.update(summary)
+                rec.results["failures"].extend(f"{name}: {f}" for f in failures)
+            peak = (row.get("memory") or {}).get("peak_bytes_in_use")
+            rec.log(
+                f"{name}: median {row['median_ms']:.1f} ms, {row['samples_per_s']:.1f} samples/s"
+                + (f", peak {peak / 1e9:.1f} GB" if peak else "")
+            )
+        if cuda:
+            torch.cuda.empty_cache()
+
+    step_batches, alone_batch = part_plan(part, args)
+    measure(f"step_b{step_batches[0]}", step_batches[0], "step")
+    measure(f"teacher_b{alone_batch}", alone_batch, "teacher")
+    measure(f"student_b{alone_batch}", alone_batch, "student")
+    for batch_size in step_batches[1:]:
+        measure(f"step_b{batch_size}", batch_size, "step")
+    if args.compile_batch and not spec.sdxl:
+        ref.compile()
+        measure(f"compiled_step_b{args.compile_batch}", args.compile_batch, "compile_step")
+        measure(f"compiled_teacher_b{args.compile_batch}", args.compile_batch, "teacher")
+        measure(f"compiled_student_b{args.compile_batch}", args.compile_batch, "student")
+
+
+def synchronize(torch) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and report.
+
+
+def summarise(results: dict, args: argparse.Namespace) -> dict:
+    """Rows for the tables: samples/s, MFU and speed-ups per model; FLOPs per sample and their source."""
+    summary = {}
+    for model in ("sd15", "sdxl"):
+        parts = {fw: results["parts"].get(f"{fw}-{model}") for fw in ("jax", "torch")}
+        if not any(parts.values()):
+            continue
+        spec = spec_for(f"jax-{model}", args)
+        forward = spec.flops_per_forward
+        jax_part = parts["jax"] or {}
+        lowered_forward = (jax_part.get("stages", {}).get("lower unet forward (FLOP count)") or {}).get(
+            "flops_per_sample"
+        )
+        passes = {"step": spec.teacher_passes + STUDENT_PASSES, "teacher": spec.teacher_passes}
+        passes["student"] = STUDENT_PASSES
+        flops = {
+            "analytic_per_sample": passes["step"] * forward if forward else None,
+            "lowered_unet_forward_per_sample": lowered_forward,
+            "lowered_forward_x_passes": passes["step"] * lowered_forward if lowered_forward else None,
+        }
+        # The compiled step's own count, per sample (on a GPU without cuDNN / cuBLAS custom calls).
+        compiled = None
+        for name, row in jax_part.get("stages", {}).items():
+            if name.startswith("compile step") and row.get("flops_compiled"):
+                compiled = row["flops_compiled"] / (row["batch"] * jax_part.get("device_count", 1))
+                lowered = (jax_part["stages"].get(name.replace("compile", "lower")) or {}).get("flops_lowered")
+                flops["compiled_step_per_sample"] = compiled
+                if lowered and lowered_forward:
+                    per_sample = lowered / (row["batch"] * jax_part.get("device_count", 1))
+                    flops["lowered_step_plus_loop_per_sample"] = (
+                        per_sample + (spec.teacher_passes - 1) * lowered_forward
+                    )
+                break
+        reference = flops["analytic_per_sample"] or flops["lowered_forward_x_passes"]
+        if compiled and reference and abs(compiled / reference - 1) < 0.15:
+            flops["mfu_per_sample"], flops["mfu_source"] = compiled, "cost analysis of the compiled step"
+        elif reference:
+            flops["mfu_per_sample"] = reference
+            flops["mfu_source"] = "analytic" if forward else "passes x lowered cost analysis of one UNet forward"
+            flops["mfu_source"] += " (the compiled cost analysis is off by more than 15 %)" if compiled else ""
+        scale = flops.get("mfu_per_sample") / passes["step"] if flops.get("mfu_per_sample") else None
+        rows = []
+        for framework, part in parts.items():
+            if not part:
+                continue
+            device_kind = part.get("device_kind")
+            peak = args.peak_tflops * 1e12 if args.peak_tflops else PEAK_BF16_FLOPS.get(device_kind)
+            for name, row in part.get("stages", {}).items():
+                if not name.startswith("run ") or "samples_per_s" not in row:
+                    continue
+                what = name[4:].split("_b")[0]
+                kind = what.removeprefix("compiled_")
+                label = {"jax": "perflow_jax", "torch": "PyTorch torch.compile" if what != kind else "PyTorch eager"}
+                compile_stage = part["stages"].get(f"compile {name[4:]}", {})
+                rows.append(
+                    {
+                        "implementation": label[framework],
+                        "part": kind,
+                        "batch": row["batch"],
+                        "compile_s": compile_stage.get("compile_s", row.get("compile_s")),
+                        "median_ms": row["median_ms"],
+                        "samples_per_s": row["samples_per_s"],
+                        "mfu": scale * passes[kind] * row["samples_per_s"] / peak if scale and peak else None,
+                        "peak_gb": ((row.get("memory") or {}).get("peak_bytes_in_use") or 0) / 1e9 or None,
+                        "xla_memory_gb": ((compile_stage.get("memory_analysis") or {}).get("total_bytes") or 0) / 1e9
+                        or None,
+                        "device": device_kind,
+                    }
+                )
+        for row in rows:  # speed-ups against PyTorch at the same batch and part
+            for base, key in (("PyTorch eager", "vs_eager"), ("PyTorch torch.compile", "vs_compile")):
+                match = [
+                    r
+                    for r in rows
+                    if r["implementation"] == base and (r["part"], r["batch"]) == (row["part"], row["batch"])
+                ]
+                row[key] = row["samples_per_s"] / match[0]["samples_per_s"] if match else None
+        summary[model] = {"flops": flops, "rows": rows, "spec": spec.name, "settings": spec.settings}
+    results["summary"] = summary
+    return summary
+
+
+def print_report(results: dict, summary: dict) -> None:
+    def fmt(x, pattern):
+        return pattern.format(x) if x is not None else "-"
+
+    for part, r in results["parts"].items():
+        status = r["status"]
+        line = f"{part}: " + (
+            status.get("skipped")
+            or ("stopped by its time limit in " + str(status.get("timed_out_in")) if status.get("timed_out") else "")
+            or f"exit status {status.get('returncode')}, {status.get('wall_s', 0):.0f} s"
+        )
+        print(line)
+        for name, row in r.get("stages", {}).items():
+            if "error" in row:
+                print(f"  {name}: {'OOM' if row.get('oom') else 'error'}: {row['error'].splitlines()[0][:200]}")
+        for failure in r.get("failures", []):
+            print(f"  FAILED: {failure}")
+    for s in summary.values():
+        flops = s["flops"]
+        print(f"\n{s['spec']}, {s['settings']}")
+        print(
+            "FLOPs per sample (TFLOP): analytic {}, passes x lowered UNet forward {}, lowered step + loop {}, "
+            "compiled step {}; MFU uses {} ({})".format(
+                *(
+                    fmt(flops.get(k) and flops[k] / 1e12, "{:.3g}")
+                    for k in (
+                        "analytic_per_sample",
+                        "lowered_forward_x_passes",
+                        "lowered_step_plus_loop_per_sample",
+                        "compiled_step_per_sample",
+                        "mfu_per_sample",
+                    )
+                ),  # fmt: skip
+                flops.get("mfu_source", "none"),
+            )
+        )
+        columns = (
+            "implementation, part, batch, compile s, median ms, samples/s, MFU, peak GB, XLA GB, vs eager, vs compile"
+        )
+        print("| " + " | ".join(columns.split(", ")) + " |")
+        print("|---" * len(columns.split(", ")) + "|")
+        for row in sorted(s["rows"], key=lambda r: (r["part"] != "step", r["part"], r["batch"], r["implementation"])):
+            cells = [
+                row["implementation"], row["part"], str(row["batch"]), fmt(row["compile_s"], "{:.1f}"),
+                fmt(row["median_ms"], "{:.1f}"), fmt(row["samples_per_s"], "{:.1f}"), fmt(row["mfu"], "{:.1%}"),
+                fmt(row["peak_gb"], "{:.1f}"), fmt(row["xla_memory_gb"], "{:.1f}"), fmt(row["vs_eager"], "{:.2f}x"),
+                fmt(row["vs_compile"], "{:.2f}x"),
+            ]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
+        devices = sorted({r["device"] for r in s["rows"] if r["device"]})
+        print(f"device: {', '.join(devices) or '-'}; JAX peak GB is the process's running peak (largest batch first)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_part(args: argparse.Namespace) -> int:
+    spec = spec_for(args.part, args)
+    rec = Recorder(args.part, args, spec)
+    rec.log(f"{args.part}: {spec.name}, {spec.latent_size}x{spec.latent_size} latents")
+    try:
+        (run_jax if args.part.startswith("jax") else run_torch)(args.part, args, rec)
     except Exception as error:  # write what was measured, then fail
-        results["errors"]["run"] = error_string(error)
-        results["failures"].append(f"run: {results['errors']['run'].splitlines()[0][:300]}")
+        rec.results["failures"].append(f"part: {error_string(error).splitlines()[0][:300]}")
         traceback.print_exc()
-    summarise(args, results)
-    save()
-    print_report(results)
-    print(f"\nresults: {path}")
-    return 1 if results["failures"] else 0
+    rec.save()
+    return 1 if rec.results["failures"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.part:
+        return run_part(args)
+    return drive(args, argv)
 
 
 if __name__ == "__main__":
