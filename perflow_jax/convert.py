@@ -1,12 +1,19 @@
 """``python -m perflow_jax.convert``: a diffusers pipeline folder (PyTorch) -> Flax parameters (Orbax).
 
     python -m perflow_jax.convert --from DIFFUSERS_DIR --out DIR [--dtype float32|bfloat16]
-        [--perflow-delta delta_weights.safetensors] [--variant fp16] [--overwrite]
+        [--perflow-delta delta_weights.safetensors [--perflow-parameterization diff_eps] [--perflow-windows 4]]
+        [--variant fp16] [--overwrite]
 
 DIR then holds, for each network (unet, vae, text_encoder, text_encoder_2 for SDXL), its
 ``config.json`` and an Orbax checkpoint of its parameters in ``params/``; the tokenizer folders
 and the scheduler config are copied; ``perflow_model.json`` records what was converted. Later
 commands load DIR without torch (``perflow_jax.weights.read_component``).
+
+With ``--perflow-delta`` (the authors' released ``delta_weights.safetensors``, or one exported by
+``python -m perflow_jax.export``) the UNet is the teacher plus the delta, a PeRFlow student, and
+the scheduler config becomes the PeRFlowScheduler's (the teacher's betas, the delta's
+parameterization and window count: the released SD1.5 delta is ``diff_eps`` with 4 windows, the
+defaults), so that ``python -m perflow_jax.sample`` samples DIR as the student it is.
 
 Nothing partial is written: the conversion happens in a hidden folder beside DIR that replaces
 DIR only once everything succeeded.
@@ -25,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import __version__, models, weights
+from perflow_jax import __version__, models, pipeline, schedule, weights
 
 
 class ConversionError(ValueError):
@@ -38,6 +45,8 @@ def convert(
     *,
     dtype: str = "float32",
     perflow_delta: Path | None = None,
+    perflow_parameterization: str = "diff_eps",
+    perflow_windows: int = 4,
     variant: str | None = None,
     overwrite: bool = False,
     log: Callable[[str], Any] = print,
@@ -50,6 +59,12 @@ def convert(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConversionError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
+    if delta is not None:
+        schedule.check_parameterization(perflow_parameterization)
+        if perflow_windows < 1:
+            raise ConversionError(
+                f"--perflow-windows {perflow_windows}: give the delta's window count K (4 for the releases)"
+            )
 
     staging = weights.staging_folder(out)
     start = time.perf_counter()
@@ -59,6 +74,11 @@ def convert(
             counts[name] = _convert_network(source, staging, name, components[name], dtype, variant, delta, log)
         for name in (n for n in weights.PIPELINE_COPIED if n in components):
             shutil.copytree(source / name, staging / name)
+        if delta is not None:
+            components = {**components, "scheduler": pipeline.PERFLOW_SCHEDULER}
+            teacher = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+            student = pipeline.perflow_scheduler_config(teacher, perflow_parameterization, perflow_windows)
+            (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(student, indent=2) + "\n")
         manifest = {
             "format": "perflow_jax converted model",
             "format_version": 1,
@@ -120,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--perflow-delta", type=Path, help="PeRFlow delta_weights.safetensors to add to the UNet before saving"
     )
+    parser.add_argument(
+        "--perflow-parameterization", default="diff_eps", choices=schedule.PARAMETERIZATIONS,
+        help="what the delta's student predicts (the released SD1.5 delta: diff_eps)",
+    )  # fmt: skip
+    parser.add_argument("--perflow-windows", type=int, default=4, help="the delta's window count K (releases: 4)")
     parser.add_argument("--variant", help="weight file variant to read, e.g. fp16 (default: plain files)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
@@ -129,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             dtype=args.dtype,
             perflow_delta=args.perflow_delta,
+            perflow_parameterization=args.perflow_parameterization,
+            perflow_windows=args.perflow_windows,
             variant=args.variant,
             overwrite=args.overwrite,
         )

@@ -43,15 +43,6 @@ from perflow_jax import checkpoint, pipeline, weights
 # Where diffusers finds the scheduler class named in model_index.json (the module that defines it).
 SCHEDULER_LIBRARY = "perflow_jax.torch.scheduler"
 DELTA_FILE = "delta_weights.safetensors"
-# The teacher's noise schedule, copied into the PeRFlow scheduler's config.
-BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-BETA_DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-}  # diffusers' scheduler defaults, for a teacher config that leaves a key out
 
 
 class ExportError(ValueError):
@@ -149,22 +140,9 @@ def _write_delta(student: Any, teacher: Any, path: Path) -> None:
     save_file(delta, str(path), metadata={"format": "pt"})
 
 
-def scheduler_config(noise_schedule: dict[str, Any], parameterization: str, num_windows: int) -> dict[str, Any]:
-    """The PeRFlowScheduler config: the teacher's betas, the student's parameterization and K."""
-    return {
-        "_class_name": pipeline.PERFLOW_SCHEDULER,
-        **{key: noise_schedule.get(key, BETA_DEFAULTS[key]) for key in BETA_KEYS},
-        "set_alpha_to_one": False,
-        "prediction_type": parameterization,
-        "t_noise": 1,
-        "t_clean": 0,
-        "num_time_windows": num_windows,
-    }
-
-
 def _write_scheduler(folder: Path, noise_schedule: dict[str, Any], parameterization: str, num_windows: int) -> None:
     folder.mkdir(parents=True)
-    config = scheduler_config(noise_schedule, parameterization, num_windows)
+    config = pipeline.perflow_scheduler_config(noise_schedule, parameterization, num_windows)
     (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

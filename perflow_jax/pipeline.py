@@ -123,6 +123,35 @@ class Trained:
     resolution: int
 
 
+# The teacher's noise schedule, copied into the PeRFlow scheduler's config; diffusers' defaults
+# stand in for keys a teacher's config leaves out.
+NOISE_SCHEDULE_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
+
+
+def perflow_scheduler_config(noise_schedule: dict[str, Any], parameterization: str, num_windows: int) -> dict[str, Any]:
+    """The PeRFlowScheduler config (``perflow_jax.torch``) of a student of a teacher with ``noise_schedule``.
+
+    ``noise_schedule``: the teacher's scheduler config (its betas are kept); ``parameterization``:
+    "velocity", "ddim_eps" or "diff_eps"; ``num_windows``: K.
+    """
+    schedule.check_parameterization(parameterization)
+    return {
+        "_class_name": PERFLOW_SCHEDULER,
+        **{key: noise_schedule.get(key, default) for key, default in NOISE_SCHEDULE_DEFAULTS.items()},
+        "set_alpha_to_one": False,
+        "prediction_type": parameterization,
+        "t_noise": 1,
+        "t_clean": 0,
+        "num_time_windows": num_windows,
+    }
+
+
 def perflow_scheduler_settings(scheduler_config: dict[str, Any]) -> tuple[str, int] | None:
     """(parameterization, K) of a PeRFlowScheduler config; None for any other scheduler."""
     if scheduler_config.get("_class_name") != PERFLOW_SCHEDULER:

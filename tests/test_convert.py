@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from perflow_jax import weights
 from perflow_jax.convert import ConversionError, convert, main
+from perflow_jax.pipeline import load_trained
 from tests.parity import torch_state_dict
 from tests.pipelines import tiny_pipeline
 
@@ -131,6 +132,24 @@ def test_perflow_delta_is_added_to_the_unet(sd, tmp_path):
     assert json.loads((tmp_path / "out/perflow_model.json").read_text())["perflow_delta"].endswith(
         "delta_weights.safetensors"
     )
+
+
+def test_with_a_delta_the_folder_is_a_perflow_student_for_the_sampler(sd, tmp_path):
+    source, pipe = sd
+    delta = {k: torch.zeros(v.shape) for k, v in pipe.unet.state_dict().items()}
+    save_file(delta, tmp_path / "delta_weights.safetensors")
+    convert(source, tmp_path / "out", perflow_delta=tmp_path / "delta_weights.safetensors",
+            perflow_parameterization="ddim_eps", perflow_windows=3, log=quiet)  # fmt: skip
+    trained = load_trained(tmp_path / "out", networks=())
+    assert (trained.parameterization, trained.num_windows) == ("ddim_eps", 3)
+    config = json.loads((tmp_path / "out/scheduler/scheduler_config.json").read_text())
+    teacher = json.loads((source / "scheduler/scheduler_config.json").read_text())
+    assert (config["beta_start"], config["beta_end"], config["beta_schedule"]) == (
+        teacher["beta_start"], teacher["beta_end"], teacher["beta_schedule"],
+    )  # fmt: skip
+    without = convert(source, tmp_path / "plain", log=quiet)
+    assert without["components"]["scheduler"] == teacher["_class_name"]
+    assert load_trained(tmp_path / "plain", networks=()).parameterization is None
 
 
 def test_converted_folder_loads_without_torch(sd, tmp_path):

@@ -212,7 +212,7 @@ def perflow_folder(teacher_diffusers: Path, folder: Path, parameterization: str)
     """The teacher's diffusers folder with a PeRFlowScheduler of ``parameterization``: a "student"."""
     shutil.copytree(teacher_diffusers, folder)
     schedule = json.loads((teacher_diffusers / "scheduler/scheduler_config.json").read_text())
-    config = export.scheduler_config(schedule, parameterization, 4)
+    config = pipeline.perflow_scheduler_config(schedule, parameterization, 4)
     (folder / "scheduler/scheduler_config.json").write_text(json.dumps(config))
     return folder
 
