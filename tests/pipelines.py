@@ -67,3 +67,55 @@ def tiny_pipeline(folder: Path, *, xl: bool = False, seed: int = 0) -> diffusers
         unet=unet,
         scheduler=scheduler,
     )
+
+
+def tiny_model_and_data(root: Path, *, count: int = 8, size: tuple[int, int] = (40, 40), captions: int = 3):
+    """A tiny SD pipeline (diffusers folder), its conversion and ``count`` prepared 32 px images.
+
+    Returns (diffusers folder, converted folder, prepared data folder), all under ``root``.
+    Captions are "a photo number i" with i < ``captions``.
+    """
+    from perflow_jax.convert import convert
+    from perflow_jax.prepare_data import prepare
+    from tests.test_prepare_data import image
+
+    tiny_pipeline(root / "sources").save_pretrained(root / "diffusers")
+    convert(root / "diffusers", root / "model", log=lambda _: None)
+    images = root / "images"
+    images.mkdir()
+    for i in range(count):
+        image(i, *size).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a photo number {i % captions}")
+    prepare(root / "model", str(images), root / "data", resolution=32, progress=False)
+    return root / "diffusers", root / "model", root / "data"
+
+
+def tiny_workdir(workdir: Path, model: Path, data_dir: Path, *, steps: tuple[int, ...] = (2,)) -> Path:
+    """A WORKDIR with checkpoints at ``steps`` as the training loop writes them, without training.
+
+    At step n the student is the teacher plus n/2 times a fixed random delta (5% of each
+    parameter's spread) and its EMA is at two thirds of that distance; the config is configs/tiny.py's.
+    Compiling the training step would take longer than the tests that need a WORKDIR.
+    """
+    import jax
+    import numpy as np
+
+    from perflow_jax import checkpoint, data, pipeline, step
+    from perflow_jax import config as configuration
+    from tests.test_config import load
+
+    config = load("tiny")
+    config.model.path, config.data.path = str(model), str(data_dir)
+    teacher = pipeline.load_model(model, networks=("unet",)).params["unet"]
+    rng = np.random.default_rng(0)
+    delta = jax.tree.map(lambda x: 0.05 * np.std(x) * rng.standard_normal(x.shape).astype(np.float32), teacher)
+    saver = checkpoint.Checkpoints(workdir)
+    for n in steps:
+        student = jax.tree.map(lambda x, d, n=n: x + n / 2 * d, teacher, delta)
+        state = step.create_train_state(student, configuration.optimizer(config))
+        ema = jax.tree.map(lambda x, d, n=n: np.asarray(x + n / 3 * d), teacher, delta)
+        state = state.replace(step=np.int32(n), ema_params=ema)
+        saver.save(n, state, data.create_iterator(data_dir, batch_size=8, seed=0), config.to_dict())
+        saver.wait()
+    saver.close()
+    return workdir

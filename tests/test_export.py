@@ -1,7 +1,6 @@
 """python -m perflow_jax.export --to-torch: diffusers folders that hold exactly the trained student."""
 
 import json
-import runpy
 import shutil
 from pathlib import Path
 
@@ -15,10 +14,7 @@ from safetensors.numpy import load_file
 from perflow_jax import checkpoint, export, pipeline, sampler, step, weights
 from perflow_jax.convert import convert
 from perflow_jax.export import ExportError, export_to_torch
-from perflow_jax.prepare_data import prepare
-from perflow_jax.train import train_and_evaluate
-from tests.pipelines import tiny_pipeline
-from tests.test_prepare_data import image
+from tests.pipelines import tiny_model_and_data, tiny_pipeline, tiny_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,22 +25,10 @@ def quiet(_):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 2-step tiny training run: (WORKDIR, the teacher's diffusers folder, its converted folder)."""
+    """A tiny run's WORKDIR with checkpoints at steps 1 and 2, its teacher's diffusers and converted folders."""
     root = tmp_path_factory.mktemp("export")
-    tiny_pipeline(root / "sources").save_pretrained(root / "diffusers")
-    convert(root / "diffusers", root / "model", log=quiet)
-    images = root / "images"
-    images.mkdir()
-    for i in range(16):
-        image(i, 32, 32).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a photo number {i % 4}")
-    prepare(root / "model", str(images), root / "data", resolution=32, progress=False)
-    config = runpy.run_path(str(ROOT / "configs/tiny.py"))["get_config"]()
-    config.model.path, config.data.path = str(root / "model"), str(root / "data")
-    config.train.num_steps, config.checkpoint.every_steps, config.log.eval_every_steps = 2, 1, 100
-    config.optim.lr = 1e-2  # large steps, so that student and teacher differ clearly
-    train_and_evaluate(config, root / "work")
-    return root / "work", root / "diffusers", root / "model"
+    diffusers_dir, model, data_dir = tiny_model_and_data(root)
+    return tiny_workdir(root / "work", model, data_dir, steps=(1, 2)), diffusers_dir, model
 
 
 def torch_state(folder: Path, dtype=torch.float32) -> dict[str, np.ndarray]:

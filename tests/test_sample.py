@@ -14,15 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from perflow_jax import checkpoint, data, generate, pipeline, step
-from perflow_jax import config as configuration
+from perflow_jax import generate, pipeline, step
 from perflow_jax import sample as sample_module
-from perflow_jax.convert import convert
-from perflow_jax.prepare_data import prepare
 from perflow_jax.sample import SampleError, main, make_plan, sample, seed_noise, to_nchw, to_nhwc
-from tests.pipelines import tiny_pipeline
-from tests.test_config import load
-from tests.test_prepare_data import image
+from tests.pipelines import tiny_model_and_data, tiny_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo number 1", "a photo number 2"]
@@ -61,32 +56,11 @@ def compilation_cache(tmp_path_factory):
 def folders(tmp_path_factory):
     """(WORKDIR of a tiny PeRFlow run at step 2, its converted teacher, the teacher's diffusers folder).
 
-    The checkpoint is written by checkpoint.Checkpoints as the training loop writes it, with the
-    student and its EMA the teacher plus noise (the EMA lagging at half the distance): compiling
-    the training step would take longer than this whole file.
+    The checkpoint is written as the training loop writes it, without training (tests.pipelines.tiny_workdir).
     """
     root = tmp_path_factory.mktemp("sample")
-    tiny_pipeline(root / "sources").save_pretrained(root / "diffusers")
-    convert(root / "diffusers", root / "model", log=quiet)
-    images = root / "images"
-    images.mkdir()
-    for i in range(8):
-        image(i, 40, 40).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a photo number {i % 3}")
-    prepare(root / "model", str(images), root / "data", resolution=32, progress=False)
-
-    config = load("tiny")
-    config.model.path, config.data.path = str(root / "model"), str(root / "data")
-    teacher = pipeline.load_model(root / "model", networks=("unet",)).params["unet"]
-    rng = np.random.default_rng(0)
-    delta = jax.tree.map(lambda x: 0.05 * np.std(x) * rng.standard_normal(x.shape).astype(np.float32), teacher)
-    state = step.create_train_state(jax.tree.map(np.add, teacher, delta), configuration.optimizer(config))
-    ema = jax.tree.map(lambda x, d: x + d / 2, teacher, delta)
-    state = state.replace(step=np.int32(2), ema_params=jax.tree.map(np.asarray, ema))
-    saver = checkpoint.Checkpoints(root / "run")
-    saver.save(2, state, data.create_iterator(root / "data", batch_size=8, seed=0), config.to_dict())
-    saver.close()
-    return root / "run", root / "model", root / "diffusers"
+    diffusers_dir, model, data_dir = tiny_model_and_data(root)
+    return tiny_workdir(root / "run", model, data_dir), model, diffusers_dir
 
 
 def run(folders, tmp_path, name, **options):

@@ -14,10 +14,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from perflow_jax import data, sharding
-from perflow_jax.convert import convert
-from perflow_jax.prepare_data import prepare
-from tests.pipelines import tiny_pipeline
-from tests.test_prepare_data import image
+from tests.pipelines import tiny_model_and_data
 from tests.test_sharding import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,16 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(converted tiny model, prepared data of 24 captioned 32 px images)."""
-    root = tmp_path_factory.mktemp("train")
-    tiny_pipeline(root / "sources").save_pretrained(root / "diffusers")
-    convert(root / "diffusers", root / "model", log=lambda _: None)
-    images = root / "images"
-    images.mkdir()
-    for i in range(24):
-        image(i, 40, 48).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a photo number {i % 5}")
-    prepare(root / "model", str(images), root / "data", resolution=32, progress=False)
-    return root / "model", root / "data"
+    _, model, data_dir = tiny_model_and_data(tmp_path_factory.mktemp("train"), count=24, size=(40, 48), captions=5)
+    return model, data_dir
 
 
 def command(setup, workdir, *overrides):
