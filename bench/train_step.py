@@ -217,6 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"parts to run, in order (default {','.join(PARTS)})")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # run one part in this process
+    parser.add_argument("--report", metavar="JSON", help="print the report of a finished run's train_step.json")
     parser.add_argument("--batches", help="SD1.5 per-device batch sizes (default 16,32; 2 with --tiny)")
     parser.add_argument("--alone-batch", type=int, help="batch of the halves timed alone (default: the largest)")
     parser.add_argument(
@@ -397,7 +398,7 @@ class Recorder:
         An out-of-memory error marks the stage ``oom`` and the part goes on; any other error is a failure.
         """
         row = self.results["stages"].setdefault(name, {})
-        row.update(info)
+        row.update(info, started_at_s=time.perf_counter() - self.clock)
         self.results["running"] = name
         self.save()
         start = time.perf_counter()
@@ -519,10 +520,152 @@ def part_plan(part: str, args: argparse.Namespace) -> tuple[list[int], int]:
 # The JAX part.
 
 
+class JaxStep:
+    """This project's step for one model, ready to lower: networks, settings, placements, abstract arguments.
+
+    ``lower(name, batch)`` lowers the whole step (``step_*``, state donated), its teacher half
+    (``teacher_*``: draws, text encoding, dropout, window solve) or its student half (``student_*``:
+    prediction, loss, gradients, clipped AdamW, EMA) at a per-device batch, from abstract
+    arguments: nothing needs the weights.
+    """
+
+    def __init__(self, spec: ModelSpec, *, attention: str = "auto", remat: str = "none", mesh=None):
+        self.spec = spec
+        self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1))  # data parallel; one GPU: (1, 1)
+        self.n_devices = self.mesh.devices.size
+        unet_cfg = UNetConfig.from_dict(spec.unet)
+        texts = [
+            cls(CLIPTextConfig.from_dict(c), dtype=jnp.bfloat16, attention_backend=attention)
+            for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), spec.text_encoders, strict=False)
+        ]
+        self.networks = step.Networks(
+            student=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=attention, remat=remat),
+            teacher=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=attention),
+            text_encoder=texts[0],
+            text_encoder_2=texts[1] if spec.sdxl else None,
+            alphas_cumprod=alphas_cumprod_from_config(spec.scheduler),
+            scaling_factor=spec.scaling_factor,
+            resolution=8 * spec.latent_size,
+        )
+        self.settings = step.PeRFlowSettings(**spec.settings)
+        self.optimizer = step.make_optimizer(spec.learning_rate)
+        self.text_names = ["text_encoder", "text_encoder_2"][: len(texts)]
+
+        self.replicated, self.batch_sharding = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
+        self.unet_shapes = self.networks.student.abstract_params()
+        self.text_shapes = {n: m.abstract_params() for n, m in zip(self.text_names, texts, strict=True)}
+        state_shapes = jax.eval_shape(lambda p: step.create_train_state(p, self.optimizer), self.unet_shapes)
+        self.state_shardings = sharding.parameter_shardings(state_shapes, self.mesh)
+        bf16 = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16))
+        frozen_shapes = {"teacher": bf16(self.unet_shapes), **{n: bf16(t) for n, t in self.text_shapes.items()}}
+        frozen_shapes["null_cond"] = jax.eval_shape(self.encode_text, frozen_shapes, null_batch(spec, 1))
+        self.frozen_shardings = sharding.parameter_shardings(
+            {k: v for k, v in frozen_shapes.items() if k != "null_cond"}, self.mesh
+        )
+        self.frozen_shardings["null_cond"] = jax.tree.map(lambda _: self.replicated, frozen_shapes["null_cond"])
+        self.state_abstract = with_shardings(state_shapes, self.state_shardings)
+        self.frozen_abstract = with_shardings(frozen_shapes, self.frozen_shardings)
+        self.rng_abstract = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+        self._reflow_shapes = {}
+
+    def encode_text(self, frozen, ids):
+        return step.encode_text(self.networks, frozen, ids)
+
+    def batch_abstract(self, batch_size: int) -> dict:
+        """A batch of ``batch_size`` per device as abstract arrays split over the devices."""
+        host = host_batch(self.spec, batch_size * self.n_devices, 0)
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in host.items()}
+
+    def teacher_part(self, batch, rng, frozen):
+        """The first half of step.train_step: draws, text encoding, dropout and the window solve."""
+        networks, settings = self.networks, self.settings
+        k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
+        mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
+        x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
+        eps = jax.random.normal(k_eps, x0.shape)
+        t = schedule.sample_times(k_time, mean.shape[0], settings.discrete_timesteps)
+        drop = jax.random.uniform(k_drop, (mean.shape[0],)) < settings.text_dropout
+        cond = step.encode_text(networks, frozen, batch)
+        null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (mean.shape[0],) + x.shape[1:]), frozen["null_cond"])
+        return loss.reflow_targets(
+            step.unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
+            jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
+            num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
+            prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
+        )  # fmt: skip
+
+    def student_part(self, state, reflow):
+        """The second half of step.train_step: prediction, loss, gradients, clipped AdamW, EMA."""
+        networks, settings = self.networks, self.settings
+
+        def loss_fn(params):
+            prediction = step.unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+            return loss.reflow_loss(prediction, reflow, num_windows=settings.num_windows)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = step.ema_decay(state.step, settings.ema_max_decay)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
+
+    def reflow_abstract(self, batch_size: int):
+        """The teacher half's output (a loss.Reflow) as abstract arrays, traced once per batch size."""
+        if batch_size not in self._reflow_shapes:
+            self._reflow_shapes[batch_size] = jax.eval_shape(
+                self.teacher_part, self.batch_abstract(batch_size), self.rng_abstract, self.frozen_abstract
+            )
+        return self._reflow_shapes[batch_size]
+
+    def lower(self, name: str, batch_size: int):
+        """jax.jit(...).lower(...) of ``step``, ``teacher`` or ``student`` (the name's prefix) at ``batch_size``."""
+        batch = self.batch_abstract(batch_size)
+        if name.startswith("step"):
+            full = functools.partial(
+                step.train_step, networks=self.networks, settings=self.settings, optimizer=self.optimizer
+            )
+            jitted = jax.jit(
+                full,
+                in_shardings=(self.state_shardings, self.batch_sharding, self.replicated, self.frozen_shardings),
+                out_shardings=(self.state_shardings, self.replicated),
+                donate_argnums=0,
+            )
+            return jitted.lower(self.state_abstract, batch, self.rng_abstract, self.frozen_abstract)
+        reflow = self.reflow_abstract(batch_size)
+        reflow_shardings = jax.tree.map(lambda _: self.batch_sharding, reflow)
+        if name.startswith("teacher"):
+            jitted = jax.jit(
+                self.teacher_part,
+                in_shardings=(self.batch_sharding, self.replicated, self.frozen_shardings),
+                out_shardings=reflow_shardings,
+            )
+            return jitted.lower(batch, self.rng_abstract, self.frozen_abstract)
+        jitted = jax.jit(
+            self.student_part,
+            in_shardings=(self.state_shardings, reflow_shardings),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=0,
+        )
+        return jitted.lower(self.state_abstract, with_shardings(reflow, reflow_shardings))
+
+    def unet_forward_flops(self) -> float | None:
+        """Lowered (pre-optimisation) cost of one bfloat16 UNet forward of one sample, XLA attention (counted)."""
+        unet = UNet2DConditionModel(self.networks.student.config, dtype=jnp.bfloat16, attention_backend="xla")
+        inputs = unet.dummy_inputs(batch=1, size=self.spec.latent_size, text_len=self.spec.text_len)
+        args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), self.unet_shapes)
+        return cost_flops(jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(params, *args))
+
+
+def with_shardings(tree, shardings):
+    """Abstract arrays (ShapeDtypeStruct) of ``tree``'s shapes and dtypes, placed by ``shardings``."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
     spec = spec_for(part, args)
-    sdxl = spec.sdxl
-    remat = args.sdxl_remat if sdxl else "none"
+    remat = args.sdxl_remat if spec.sdxl else "none"
     device = jax.devices()[0]
     rec.results.update(
         device_kind=device.device_kind,
@@ -541,119 +684,8 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
         remat=remat,
         dtypes="student float32 master weights, bfloat16 compute; teacher and text encoders bfloat16",
     )
-    mesh = sharding.make_mesh((-1, 1))  # data parallel over the local devices; one GPU: (1, 1)
-    n_devices = jax.device_count()
-    unet_cfg = UNetConfig.from_dict(spec.unet)
-    text_cfgs = [CLIPTextConfig.from_dict(c) for c in spec.text_encoders]
-    text_classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(text_cfgs)]
-    networks = step.Networks(
-        student=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=args.attention, remat=remat),
-        teacher=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=args.attention),
-        text_encoder=text_classes[0](text_cfgs[0], dtype=jnp.bfloat16, attention_backend=args.attention),
-        text_encoder_2=text_classes[1](text_cfgs[1], dtype=jnp.bfloat16, attention_backend=args.attention)
-        if sdxl
-        else None,
-        alphas_cumprod=alphas_cumprod_from_config(spec.scheduler),
-        scaling_factor=spec.scaling_factor,
-        resolution=8 * spec.latent_size,
-    )
-    settings = step.PeRFlowSettings(**spec.settings)
-    optimizer = step.make_optimizer(spec.learning_rate)
-    text_names = ["text_encoder", "text_encoder_2"][: len(text_cfgs)]
-
-    # Abstract arguments with their placements: everything can be lowered before any weight exists.
-    def with_shardings(tree, shardings):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    unet_shapes = networks.student.abstract_params()
-    text_modules = [networks.text_encoder, networks.text_encoder_2][: len(text_cfgs)]
-    text_shapes = {n: m.abstract_params() for n, m in zip(text_names, text_modules, strict=True)}
-    state_shapes = jax.eval_shape(lambda p: step.create_train_state(p, optimizer), unet_shapes)
-    state_shardings = sharding.parameter_shardings(state_shapes, mesh)
-    bf16 = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16))
-    frozen_shapes = {"teacher": bf16(unet_shapes), **{n: bf16(t) for n, t in text_shapes.items()}}
-    frozen_shapes["null_cond"] = jax.eval_shape(
-        lambda f, ids: step.encode_text(networks, f, ids), frozen_shapes, null_batch(spec, 1)
-    )
-    frozen_shardings = sharding.parameter_shardings({k: v for k, v in frozen_shapes.items() if k != "null_cond"}, mesh)
-    frozen_shardings["null_cond"] = jax.tree.map(lambda _: replicated, frozen_shapes["null_cond"])
-    state_abstract = with_shardings(state_shapes, state_shardings)
-    frozen_abstract = with_shardings(frozen_shapes, frozen_shardings)
-    rng_abstract = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-
-    def batch_abstract(batch_size):
-        return {
-            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-            for k, v in host_batch(spec, batch_size * n_devices, 0).items()
-        }
-
-    # The whole step, and its two halves for timing each alone.
-    def teacher_part(batch, rng, frozen):
-        """The first half of step.train_step: draws, text encoding, dropout and the window solve."""
-        k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
-        mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
-        x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
-        eps = jax.random.normal(k_eps, x0.shape)
-        t = schedule.sample_times(k_time, mean.shape[0], settings.discrete_timesteps)
-        drop = jax.random.uniform(k_drop, (mean.shape[0],)) < settings.text_dropout
-        cond = step.encode_text(networks, frozen, batch)
-        null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (mean.shape[0],) + x.shape[1:]), frozen["null_cond"])
-        return loss.reflow_targets(
-            step.unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
-            jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
-            num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
-            prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
-        )  # fmt: skip
-
-    def student_part(state, reflow):
-        """The second half of step.train_step: prediction, loss, gradients, clipped AdamW, EMA."""
-
-        def loss_fn(params):
-            prediction = step.unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
-            return loss.reflow_loss(prediction, reflow, num_windows=settings.num_windows)
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = step.ema_decay(state.step, settings.ema_max_decay)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
-
-    full_step = functools.partial(step.train_step, networks=networks, settings=settings, optimizer=optimizer)
-    metrics_shardings = replicated
-
-    @functools.cache
-    def reflow_abstract(batch_size):
-        return jax.eval_shape(teacher_part, batch_abstract(batch_size), rng_abstract, frozen_abstract)
-
-    def lower(name, batch_size):
-        batch = batch_abstract(batch_size)
-        if name.startswith("step"):
-            jitted = jax.jit(
-                full_step,
-                in_shardings=(state_shardings, batch_sharding, replicated, frozen_shardings),
-                out_shardings=(state_shardings, metrics_shardings),
-                donate_argnums=0,
-            )
-            return jitted.lower(state_abstract, batch, rng_abstract, frozen_abstract)
-        reflow_shardings = jax.tree.map(lambda _: batch_sharding, reflow_abstract(batch_size))
-        if name.startswith("teacher"):
-            jitted = jax.jit(
-                teacher_part,
-                in_shardings=(batch_sharding, replicated, frozen_shardings),
-                out_shardings=reflow_shardings,
-            )
-            return jitted.lower(batch, rng_abstract, frozen_abstract)
-        jitted = jax.jit(
-            student_part,
-            in_shardings=(state_shardings, reflow_shardings),
-            out_shardings=(state_shardings, metrics_shardings),
-            donate_argnums=0,
-        )
-        return jitted.lower(state_abstract, with_shardings(reflow_abstract(batch_size), reflow_shardings))
-
+    bench = JaxStep(spec, attention=args.attention, remat=remat)
+    n_devices = bench.n_devices
     step_batches, alone_batch = part_plan(part, args)
     plan = [f"step_b{step_batches[0]}", f"teacher_b{alone_batch}", f"student_b{alone_batch}"]
     plan += [f"step_b{b}" for b in step_batches[1:]]
@@ -664,7 +696,7 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
     def lower_stage(name):
         with rec.stage(f"lower {name}", batch=batch_of[name]) as row:
             start = time.perf_counter()
-            lowered[name] = lower(name, batch_of[name])
+            lowered[name] = bench.lower(name, batch_of[name])
             row["lower_s"] = time.perf_counter() - start
             row["flops_lowered"] = cost_flops(lowered[name])
         if name in lowered:
@@ -677,6 +709,7 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
             return compiled, time.perf_counter() - start
 
         compiling[name] = compiler.submit(work)
+        rec.results["stages"].setdefault(f"compile {name}", {})["submitted_at_s"] = time.perf_counter() - rec.clock
 
     # 1. The first function is lowered, and compiled in the background while the weights are placed.
     lower_stage(plan[0])
@@ -685,21 +718,19 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
     host = {}
     with rec.stage("init") as row:
         start = time.perf_counter()
-        host["unet"] = host_random_params(unet_shapes, seed=0)
-        host.update({n: host_random_params(t, seed=1 + i) for i, (n, t) in enumerate(text_shapes.items())})
+        host["unet"] = host_random_params(bench.unet_shapes, seed=0)
+        host.update({n: host_random_params(t, seed=1 + i) for i, (n, t) in enumerate(bench.text_shapes.items())})
         row["host_random_s"] = time.perf_counter() - start
         rec.log(f"init: random weights drawn on the host in {row['host_random_s']:.1f} s")
         start = time.perf_counter()
-        state = make_state(host["unet"], optimizer, state_shardings)
-        frozen = make_frozen(host, text_names, frozen_shardings)
-        frozen["null_cond"] = jax.jit(lambda f, ids: step.encode_text(networks, f, ids), out_shardings=replicated)(
-            frozen, null_batch(spec, 1)
-        )
+        state = make_state(host["unet"], bench.optimizer, bench.state_shardings)
+        frozen = make_frozen(host, bench.text_names, bench.frozen_shardings)
+        frozen["null_cond"] = jax.jit(bench.encode_text, out_shardings=bench.replicated)(frozen, null_batch(spec, 1))
         jax.block_until_ready((state, frozen))
         row["device_s"] = time.perf_counter() - start
         row["parameters"] = {
             "student": int(sum(x.size for x in jax.tree.leaves(state.params))),
-            **{n: int(sum(x.size for x in jax.tree.leaves(frozen[n]))) for n in text_names},
+            **{n: int(sum(x.size for x in jax.tree.leaves(frozen[n]))) for n in bench.text_names},
         }
         row["memory_after_init"] = device_memory(device)
         rec.log(
@@ -712,10 +743,10 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
     for name in plan[1:]:
         lower_stage(name)
     with rec.stage("lower unet forward (FLOP count)") as row:
-        row["flops_per_sample"] = unet_forward_flops(networks, unet_shapes, spec)
+        row["flops_per_sample"] = bench.unet_forward_flops()
     live = {"state": state, "reflow": None}
     del state
-    keys = [jax.device_put(k, replicated) for k in jax.random.split(jax.random.key(1), args.warmup + args.iters)]
+    keys = [jax.device_put(k, bench.replicated) for k in jax.random.split(jax.random.key(1), args.warmup + args.iters)]
     for name in plan:
         if name not in lowered:
             continue
@@ -732,10 +763,10 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
         with rec.stage(f"run {name}", batch=batch_of[name], global_batch=batch_size) as row:
             if any(x.is_deleted() for x in jax.tree.leaves(live["state"])):
                 rec.log("re-creating the state (a failed call consumed the donated one)")
-                live["state"] = make_state(host["unet"], optimizer, state_shardings)
+                live["state"] = make_state(host["unet"], bench.optimizer, bench.state_shardings)
             if name.startswith("student") and live["reflow"] is None:
                 raise RuntimeError("the student half needs the teacher half's output, which failed")
-            batch = jax.device_put(host_batch(spec, batch_size, seed=batch_size), batch_sharding)
+            batch = jax.device_put(host_batch(spec, batch_size, seed=batch_size), bench.batch_sharding)
             metrics = []
             row.update(
                 timed_calls(jax_call(name, compiled, batch, frozen, keys, live, metrics), args.warmup, args.iters)
@@ -811,18 +842,8 @@ def make_frozen(host, text_names, shardings) -> dict:
     to_bf16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
     frozen = {}
     for name, source in [("teacher", "unet"), *((n, n) for n in text_names)]:
-        placed = jax.device_put(host[source], shardings[name])
-        frozen[name] = jax.jit(to_bf16, out_shardings=shardings[name], donate_argnums=0)(placed)
+        frozen[name] = jax.jit(to_bf16, out_shardings=shardings[name])(jax.device_put(host[source], shardings[name]))
     return frozen
-
-
-def unet_forward_flops(networks, unet_shapes, spec: ModelSpec) -> float | None:
-    """Lowered (pre-optimisation) cost of one bfloat16 UNet forward of one sample, XLA attention (counted)."""
-    unet = UNet2DConditionModel(networks.student.config, dtype=jnp.bfloat16, attention_backend="xla")
-    inputs = unet.dummy_inputs(batch=1, size=spec.latent_size, text_len=spec.text_len)
-    args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), unet_shapes)
-    return cost_flops(jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(params, *args))
 
 
 def memory_analysis(compiled) -> dict | None:
@@ -1146,6 +1167,10 @@ def run_part(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        print_report(results, results.get("summary", {}))
+        return 0
     if args.part:
         return run_part(args)
     return drive(args, argv)
