@@ -1,11 +1,13 @@
-# `make test` builds the environment from nothing (a virtualenv in .venv) and runs the whole
-# suite, slow full-size network tests included; `make test-fast` leaves those out.
+# `make demo` builds the environment from nothing (a virtualenv in .venv) and runs the whole
+# product on the embedded digits model (convert, prepare, train, sample, export, quality table);
+# `make test` runs the whole suite, slow full-size network tests included; `make test-fast`
+# leaves those out.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: env test test-fast lint clean
+.PHONY: env demo test test-fast lint clean
 
 env: $(STAMP)
 
@@ -15,6 +17,21 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# The demo's outputs go to $(DEMO); run again, it resumes (the training from its last checkpoint).
+DEMO ?= runs/demo
+TEACHER := perflow_jax/demo/digits_teacher
+
+demo: $(STAMP)
+	$(PY) -m perflow_jax.convert --from $(TEACHER) --out $(DEMO)/teacher --overwrite
+	$(PY) -m perflow_jax.prepare_data --model $(DEMO)/teacher --input digits --out $(DEMO)/data --resolution 32
+	$(PY) -m perflow_jax.train --config configs/demo.py --workdir $(DEMO)/work \
+		--config.model.path=$(DEMO)/teacher --config.data.path=$(DEMO)/data
+	$(PY) -m perflow_jax.sample --model $(DEMO)/work --prompts perflow_jax/demo/prompts.txt --steps 4 \
+		--num-images 10 --out $(DEMO)/digits_4_steps.png
+	$(PY) -m perflow_jax.export --to-torch --model $(DEMO)/work --out $(DEMO)/torch --base $(TEACHER) --overwrite
+	$(PY) bench/quality.py --teacher $(DEMO)/teacher --workdir $(DEMO)/work --export $(DEMO)/torch \
+		--out $(DEMO)/quality.json
 
 test: $(STAMP)
 	$(PY) -m pytest

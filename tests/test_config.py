@@ -19,7 +19,7 @@ from perflow_jax import config as config_lib
 from perflow_jax import step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-CONFIG_NAMES = ("sd15", "sd21", "sdxl", "tiny")
+CONFIG_NAMES = ("sd15", "sd21", "sdxl", "tiny", "demo")
 
 # PERFLOW_SPEC.md, "Released recipes".
 RECIPES = {
