@@ -9,7 +9,9 @@ MODEL_DIR is a converted folder (``python -m perflow_jax.convert``) or a diffuse
 - webdataset ``.tar`` shards as img2dataset writes them (image + ``.txt`` or ``.json``): a tar
   file, a folder of them, or a glob;
 - ``tfds:NAME[:SPLIT]``: a prepared TFDS data set (``--tfds-data-dir``) with an image feature and
-  a caption feature (``--caption-field``, default: the first of caption, text).
+  a caption feature (``--caption-field``, default: the first of caption, text);
+- ``digits[:SPLIT]``: the demo's handwritten digits (``perflow_jax.demo.digits``, 32x32, captions
+  "a handwritten digit seven"), split train (default) or heldout; a folder named digits is ``./digits``.
 
 Each image is resized (shorter side to the resolution) and centre-cropped; its VAE latent
 moments, its token ids for each tokenizer and its caption are stored (record schema in
@@ -70,6 +72,8 @@ def open_source(spec: str, *, tfds_data_dir: str | None = None, caption_field: s
     """(number of items or None, iterator of Items) for a source spec, in a deterministic order."""
     if spec.startswith("tfds:"):
         return _tfds_source(spec[len("tfds:") :], tfds_data_dir, caption_field)
+    if spec == "digits" or spec.startswith("digits:"):
+        return _digits_source(spec.partition(":")[2] or "train")
     path = Path(spec)
     tars = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in sorted(glob.glob(spec))] or [path]
     if path.is_dir() and not tars:
@@ -175,6 +179,20 @@ def _tfds_source(name_split: str, data_dir: str | None, caption_field: str | Non
             yield Item(f"{name_split}/{index}", lambda pixels=pixels: Image.fromarray(pixels), caption)
 
     return len(source), items()
+
+
+def _digits_source(split: str):
+    from perflow_jax.demo import digits
+
+    try:
+        images, labels = digits.load(split)
+    except ValueError as error:
+        raise PrepareError(f"input digits:{split}: {error}") from error
+    items = [
+        Item(f"digits:{split}/{index}", lambda pixels=pixels: Image.fromarray(pixels), digits.caption(label))
+        for index, (pixels, label) in enumerate(zip(images, labels, strict=True))
+    ]
+    return len(items), iter(items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Encode images and captions into ArrayRecord shards of VAE latents and token ids.",
     )
     parser.add_argument("--model", type=Path, required=True, help="converted or diffusers model folder")
-    parser.add_argument("--input", required=True, help="image folder, webdataset .tar(s), or tfds:NAME[:SPLIT]")
+    parser.add_argument(
+        "--input", required=True, help="image folder, webdataset .tar(s), tfds:NAME[:SPLIT], or digits[:SPLIT]"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumed if it holds a started run)")
     parser.add_argument("--resolution", type=int, required=True, help="square crop size in pixels, e.g. 512")
     parser.add_argument("--shard-size", type=int, default=1000, help="input items per shard")
