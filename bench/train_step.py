@@ -8,9 +8,10 @@ limit, run one after the other and merged into one report:
   encoding, the teacher's window solve (K=4 windows, S=8 DDIM steps, cfg_sync: one teacher pass
   per step), the diff_eps reflow loss, the student's forward and backward (bfloat16 compute,
   float32 master weights), global-norm clipping, AdamW (lr 8e-5) and the EMA; teacher and text
-  encoder stored and computed in bfloat16; attention ``auto``; the state donated. Per-device
-  batch 32 and 16, and at batch 32 the two halves alone: the teacher solve (draws, text encoding,
-  ``loss.reflow_targets``) and the student update (prediction, loss, gradients, AdamW, EMA).
+  encoder stored and computed in bfloat16; attention ``auto`` (``--teacher-attention`` sets the
+  frozen networks' apart); the state donated. Per-device batch 32 and 16, and at batch 32 the
+  two halves alone: the teacher solve (draws, text encoding, ``loss.reflow_targets``) and the
+  student update (prediction, loss, gradients, AdamW, EMA).
 - ``torch-sd15``: ``bench/torch_reference.py``, the authors' step (diffusers UNets, SDPA attention,
   ``torch.autocast(bfloat16)``, teacher and text encoder stored in bfloat16, float32 AdamW,
   diffusers' EMAModel, ``cudnn.benchmark`` on): eager at batch 32 and 16, its two halves alone at
@@ -231,6 +232,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10, help="timed calls per stage (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"), help="JAX attention backend")
+    parser.add_argument(
+        "--teacher-attention",
+        choices=("auto", "xla", "cudnn"),
+        help="JAX attention backend of the frozen teacher and text encoders (default: --attention)",
+    )
     parser.add_argument("--timeouts", default="", help="per-part time limits in s, e.g. jax-sd15=200,torch-sd15=230")
     parser.add_argument("--deadline", type=float, help="time limit of the whole run in s (parts get what is left)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per device for MFU, if not an H100/H200")
@@ -526,21 +532,27 @@ class JaxStep:
     ``lower(name, batch)`` lowers the whole step (``step_*``, state donated), its teacher half
     (``teacher_*``: draws, text encoding, dropout, window solve) or its student half (``student_*``:
     prediction, loss, gradients, clipped AdamW, EMA) at a per-device batch, from abstract
-    arguments: nothing needs the weights.
+    arguments: nothing needs the weights. ``teacher_attention`` is the attention backend of the
+    frozen teacher and text encoders (default ``attention``): they are never differentiated, so
+    cuDNN's forward is all they need, where ``auto`` also asks for its backward.
     """
 
-    def __init__(self, spec: ModelSpec, *, attention: str = "auto", remat: str = "none", mesh=None):
+    def __init__(
+        self, spec: ModelSpec, *, attention: str = "auto", teacher_attention: str | None = None, remat: str = "none",
+        mesh=None,
+    ):  # fmt: skip
         self.spec = spec
         self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1))  # data parallel; one GPU: (1, 1)
         self.n_devices = self.mesh.devices.size
         unet_cfg = UNetConfig.from_dict(spec.unet)
+        frozen_attention = teacher_attention or attention
         texts = [
-            cls(CLIPTextConfig.from_dict(c), dtype=jnp.bfloat16, attention_backend=attention)
+            cls(CLIPTextConfig.from_dict(c), dtype=jnp.bfloat16, attention_backend=frozen_attention)
             for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), spec.text_encoders, strict=False)
         ]
         self.networks = step.Networks(
             student=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=attention, remat=remat),
-            teacher=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=attention),
+            teacher=UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, attention_backend=frozen_attention),
             text_encoder=texts[0],
             text_encoder_2=texts[1] if spec.sdxl else None,
             alphas_cumprod=alphas_cumprod_from_config(spec.scheduler),
@@ -681,10 +693,11 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
         },
         env={k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
         attention=args.attention,
+        teacher_attention=args.teacher_attention or args.attention,
         remat=remat,
         dtypes="student float32 master weights, bfloat16 compute; teacher and text encoders bfloat16",
     )
-    bench = JaxStep(spec, attention=args.attention, remat=remat)
+    bench = JaxStep(spec, attention=args.attention, teacher_attention=args.teacher_attention, remat=remat)
     n_devices = bench.n_devices
     step_batches, alone_batch = part_plan(part, args)
     plan = [f"step_b{step_batches[0]}", f"teacher_b{alone_batch}", f"student_b{alone_batch}"]
