@@ -47,7 +47,7 @@ case "$what" in
   sdxl) parts=jax-sdxl,torch-sdxl ;;
   unet) parts= ;;
 esac
-timeouts=jax-sd15=210,torch-sd15=240,jax-sdxl=240,torch-sdxl=150
+timeouts=jax-sd15=200,torch-sd15=250,jax-sdxl=240,torch-sdxl=150
 
 echo "== bench/gpu_run.sh $what ${tiny[*]}: budget ${budget} s, results in $OUT"
 if ! "$python" -c "import diffusers" 2>/dev/null; then
