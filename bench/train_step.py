@@ -1054,10 +1054,10 @@ def summarise(results: dict, args: argparse.Namespace) -> dict:
                 lowered = (jax_part["stages"].get(name.replace("compile", "lower")) or {}).get("flops_lowered")
                 flops["compiled_step_per_sample"] = compiled
                 if lowered and lowered_forward:
+                    # The loop body (one solver step: one teacher pass, two with CFG) is counted once.
                     per_sample = lowered / (row["batch"] * jax_part.get("device_count", 1))
-                    flops["lowered_step_plus_loop_per_sample"] = (
-                        per_sample + (spec.teacher_passes - 1) * lowered_forward
-                    )
+                    loop_rest = spec.teacher_passes - spec.teacher_passes // spec.settings["solver_steps"]
+                    flops["lowered_step_plus_loop_per_sample"] = per_sample + loop_rest * lowered_forward
                 break
         reference = flops["analytic_per_sample"] or flops["lowered_forward_x_passes"]
         if compiled and reference and abs(compiled / reference - 1) < 0.15:
