@@ -29,7 +29,7 @@ for arg in "$@"; do
     *) echo "usage: bash bench/gpu_run.sh [all|sd15|sdxl|unet] [--tiny]" >&2; exit 2 ;;
   esac
 done
-export OUT=${OUT:-$PWD/bench_out}
+export OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
