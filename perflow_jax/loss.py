@@ -101,19 +101,19 @@ def reflow_targets(
     )
 
 
-def loss_weights(weighting: str, t: jax.Array, t_s: jax.Array, t_e: jax.Array) -> jax.Array:
-    """Per-example weights [B].
+def loss_weights(weighting: str, t: jax.Array, t_s: jax.Array, num_windows: int) -> jax.Array:
+    """Per-example weights [B] of examples at times ``t`` [B] in windows starting at ``t_s`` [B].
 
-    none: 1. reciprocal: 1 / max(1 - t, 0.1) / 2.3 (more weight near the noise end).
-    rcp_win: the same shape inside each window, 1 / max((t_s - t) / (t_s - t_e), 0.1) / 2.3.
-    The spec names rcp_win without giving its formula; this is this project's reading of it.
+    none: 1. reciprocal: 1 / max(1 - t, 0.1) / 2.3 (more weight near the noise end; 2.3 is the
+    integral of 1 / (1 - t) over [0, 0.9]). rcp_win, as the authors' SDXL script: the window's
+    start t_s over its mean over the K windows, t_s / ((1 + K) / (2 K)) (noisier windows weigh more).
     """
     if weighting == "none":
         return jnp.ones_like(t)
     if weighting == "reciprocal":
         return 1.0 / jnp.maximum(1.0 - t, 0.1) / 2.3
     if weighting == "rcp_win":
-        return 1.0 / jnp.maximum((t_s - t) / (t_s - t_e), 0.1) / 2.3
+        return t_s / ((1.0 + num_windows) / (2.0 * num_windows))
     raise ValueError(f"unknown loss weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
 
 
@@ -135,7 +135,7 @@ def reflow_loss(
     else:
         raise ValueError(f"unknown loss distance {distance!r}: choose one of {', '.join(DISTANCES)}")
     per_example = jnp.mean(elementwise.reshape(elementwise.shape[0], -1), axis=1)
-    loss = jnp.mean(loss_weights(weighting, reflow.t, reflow.t_s, reflow.t_e) * per_example)
+    loss = jnp.mean(loss_weights(weighting, reflow.t, reflow.t_s, num_windows) * per_example)
     one_hot = jax.nn.one_hot(reflow.window, num_windows, dtype=jnp.float32)  # [B, K]
     metrics = {
         "loss": loss,
