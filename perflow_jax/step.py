@@ -66,9 +66,12 @@ class Networks:
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
-    """The reference's EMA warm-up: min(max_decay, (1 + n) / (10 + n)) at update n."""
+    """The reference's EMA warm-up (diffusers' EMAModel) at update n = 0, 1, ...: min(max_decay, (1 + n) / (10 + n)).
+
+    Except the first update (n = 0), where the decay is 0: the EMA becomes the student, as EMAModel does.
+    """
     n = step.astype(jnp.float32)
-    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+    return jnp.where(n == 0, 0.0, jnp.minimum(max_decay, (1.0 + n) / (10.0 + n)))
 
 
 def make_optimizer(
