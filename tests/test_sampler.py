@@ -10,17 +10,17 @@ import pytest
 from perflow_jax import sampler, schedule, solver
 from tests.test_solver import sd_alphas
 
+# PERFLOW_SPEC.md "Sampler": the timesteps of N steps with K = 4 windows.
+SPEC_TIMESTEPS = [
+    (4, [1000, 750, 500, 250]),
+    (5, [1000, 875, 750, 500, 250]),
+    (6, [1000, 875, 750, 625, 500, 250]),
+    (8, [1000, 875, 750, 625, 500, 375, 250, 125]),
+    (12, [1000, 916, 833, 750, 666, 583, 500, 416, 333, 250, 166, 83]),
+]
 
-@pytest.mark.parametrize(
-    "steps, expected",
-    [
-        (4, [1000, 750, 500, 250]),
-        (5, [1000, 875, 750, 500, 250]),
-        (6, [1000, 875, 750, 625, 500, 250]),
-        (8, [1000, 875, 750, 625, 500, 375, 250, 125]),
-        (12, [1000, 916, 833, 750, 666, 583, 500, 416, 333, 250, 166, 83]),
-    ],
-)
+
+@pytest.mark.parametrize("steps, expected", SPEC_TIMESTEPS)
 def test_timesteps_are_the_references(steps, expected):
     np.testing.assert_array_equal(sampler.sampler_timesteps(steps, 4), expected)
 

@@ -13,18 +13,10 @@ from perflow_jax import sampler, schedule
 from perflow_jax.torch import PeRFlowScheduler
 from tests.parity import relative_error
 from tests.pipelines import tiny_pipeline
+from tests.test_sampler import SPEC_TIMESTEPS
 
 
-@pytest.mark.parametrize(
-    "steps, expected",
-    [
-        (4, [1000, 750, 500, 250]),
-        (5, [1000, 875, 750, 500, 250]),
-        (6, [1000, 875, 750, 625, 500, 250]),
-        (8, [1000, 875, 750, 625, 500, 375, 250, 125]),
-        (12, [1000, 916, 833, 750, 666, 583, 500, 416, 333, 250, 166, 83]),
-    ],
-)
+@pytest.mark.parametrize("steps, expected", SPEC_TIMESTEPS)
 def test_timesteps_are_the_references(steps, expected):
     scheduler = PeRFlowScheduler()
     scheduler.set_timesteps(steps)
