@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m perflow_jax.prepare_data --model $(DEMO)/teacher --input digits --out $(DEMO)/data --resolution 32
 	$(PY) -m perflow_jax.train --config configs/demo.py --workdir $(DEMO)/work \
 		--config.model.path=$(DEMO)/teacher --config.data.path=$(DEMO)/data
-	$(PY) -m perflow_jax.sample --model $(DEMO)/work --prompts perflow_jax/demo/prompts.txt --steps 4 \
+	$(PY) -m perflow_jax.sample --model $(DEMO)/work --prompts perflow_jax/demo/prompts.txt --steps 4 --guidance 1 \
 		--num-images 10 --out $(DEMO)/digits_4_steps.png
 	$(PY) -m perflow_jax.export --to-torch --model $(DEMO)/work --out $(DEMO)/torch --base $(TEACHER) --overwrite
 	$(PY) bench/quality.py --teacher $(DEMO)/teacher --workdir $(DEMO)/work --export $(DEMO)/torch \

@@ -16,8 +16,11 @@ penultimate layer; lower is closer to real digits).
         --out runs/demo/quality.json
 
 Writes the table to ``--out`` (JSON, with the command, date and versions) and one grid PNG per row
-beside it (``quality/<row>.png``, a row of the grid per digit), prints a markdown table, and exits
-with status 1 unless PeRFlow at 4 steps beats the teacher's DDIM at 4 steps on both measures.
+beside it (``quality/<row>.png``, a row of the grid per digit), and prints a markdown table and the
+verdict: whether PeRFlow at 4 steps beats the teacher's DDIM at 4 steps on both measures (a higher
+accuracy and a lower Frechet distance), and how it compares with DDIM at 50 steps. Every row uses
+the same classifier-free guidance (``--guidance``, default the run's ``log.sample_guidance``: 1,
+no guidance, for configs/demo.py: the same number of UNet passes per step for every sampler).
 """
 
 # The imports below must follow the sys.path line before them.
@@ -37,14 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from perflow_jax import generate, sample
+from perflow_jax import checkpoint, generate, sample
 from perflow_jax.demo import classifier, digits
 
 TEACHER_STEPS = (1, 2, 4, 8, 50)
 STUDENT_STEPS = (4, 8)
 EXPORT_STEPS = 4
-TEACHER_GUIDANCE = 3.0  # the digits teacher's classifier-free guidance for DDIM
-STUDENT_GUIDANCE = 3.0  # the student's guidance (configs/demo.py samples its grids with the same)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -92,14 +93,16 @@ def quality_table(
     *,
     per_digit: int = 50,
     seed: int = 0,
-    teacher_guidance: float = TEACHER_GUIDANCE,
-    guidance: float = STUDENT_GUIDANCE,
+    guidance: float = 1.0,
 ) -> list[dict]:
-    """The rows of the table (see the module docstring); grids go to ``out.parent / "quality"``."""
+    """The rows of the table (see the module docstring); grids go to ``out.parent / "quality"``.
+
+    ``guidance``: the classifier-free guidance of every row, teacher and student alike (1: none).
+    """
     labels = np.repeat(np.arange(10), per_digit)
     prompts = [digits.caption(int(label)) for label in labels]
     real_features = classifier.features(digits.load("train")[0])
-    ways = [(f"teacher DDIM {n} steps", "jax", dict(model=teacher, teacher_ddim=n, guidance=teacher_guidance))
+    ways = [(f"teacher DDIM {n} steps", "jax", dict(model=teacher, teacher_ddim=n, guidance=guidance))
             for n in TEACHER_STEPS]  # fmt: skip
     ways += [(f"PeRFlow {n} steps", "jax", dict(model=workdir, steps=n, guidance=guidance)) for n in STUDENT_STEPS]
     if export is not None:
@@ -130,22 +133,16 @@ def markdown(rows: list[dict]) -> str:
 
 
 def verdict(rows: list[dict]) -> tuple[bool, str]:
-    """Whether PeRFlow-4 beats DDIM-4 on both measures, and how close it comes to DDIM-50, in words."""
+    """Whether PeRFlow-4 beats DDIM-4 on both measures, and how it stands against DDIM-50, in words."""
     by_name = {r["sampler"]: r for r in rows}
-    perflow, ddim4, ddim50 = (
-        by_name["PeRFlow 4 steps"],
-        by_name["teacher DDIM 4 steps"],
-        by_name["teacher DDIM 50 steps"],
-    )
+    perflow, ddim4 = by_name["PeRFlow 4 steps"], by_name["teacher DDIM 4 steps"]
+    ddim50 = by_name["teacher DDIM 50 steps"]
     beats = perflow["accuracy"] > ddim4["accuracy"] and perflow["frechet_distance"] < ddim4["frechet_distance"]
-    gap = ddim4["frechet_distance"] - ddim50["frechet_distance"]
-    closed = (ddim4["frechet_distance"] - perflow["frechet_distance"]) / gap if gap > 0 else float("nan")
     text = (
         f"PeRFlow 4 steps {'beats' if beats else 'does NOT beat'} the teacher's DDIM 4 steps on both measures "
         f"(accuracy {perflow['accuracy']:.3f} vs {ddim4['accuracy']:.3f}, Frechet distance "
-        f"{perflow['frechet_distance']:.2f} vs {ddim4['frechet_distance']:.2f}); DDIM 50 steps: accuracy "
-        f"{ddim50['accuracy']:.3f}, Frechet distance {ddim50['frechet_distance']:.2f}: PeRFlow 4 steps closes "
-        f"{100 * closed:.0f}% of the DDIM 4 -> 50 steps Frechet gap."
+        f"{perflow['frechet_distance']:.2f} vs {ddim4['frechet_distance']:.2f}); the teacher's DDIM 50 steps: "
+        f"accuracy {ddim50['accuracy']:.3f}, Frechet distance {ddim50['frechet_distance']:.2f}."
     )
     return beats, text
 
@@ -158,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="quality.json to write")
     parser.add_argument("--per-digit", type=int, default=50, help="images per digit and sampler")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for every sampler)")
-    parser.add_argument("--teacher-guidance", type=float, default=TEACHER_GUIDANCE, help="CFG of the teacher's DDIM")
-    parser.add_argument("--guidance", type=float, default=STUDENT_GUIDANCE, help="CFG of the PeRFlow student")
+    parser.add_argument(
+        "--guidance", type=float, help="CFG of every row, teacher and student (default: the run's log.sample_guidance)"
+    )
     args = parser.parse_args(argv)
+    if args.guidance is None:
+        args.guidance = float(checkpoint.run_config(args.workdir)[1]["log"]["sample_guidance"])
     rows = quality_table(args.teacher, args.workdir, args.export, args.out, per_digit=args.per_digit, seed=args.seed,
-                         teacher_guidance=args.teacher_guidance, guidance=args.guidance)  # fmt: skip
+                         guidance=args.guidance)  # fmt: skip
     beats, text = verdict(rows)
     import jax
 
@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         "jax": jax.__version__,
         "per_digit": args.per_digit,
         "seed": args.seed,
-        "teacher_guidance": args.teacher_guidance,
         "guidance": args.guidance,
         "classifier_accuracy_on_real_train_digits": float(
             np.mean(classifier.predict(digits.load("train")[0]) == digits.load("train")[1])
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"(classifier accuracy on the real training digits: {report['classifier_accuracy_on_real_train_digits']:.3f};"
           f" written to {args.out})")  # fmt: skip
-    return 0 if beats else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""make demo's pieces, in order, on the embedded digits teacher, with a short training run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from perflow_jax import export, sample
+from perflow_jax.convert import convert
+from perflow_jax.demo import TEACHER, digits
+from perflow_jax.prepare_data import prepare
+from perflow_jax.train import train_and_evaluate
+from tests.test_config import load
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_DIGIT = 10
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """runs/demo as make demo leaves it, after 4 training steps instead of the config's 600."""
+    root = tmp_path_factory.mktemp("demo")
+    convert(TEACHER, root / "teacher", log=quiet)
+    prepare(root / "teacher", "digits", root / "data", resolution=digits.RESOLUTION, progress=False)
+    config = load("demo")
+    config.model.path, config.data.path = str(root / "teacher"), str(root / "data")
+    config.train.num_steps, config.train.global_batch_size = 4, 16
+    config.log.every_steps, config.log.eval_every_steps, config.checkpoint.every_steps = 2, 4, 4
+    train_and_evaluate(config, root / "work")
+    export.export_to_torch(root / "work", root / "torch", base=TEACHER, dtype="float32", log=quiet)
+    return root
+
+
+def test_the_prepared_data_is_the_train_split_of_the_digits(demo):
+    manifest = json.loads((demo / "data/manifest.json").read_text())
+    assert manifest["count"] == len(digits.load("train")[1]) == 1198
+    assert manifest["resolution"] == 32
+
+
+def test_training_writes_checkpoint_metrics_and_the_grid_of_every_digit(demo):
+    rows = [json.loads(line) for line in (demo / "work/metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4] and all(np.isfinite(row["loss"]) for row in rows)
+    assert (demo / "work/checkpoints/4").is_dir()
+    grid = Image.open(demo / "work/samples/step_000004.png")
+    assert grid.size == (4 * 32, 3 * 32)  # ten digits, ceil(sqrt(10)) = 4 columns
+
+
+def test_sample_cli_draws_a_row_per_digit(demo, tmp_path):
+    out = tmp_path / "digits.png"
+    code = sample.main(["--model", str(demo / "work"), "--prompts", str(ROOT / "perflow_jax/demo/prompts.txt"),
+                        "--steps", "4", "--num-images", "3", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert (ROOT / "perflow_jax/demo/prompts.txt").read_text().splitlines() == [digits.caption(d) for d in range(10)]
+    assert Image.open(out).size == (6 * 32, 5 * 32)  # 30 images, ceil(sqrt(30)) = 6 columns
+
+
+@pytest.fixture(scope="module")
+def table(demo):
+    """bench/quality.py on the demo's outputs, PER_DIGIT images per digit."""
+    out = demo / "quality.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/quality.py"), "--teacher", str(demo / "teacher"), "--workdir",
+         str(demo / "work"), "--export", str(demo / "torch"), "--out", str(out), "--per-digit", str(PER_DIGIT)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result
+
+
+def test_quality_table_has_every_row_and_writes_grids(table, demo):
+    report, result = table
+    names = [row["sampler"] for row in report["rows"]]
+    assert names == [f"teacher DDIM {n} steps" for n in (1, 2, 4, 8, 50)] + [
+        "PeRFlow 4 steps", "PeRFlow 8 steps", "PeRFlow 4 steps, PyTorch export",
+    ]  # fmt: skip
+    assert "| teacher DDIM 50 steps |" in result.stdout and report["verdict"] in result.stdout
+    assert len(list((demo / "quality").glob("*.png"))) == len(names)
+
+
+def test_the_embedded_teacher_draws_the_digits_it_is_asked_for(table):
+    rows = {row["sampler"]: row for row in table[0]["rows"]}
+    # 100 images: the teacher's 50-step DDIM digits are recognised (all of them, measured with 500).
+    assert rows["teacher DDIM 50 steps"]["accuracy"] >= 0.95
+    # One DDIM step is a blurred average; the Frechet distance sees it.
+    assert rows["teacher DDIM 1 steps"]["frechet_distance"] > 2 * rows["teacher DDIM 50 steps"]["frechet_distance"]
+
+
+def test_the_pytorch_export_scores_as_the_jax_student(table):
+    rows = {row["sampler"]: row for row in table[0]["rows"]}
+    jax_row, torch_row = rows["PeRFlow 4 steps"], rows["PeRFlow 4 steps, PyTorch export"]
+    # Same noise, same float32 networks: the images agree to ~1e-6, so the classifier agrees too.
+    assert torch_row["accuracy"] == jax_row["accuracy"]
+    assert torch_row["frechet_distance"] == pytest.approx(jax_row["frechet_distance"], rel=1e-3)
