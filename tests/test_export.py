@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from perflow_jax import checkpoint, export, pipeline, sampler, step, weights
 from perflow_jax.convert import convert
 from perflow_jax.export import ExportError, export_to_torch
+from tests.parity import relative_error
 from tests.pipelines import tiny_model_and_data, tiny_pipeline, tiny_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +241,45 @@ def test_diffusers_pipeline_with_the_export_reaches_the_jax_samplers_latents(run
             error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
             print(f"{parameterization} N={num_steps} w={guidance}: relative error {error:.2e}")
             assert error < 1e-5, (num_steps, guidance, error)
+
+
+def test_sdxl_export_with_base_samples_in_diffusers_as_in_jax(tmp_path):
+    """SDXL (two text encoders, pooled text and size ids): the exported pipeline and the JAX sampler agree."""
+    import perflow_jax.torch  # noqa: F401  (diffusers finds PeRFlowScheduler among the imported modules)
+
+    tiny_pipeline(tmp_path / "sources", xl=True).save_pretrained(tmp_path / "xl")
+    student = perflow_folder(tmp_path / "xl", tmp_path / "student", "ddim_eps")
+    export_to_torch(student, tmp_path / "out", dtype="float32", base=tmp_path / "xl", log=quiet)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
+    pipe.set_progress_bar_config(disable=True)
+    assert json.loads((tmp_path / "out/model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+
+    trained = pipeline.load_trained(tmp_path / "out", networks=())
+    apply = step.unet_apply(trained.model.module("unet"), trained.model.params["unet"])
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=["a photo number 3", "a red car"], device="cpu", num_images_per_prompt=1,
+            do_classifier_free_guidance=True, negative_prompt=["", ""],
+        )  # fmt: skip
+    time_ids = jnp.asarray([[32, 32, 0, 0, 32, 32]] * 2, jnp.float32)  # original size, crop, target size
+
+    def cond(states, pooled_states):
+        return {"encoder_hidden_states": jnp.asarray(states.numpy()), "text_embeds": jnp.asarray(pooled_states.numpy()),
+                "time_ids": time_ids}  # fmt: skip
+
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    for guidance in (1.0, 2.0):
+        with torch.no_grad():
+            expected = pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled, latents=noise.clone(), height=32, width=32,
+                num_inference_steps=4, guidance_scale=guidance, output_type="latent",
+            ).images.numpy()  # fmt: skip
+        latents = sampler.sample(
+            apply, jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)), cond(embeds, pooled),
+            cond(negative, negative_pooled), trained.model.alphas_cumprod(), num_steps=4,
+            num_windows=trained.num_windows, parameterization=trained.parameterization, guidance=guidance,
+        )  # fmt: skip
+        error = relative_error(np.asarray(latents).transpose(0, 3, 1, 2), expected)
+        print(f"SDXL ddim_eps N=4 w={guidance}: relative error {error:.2e}")
+        assert error < 1e-5, (guidance, error)
