@@ -10,6 +10,7 @@
 #                                      # reported as skipped
 #   bash bench/gpu_run.sh sdxl         # only the SDXL step, then the UNet forward (a second run)
 #   bash bench/gpu_run.sh sd15|unet    # only the SD1.5 step / only the UNet forward
+#   bash bench/gpu_run.sh sample       # only bench/sample.py: 4-step SD1.5 sampling, JAX vs diffusers
 #   bash bench/gpu_run.sh --tiny       # the same path with tiny networks on a CPU (a check of the script)
 #
 # PYTHON names the interpreter (default python3, the image's; here: PYTHON=.venv/bin/python).
@@ -24,9 +25,9 @@ what=all
 tiny=()
 for arg in "$@"; do
   case "$arg" in
-    all | sd15 | sdxl | unet) what=$arg ;;
+    all | sd15 | sdxl | unet | sample) what=$arg ;;
     --tiny) tiny=(--tiny) ;;
-    *) echo "usage: bash bench/gpu_run.sh [all|sd15|sdxl|unet] [--tiny]" >&2; exit 2 ;;
+    *) echo "usage: bash bench/gpu_run.sh [all|sd15|sdxl|unet|sample] [--tiny]" >&2; exit 2 ;;
   esac
 done
 export OUT=${OUT:-/tmp/bench_out}
@@ -45,7 +46,7 @@ case "$what" in
   all) parts=jax-sd15,torch-sd15,jax-sdxl,torch-sdxl ;;
   sd15) parts=jax-sd15,torch-sd15 ;;
   sdxl) parts=jax-sdxl,torch-sdxl ;;
-  unet) parts= ;;
+  unet | sample) parts= ;;
 esac
 timeouts=jax-sd15=200,torch-sd15=250,jax-sdxl=240,torch-sdxl=150
 
@@ -73,7 +74,14 @@ if [ -n "$parts" ]; then
   [ "$rc" -ne 0 ] && { echo "== train_step: exit status $rc"; status=1; }
 fi
 
-if [ "$what" != sd15 ]; then
+if [ "$what" = sample ]; then
+  echo "== sample (time limit $(left) s)"
+  timeout -k 10 "$(left)" "$python" bench/sample.py "${tiny[@]}" 2>&1 | tee "$OUT/sample.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && { echo "== sample: exit status $rc"; status=1; }
+fi
+
+if [ "$what" != sd15 ] && [ "$what" != sample ]; then
   limit=$(left)
   if [ "$limit" -ge 60 ]; then
     echo "== unet_forward (time limit ${limit} s)"
@@ -90,6 +98,7 @@ echo
 echo "== summary ($((SECONDS - start)) s of ${budget})"
 cat "$OUT/gpu.txt" "$OUT/versions.txt" "$OUT/bias_gradient.txt" 2>/dev/null
 [ -f "$OUT/train_step.json" ] && [ -n "$parts" ] && "$python" bench/train_step.py --report "$OUT/train_step.json"
-[ -f "$OUT/unet_forward.log" ] && [ "$what" != sd15 ] && tail -n 12 "$OUT/unet_forward.log"
+[ -f "$OUT/unet_forward.log" ] && [ "$what" != sd15 ] && [ "$what" != sample ] && tail -n 12 "$OUT/unet_forward.log"
+[ -f "$OUT/sample.log" ] && [ "$what" = sample ] && tail -n 6 "$OUT/sample.log"
 ls -l "$OUT"
 exit $status

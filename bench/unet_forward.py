@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 import traceback
@@ -51,7 +50,7 @@ import jaxlib
 import numpy as np
 import torch
 
-from bench.common import cost_flops, error_string
+from bench.common import cost_flops, error_string, time_calls
 from perflow_jax import weights
 from perflow_jax.models import reference_configs
 from perflow_jax.models.attention import _auto_backend, dot_product_attention
@@ -164,22 +163,6 @@ def cudnn_runs(picks: list[dict]) -> None:
             pick["cudnn_run_rel_err_vs_xla"] = relative_error(actual, expected)
         except Exception as error:
             pick["cudnn_run"] = error_string(error)
-
-
-def time_calls(call: Callable, wait: Callable, iters: int, warmup: int) -> dict:
-    """Per-call wall times of ``call()``, each waited for with ``wait(result)``, after warm-up."""
-    for _ in range(warmup):
-        wait(call())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        wait(call())
-        times.append(time.perf_counter() - start)
-    return {
-        "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
-        "times_ms": [round(1e3 * t, 4) for t in times],
-    }
 
 
 def aot_compile(model: UNet2DConditionModel, *args) -> tuple:
