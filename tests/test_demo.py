@@ -78,7 +78,7 @@ def table(demo):
 def test_quality_table_has_every_row_and_writes_grids(table, demo):
     report, result = table
     names = [row["sampler"] for row in report["rows"]]
-    assert names == [f"teacher DDIM {n} steps" for n in (1, 2, 4, 8, 50)] + [
+    assert names == ["teacher DDIM 1 step"] + [f"teacher DDIM {n} steps" for n in (2, 4, 8, 50)] + [
         "PeRFlow 4 steps", "PeRFlow 8 steps", "PeRFlow 4 steps, PyTorch export",
     ]  # fmt: skip
     assert "| teacher DDIM 50 steps |" in result.stdout and report["verdict"] in result.stdout
@@ -99,3 +99,21 @@ def test_the_pytorch_export_scores_as_the_jax_student(table):
     # Same noise, same float32 networks: the images agree to ~1e-6, so the classifier agrees too.
     assert torch_row["accuracy"] == jax_row["accuracy"]
     assert torch_row["frechet_distance"] == pytest.approx(jax_row["frechet_distance"], rel=1e-3)
+
+
+def test_sample_on_the_demo_student_is_seeded_and_honours_init_noise(demo, tmp_path):
+    prompts = [digits.caption(d) for d in range(10)]
+    first = sample.sample(demo / "work", prompts, tmp_path / "a.png", guidance=1.0, seed=3,
+                          save_noise=tmp_path / "noise.npy", log=quiet)  # fmt: skip
+    again = sample.sample(demo / "work", prompts, tmp_path / "b.png", guidance=1.0, seed=3, log=quiet)
+    other = sample.sample(demo / "work", prompts, tmp_path / "c.png", guidance=1.0, seed=4, log=quiet)
+    given = sample.sample(demo / "work", prompts, tmp_path / "d.png", guidance=1.0, init_noise=tmp_path / "noise.npy",
+                          log=quiet)  # fmt: skip
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(given.images, first.images)
+    assert np.abs(other.images - first.images).mean() > 0.01
+
+
+def test_fewer_steps_than_the_demo_students_windows_are_refused(demo, tmp_path):
+    with pytest.raises(ValueError, match="every window needs at least one step, so use 4 or more"):
+        sample.sample(demo / "work", ["a handwritten digit one"], tmp_path / "x.png", steps=2, log=quiet)
