@@ -102,8 +102,10 @@ def quality_table(
     labels = np.repeat(np.arange(10), per_digit)
     prompts = [digits.caption(int(label)) for label in labels]
     real_features = classifier.features(digits.load("train")[0])
-    ways = [(f"teacher DDIM {n} steps", "jax", dict(model=teacher, teacher_ddim=n, guidance=guidance))
-            for n in TEACHER_STEPS]  # fmt: skip
+    ways = [
+        (f"teacher DDIM {n} step{'s' if n > 1 else ''}", "jax", dict(model=teacher, teacher_ddim=n, guidance=guidance))
+        for n in TEACHER_STEPS
+    ]
     ways += [(f"PeRFlow {n} steps", "jax", dict(model=workdir, steps=n, guidance=guidance)) for n in STUDENT_STEPS]
     if export is not None:
         ways.append((f"PeRFlow {EXPORT_STEPS} steps, PyTorch export", "torch", {}))
