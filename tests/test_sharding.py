@@ -91,8 +91,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_join_through_the_environment_variables():
+def run_joined_processes(command: list[str], count: int, *, timeout: float, env: dict | None = None) -> list[str]:
+    """Run ``command`` as ``count`` processes joined through the PERFLOW_* variables on a free local port.
+
+    Asserts that every process exits 0; returns their standard outputs, process 0's first.
+    """
     port = free_port()
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                **(env or {}),
+                sharding.COORDINATOR_ENV: f"127.0.0.1:{port}",
+                sharding.NUM_PROCESSES_ENV: str(count),
+                sharding.PROCESS_ID_ENV: str(i),
+            },
+        )  # fmt: skip
+        for i in range(count)
+    ]
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
+def test_two_processes_join_through_the_environment_variables():
     code = """
         import jax, numpy as np
         from perflow_jax import sharding
@@ -102,26 +130,9 @@ def test_two_processes_join_through_the_environment_variables():
         total = jax.jit(lambda x: x.sum())(jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local))
         print(jax.process_count(), jax.device_count(), float(total))
         """
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={
-                **os.environ,
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                sharding.COORDINATOR_ENV: f"127.0.0.1:{port}",
-                sharding.NUM_PROCESSES_ENV: "2",
-                sharding.PROCESS_ID_ENV: str(i),
-            },
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=120) for p in processes]
-    for process, (out, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
+    outputs = run_joined_processes([sys.executable, "-c", textwrap.dedent(code)], 2, timeout=120,
+                                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # fmt: skip
+    for out in outputs:
         # 2 processes x 2 devices; the global batch holds process 0's zeros and process 1's ones.
         assert out.strip().splitlines()[-1] == "2 4 2.0"
 

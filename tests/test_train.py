@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import data, sharding
+from perflow_jax import data
 from tests.pipelines import tiny_model_and_data
-from tests.test_sharding import free_port
+from tests.test_sharding import run_joined_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,30 +128,11 @@ def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tm
 
 def test_two_processes_train_save_and_restore(setup, tmp_path):
     def pair(steps):
-        port = free_port()
-        processes = [
-            subprocess.Popen(
-                command(setup, tmp_path / "run", f"--config.train.num_steps={steps}"),
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={
-                    **os.environ,
-                    sharding.COORDINATOR_ENV: f"127.0.0.1:{port}",
-                    sharding.NUM_PROCESSES_ENV: "2",
-                    sharding.PROCESS_ID_ENV: str(i),
-                },
-            )  # fmt: skip
-            for i in range(2)
-        ]
-        outputs = [p.communicate(timeout=600) for p in processes]
-        for p, (_, err) in zip(processes, outputs, strict=True):
-            assert p.returncode == 0, err[-3000:]
-        return outputs
+        return run_joined_processes(command(setup, tmp_path / "run", f"--config.train.num_steps={steps}"), 2,
+                                    timeout=600)  # fmt: skip
 
     pair(2)
     assert (tmp_path / "run/checkpoints/2").is_dir()
-    out, _ = pair(4)[0]
+    out = pair(4)[0]
     assert "resuming from the checkpoint of step 2" in out
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
