@@ -12,21 +12,6 @@ def error_string(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:2000]
 
 
-def cost_flops(stage) -> float | None:
-    """FLOPs of one call from XLA's cost analysis of a Lowered or Compiled function (None if absent).
-
-    cost_analysis() gives a dict, or a list of dicts in older jax. Custom calls (cuDNN attention,
-    and on GPUs cuBLAS / cuDNN matrix products and convolutions) may count as zero.
-    """
-    try:
-        cost = stage.cost_analysis()
-    except Exception:  # a backend without cost analysis
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def time_calls(call: Callable, wait: Callable, iters: int, warmup: int) -> dict:
     """Per-call wall times of ``call()``, each waited for with ``wait(result)``, after warm-up."""
     for _ in range(warmup):

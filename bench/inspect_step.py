@@ -61,8 +61,8 @@ import jaxlib
 import numpy as np
 from jaxlib import _hlo
 
-from bench.common import cost_flops
 from bench.train_step import SD15, SDXL, STUDENT_PASSES, JaxStep, memory_analysis
+from perflow_jax.flops import cost_flops
 
 ELEMENTWISE = {
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "exponential", "log", "rsqrt", "sqrt",

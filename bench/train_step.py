@@ -94,8 +94,9 @@ import jaxlib
 import numpy as np
 import optax
 
-from bench.common import cost_flops, error_string
+from bench.common import error_string
 from perflow_jax import loss, schedule, sharding, step
+from perflow_jax.flops import cost_flops
 from perflow_jax.models import reference_configs
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig

@@ -50,8 +50,9 @@ import jaxlib
 import numpy as np
 import torch
 
-from bench.common import cost_flops, error_string, time_calls
+from bench.common import error_string, time_calls
 from perflow_jax import weights
+from perflow_jax.flops import cost_flops
 from perflow_jax.models import reference_configs
 from perflow_jax.models.attention import _auto_backend, dot_product_attention
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from perflow_jax import checkpoint, data, generate, pipeline, sharding, step
+from perflow_jax import checkpoint, data, flops, generate, pipeline, sharding, step
 from perflow_jax import config as configuration
 
 # Keys a resumed run may change: how long it runs and what it reports.
@@ -285,7 +285,9 @@ def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoint
                 start = time.perf_counter()
                 lowered = train_step.lower(state, batch, rng, frozen)
                 compiled = lowered.compile()
-                flops_per_step = _flops(lowered, compiled)
+                flops_per_step = flops.train_step_flops(
+                    lowered, networks, configuration.settings(config), frozen, batch
+                )
                 print(f"compiled the training step in {time.perf_counter() - start:.1f} s", flush=True)
                 clock = (time.perf_counter(), step_number)
             state, metrics = compiled(state, batch, rng, frozen)
@@ -352,21 +354,6 @@ def _report(reporter, pending, clock, done, total, learning_rate, flops_per_step
     )
     reporter.scalars(done, values, line)
     return now, done
-
-
-def _flops(lowered, compiled) -> float | None:
-    """FLOPs of one step from XLA's cost analysis: the larger of the program before and after
-    optimisation (on GPUs the compiled count leaves out cuDNN and cuBLAS calls); None if neither."""
-    counts = []
-    for stage in (lowered, compiled):
-        try:
-            analysis = stage.cost_analysis()
-        except Exception:  # some backends have no cost analysis for one of the stages
-            continue
-        if isinstance(analysis, (list, tuple)):
-            analysis = analysis[0] if analysis else None
-        counts.append(float((analysis or {}).get("flops", 0.0)))
-    return max(counts) if counts and max(counts) > 0 else None
 
 
 def main(argv: list[str]) -> None:
