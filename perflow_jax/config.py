@@ -10,6 +10,7 @@ and what would be right. ``settings`` and ``optimizer`` turn the config into the
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
+PATH_KEYS = ("model.path", "model.student_init", "data.path")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -134,6 +136,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if log.sample_guidance < 0:
         problems.append(f"config.log.sample_guidance is {log.sample_guidance}: use 0 or more (1 turns CFG off)")
     _raise(problems)
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose folders (``PATH_KEYS``) are absolute.
+
+    The run's config is saved with its checkpoints; ``export`` and ``sample`` find the teacher
+    through it, from whatever directory they are started in.
+    """
+    config = config.copy_and_resolve_references()
+    for key in PATH_KEYS:
+        group, name = key.split(".")
+        if config[group][name]:
+            config[group][name] = os.path.abspath(os.path.expanduser(config[group][name]))
+    return config
 
 
 def _mesh_problems(shape: tuple[int, ...], device_count: int | None = None) -> list[str]:

@@ -190,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Train (or resume training) per ``config`` in ``workdir``; returns the final state."""
     sharding.initialize_distributed(config.tpu_pod)
     configuration.validate(config)
+    config = configuration.with_absolute_paths(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model = pipeline.load_model(config.model.path)

@@ -85,6 +85,15 @@ def test_every_config_leaves_the_paths_to_the_user(name):
     assert config.model.path == "" and config.data.path == "" and config.model.student_init == ""
 
 
+def test_folders_become_absolute_in_a_copy_and_an_empty_one_stays_empty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = runnable(**{"model.path": "models/../teacher", "data.path": "/data/prepared"})
+    resolved = config_lib.with_absolute_paths(config)
+    assert resolved.model.path == str(tmp_path / "teacher") and resolved.data.path == "/data/prepared"
+    assert resolved.model.student_init == ""
+    assert config.model.path == "models/../teacher"
+
+
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_has_the_same_keys(name):
     def leaves(config):

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import data
+from perflow_jax import checkpoint, data
 from tests.pipelines import tiny_model_and_data
 from tests.test_sharding import run_joined_processes
 
@@ -53,8 +53,16 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup, tmp_path):
-    result = run(setup, tmp_path / "run", "--config.train.num_steps=4")
+    model, data_dir = setup
+    relative = [
+        f"--config.model.path={os.path.relpath(model, ROOT)}",
+        f"--config.data.path={os.path.relpath(data_dir, ROOT)}",
+    ]
+    result = run(setup, tmp_path / "run", "--config.train.num_steps=4", *relative)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The saved config names the folders absolutely: export and sample find them from anywhere.
+    saved = checkpoint.run_config(tmp_path / "run")[1]
+    assert (saved["model"]["path"], saved["data"]["path"]) == (str(model), str(data_dir))
     logged = losses(tmp_path / "run")
     assert sorted(logged) == [1, 2, 3, 4] and all(np.isfinite(v) for v in logged.values())
     assert "step 4/4 | loss" in result.stdout and "per window" in result.stdout
