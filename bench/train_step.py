@@ -534,8 +534,8 @@ class JaxStep:
     (``teacher_*``: draws, text encoding, dropout, window solve) or its student half (``student_*``:
     prediction, loss, gradients, clipped AdamW, EMA) at a per-device batch, from abstract
     arguments: nothing needs the weights. ``teacher_attention`` is the attention backend of the
-    frozen teacher and text encoders (default ``attention``): they are never differentiated, so
-    cuDNN's forward is all they need, where ``auto`` also asks for its backward.
+    frozen teacher and text encoders (default ``attention``), to compare backends: ``auto`` already
+    runs them on cuDNN wherever its forward takes the shapes (they are never differentiated).
     """
 
     def __init__(

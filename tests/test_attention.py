@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from perflow_jax.models import attention
 from perflow_jax.models.attention import dot_product_attention
 
 
@@ -75,3 +76,38 @@ def test_splash_refuses_a_causal_mask():
     q, k, v = inputs(4, 4, 1, 8, jnp.float32)
     with pytest.raises(ValueError, match="no causal mask"):
         dot_product_attention(q, k, v, is_causal=True, backend="splash", splash_interpret=True)
+
+
+def test_an_attention_with_xla_backward_has_xla_attentions_value_and_gradients():
+    q, k, v = inputs(24, 7, 2, 16, jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(weights * attend(q, k, v))
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+    def wrapped(q, k, v):  # on a GPU, "cudnn" is the forward; the CPU has only XLA's
+        return attention.with_xla_backward(q, k, v, False, "xla")
+
+    np.testing.assert_array_equal(wrapped(q, k, v), xla(q, k, v))
+    for ours, expected in zip(
+        jax.grad(loss(wrapped), argnums=(0, 1, 2))(q, k, v),
+        jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v),
+        strict=True,
+    ):
+        # The same float32 operations on the same inputs: equal up to XLA's fusion choices.
+        np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cudnn, picked",
+    [((True, True), "cudnn"), ((True, False), attention.CUDNN_FORWARD), ((False, False), "xla")],
+)
+def test_auto_on_a_gpu_takes_cudnn_for_what_cudnn_accepts_and_xla_for_a_refused_backward(cudnn, picked, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_cudnn_accepts", lambda q, k, is_causal: cudnn)
+    q = jax.ShapeDtypeStruct((2, 4096, 8, 40), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 77, 8, 40), jnp.bfloat16)
+    assert attention._auto_backend(q, k, False) == picked

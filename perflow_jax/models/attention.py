@@ -9,7 +9,10 @@ always honoured). The backend is a config value:
 - ``"splash"``: the Pallas splash-attention kernel on TPU (no causal mask; any sequence length,
   padded to the kernel's block size; head dims padded to 128 lanes).
 - ``"auto"`` (default): cuDNN on GPU where it accepts the shapes and dtype, splash on TPU for
-  self-attention of at least ``SPLASH_MIN_SEQ`` tokens, XLA otherwise.
+  self-attention of at least ``SPLASH_MIN_SEQ`` tokens, XLA otherwise. Where cuDNN takes a shape
+  for inference but refuses its backward (SD's cross-attention, 4096 queries on 77 keys, on an
+  H200 with jax 0.11.2), ``auto`` runs cuDNN's forward with XLA's backward: the frozen teacher
+  and text encoders, never differentiated, then run cuDNN only.
 """
 
 from __future__ import annotations
@@ -62,37 +65,72 @@ def dot_product_attention(
         if is_causal:
             raise ValueError("the splash backend has no causal mask here: use 'xla' or 'auto'")
         return _splash_attention(q, k, v, interpret=splash_interpret)
+    if backend == CUDNN_FORWARD:
+        return with_xla_backward(q, k, v, is_causal, "cudnn")
     return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=backend)
+
+
+# What ``auto`` picks where cuDNN's forward takes the shapes and its backward does not.
+CUDNN_FORWARD = "cudnn forward, xla backward"
 
 
 def _auto_backend(q: jax.Array, k: jax.Array, is_causal: bool) -> str:
     platform = jax.default_backend()
-    if platform == "gpu" and _cudnn_accepts(q, k, is_causal):
-        return "cudnn"
+    if platform == "gpu":
+        forward, backward = _cudnn_accepts(q, k, is_causal)
+        if forward:
+            return "cudnn" if backward else CUDNN_FORWARD
     if platform == "tpu" and not is_causal and q.shape[1] >= SPLASH_MIN_SEQ and k.shape[1] >= SPLASH_MIN_SEQ:
         return "splash"
     return "xla"
 
 
-def _cudnn_accepts(q: jax.Array, k: jax.Array, is_causal: bool) -> bool:
-    """Whether cuDNN's fused attention takes these shapes and dtype, for inference and for training.
+def _cudnn_accepts(q: jax.Array, k: jax.Array, is_causal: bool) -> tuple[bool, bool]:
+    """Whether cuDNN's fused attention takes these shapes and dtype: (for the forward, for the backward).
 
-    Checked by tracing its forward and backward: cuDNN's training kernels are stricter (on an H200
-    with jax 0.11.2 they refuse SD's cross-attention, 4096 queries on 77 keys, which inference takes).
+    Checked by tracing: cuDNN's training kernels are stricter (on an H200 with jax 0.11.2 they
+    refuse SD's cross-attention, 4096 queries on 77 keys, which inference takes).
     """
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return False
+        return False, False
     attention = functools.partial(jax.nn.dot_product_attention, is_causal=is_causal, implementation="cudnn")
 
     def forward_and_backward(q, k, v):
         out, vjp = jax.vjp(attention, q, k, v)
         return vjp(out)
 
-    try:
-        jax.eval_shape(forward_and_backward, q, k, k)
-    except (NotImplementedError, ValueError, RuntimeError):
-        return False
-    return True
+    accepted = []
+    for function in (attention, forward_and_backward):
+        try:
+            jax.eval_shape(function, q, k, k)
+        except (NotImplementedError, ValueError, RuntimeError):
+            accepted.append(False)
+        else:
+            accepted.append(True)
+    return accepted[0], accepted[0] and accepted[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def with_xla_backward(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, implementation: str) -> jax.Array:
+    """``jax.nn.dot_product_attention`` by ``implementation``, differentiated as XLA's attention.
+
+    The backward recomputes XLA's forward from q, k and v (the only residuals) and takes its
+    vector-Jacobian product; a function that is never differentiated runs ``implementation`` only.
+    """
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
+
+
+def _with_xla_backward_forward(q, k, v, is_causal, implementation):
+    return with_xla_backward(q, k, v, is_causal, implementation), (q, k, v)
+
+
+def _with_xla_backward_backward(is_causal, implementation, residuals, g):
+    xla = functools.partial(jax.nn.dot_product_attention, is_causal=is_causal, implementation="xla")
+    _, vjp = jax.vjp(xla, *residuals)
+    return vjp(g)
+
+
+with_xla_backward.defvjp(_with_xla_backward_forward, _with_xla_backward_backward)
 
 
 def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
