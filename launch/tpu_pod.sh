@@ -446,7 +446,8 @@ cmd_logs() { on_workers "$(logs_script)"; }
 worker_lines() { on_workers "$(status_script)" 2>/dev/null | grep '^perflow-worker ' || true; }
 
 # Worker status lines (stdin) summed up: unknown (no answer), no-setup, running, done, refused (train
-# exited with status 2: bad settings), idle, or failed (anything else: a failure, a stop, a mixture).
+# exited with status 2: bad settings, another run's WORKDIR or a non-finite loss, which a restart would
+# repeat), idle, or failed (anything else: a failure, a stop, a mixture).
 summarize() {
   local states
   states=$(cut -d' ' -f3- | sort -u)
@@ -512,7 +513,8 @@ cmd_watch() {
             ;;
           refused)
             cmd_logs || true
-            die "train refused the run (exit status 2; the logs above say why): fix the settings, then watch again"
+            die "train refused the run (exit status 2: bad settings, another run's WORKDIR or a non-finite loss; the \
+logs above say which): fix it, then watch again"
             ;;
           no-setup) attempt cmd_setup ;;
           idle) attempt cmd_train "$@" ;;

@@ -22,6 +22,8 @@ from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
+# float16 gradients underflow without loss scaling, which this trainer does not do.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 PATH_KEYS = ("model.path", "model.student_init", "data.path")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -58,7 +60,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(
             "config.data.path is empty: set --config.data.path=DIR, a folder from python -m perflow_jax.prepare_data"
         )
-    _choice(problems, "model.compute_dtype", model.compute_dtype, DTYPES)
+    if model.compute_dtype == "float16":
+        problems.append(
+            "config.model.compute_dtype is 'float16': training in float16 needs loss scaling, which this trainer "
+            "does not do; use bfloat16 (as fast on GPUs and TPUs, and float32's range)"
+        )
+    else:
+        _choice(problems, "model.compute_dtype", model.compute_dtype, COMPUTE_DTYPES)
     _choice(problems, "model.teacher_dtype", model.teacher_dtype, DTYPES)
     _choice(problems, "model.attention_backend", model.attention_backend, BACKENDS)
     _choice(problems, "model.remat", model.remat, tuple(REMAT_POLICIES))

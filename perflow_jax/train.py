@@ -6,7 +6,9 @@
 The same command runs on one CPU, one GPU, or every host of a TPU pod (``--config.tpu_pod``; on
 GPU clusters set PERFLOW_COORDINATOR, PERFLOW_NUM_PROCESSES and PERFLOW_PROCESS_ID). A WORKDIR
 that holds checkpoints resumes from the newest. SIGTERM (preemption) or Ctrl-C saves a
-checkpoint and exits. WORKDIR gets checkpoints/, metrics.jsonl, TensorBoard events and samples/.
+checkpoint after the current step and exits (a second Ctrl-C exits at once, without one). WORKDIR
+gets checkpoints/, metrics.jsonl, TensorBoard events and samples/. Exit status 2: refused settings
+or WORKDIR, or a non-finite loss or gradient (the last checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from perflow_jax import checkpoint, data, flops, generate, pipeline, sharding, s
 from perflow_jax import config as configuration
 
 # Keys a resumed run may change: how long it runs and what it reports.
-RESUMABLE_KEYS = ("train.num_steps", "log.", "checkpoint.", "data.worker_count", "model.attention_backend")
+# The attention backend changes no result beyond rounding; data.worker_count is not here: grain
+# cannot restore its iterator with another number of workers.
+RESUMABLE_KEYS = ("train.num_steps", "log.", "checkpoint.", "model.attention_backend")
 
 # Dense bfloat16 peak FLOP/s per chip, by jax's device_kind, for the MFU column.
 PEAK_FLOPS = {
@@ -43,7 +47,7 @@ PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class TrainingError(RuntimeError):
@@ -76,17 +80,37 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Stop:
-    """Set by SIGTERM or Ctrl-C; the processes agree on it (one process: at once; several: at log steps)."""
+    """Set by SIGTERM or Ctrl-C (a second Ctrl-C aborts at once); every process agrees on it.
+
+    A context manager: the previous signal handlers are back when the loop ends.
+    """
 
     def __init__(self):
         self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
         self.requested = True
+        print(
+            f"{signal.Signals(signum).name}: stopping after this step with a checkpoint"
+            + (" (Ctrl-C again: stop at once, without one)" if signum == signal.SIGINT else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def agreed(self) -> bool:
+        """Whether any process was asked to stop (with several processes, a tiny all-gather)."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
@@ -183,7 +207,34 @@ def _student_init(config: ml_collections.ConfigDict, model: pipeline.Model) -> A
     source = config.model.student_init
     if not source:
         return model.params["unet"]
-    return pipeline.load_model(source, networks=("unet",)).params["unet"]
+    student = pipeline.load_model(source, networks=("unet",)).params["unet"]
+    check_same_architecture(model.params["unet"], student, source)
+    return student
+
+
+def check_same_architecture(teacher: Any, student: Any, source: str) -> None:
+    """Refuse a student_init whose UNet parameters differ from the teacher's in names or shapes."""
+    shapes = [{jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(t)}
+              for t in (teacher, student)]  # fmt: skip
+    differing = sorted(k for k in shapes[0].keys() | shapes[1].keys() if shapes[0].get(k) != shapes[1].get(k))
+    if differing:
+        examples = "; ".join(f"{k}: {shapes[0].get(k)} in the teacher, {shapes[1].get(k)} here" for k in differing[:3])
+        raise TrainingError(
+            f"config.model.student_init {source} is not the teacher's architecture ({len(differing)} parameters "
+            f"differ, e.g. {examples}): use a UNet of the same model family as config.model.path, or leave "
+            "student_init empty to start from the teacher"
+        )
+
+
+def _refuse_another_run(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """``check_resumable`` against the newest checkpoint, before anything is loaded; nothing for a new run."""
+    if not checkpoint.is_workdir(workdir):
+        return
+    try:
+        saved = checkpoint.run_config(workdir)[1]
+    except checkpoint.CheckpointError:  # a folder without checkpoints yet
+        return
+    check_resumable(saved, config.to_dict())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> step.TrainState:
@@ -193,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config = configuration.with_absolute_paths(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _refuse_another_run(workdir, config)
     model = pipeline.load_model(config.model.path)
     manifest = data.read_manifest(config.data.path)
     text_names = [n for n in ("text_encoder", "text_encoder_2") if n in model.classes]
@@ -228,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     null_ids = {k: jnp.asarray(v) for k, v in model.tokenize([""]).items()}
     if model.sdxl:
         null_ids.update(original_size=jnp.full((1, 2), config.data.resolution), crop_top_left=jnp.zeros((1, 2)))
-    frozen["null_cond"] = jax.jit(functools.partial(step.encode_text, networks))(frozen, null_ids)
+    encode = jax.jit(functools.partial(step.encode_text, networks), out_shardings=sharding.replicated(mesh))
+    frozen["null_cond"] = encode(frozen, null_ids)
     frozen_shardings["null_cond"] = jax.tree.map(lambda _: sharding.replicated(mesh), frozen["null_cond"])
 
     optimizer = configuration.optimizer(config)
@@ -248,7 +301,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     first_step = 0
     latest = checkpoints.latest_step()
     if latest is not None:
-        check_resumable(checkpoints.saved_config(latest), config.to_dict())
         state, _ = checkpoints.restore(latest, checkpoint.abstract_like(state), iterator)
         first_step = latest
         print(f"resuming from the checkpoint of step {latest} in {workdir}")
@@ -268,7 +320,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step, learning_rate,
           networks, model):  # fmt: skip
     """The training loop: steps, checks, reports, samples and checkpoints until done or stopped."""
-    stop = Stop()
+    with Stop() as stop:
+        return _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step,
+                      learning_rate, networks, model, stop)  # fmt: skip
+
+
+def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step, learning_rate,
+           networks, model, stop):  # fmt: skip
     reporter = Reporter(workdir, config.train.num_steps)
     sampler = Samples(config, workdir, networks, model, mesh, reporter)
     base_key = jax.random.key(config.train.seed)
@@ -294,8 +352,9 @@ def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoint
             state, metrics = compiled(state, batch, rng, frozen)
             pending.append((step_number + 1, metrics))
             done = step_number + 1
-            # Several processes must stop at the same step: they agree where they synchronise anyway.
-            stopping = stop.agreed() if jax.process_count() == 1 or done % config.log.every_steps == 0 else False
+            # Several processes must stop at the same step: they agree at every step, so that a preempted
+            # pod saves within its grace period (one tiny all-gather next to a whole training step).
+            stopping = stop.agreed()
             if done % config.log.every_steps == 0 or done == total or stopping:
                 clock = _report(reporter, pending, clock, done, total, learning_rate, flops_per_step, config)
                 pending.clear()
@@ -315,13 +374,16 @@ def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoint
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> None:
+    """Stop at the first step whose loss or gradient norm is not finite (its update would poison the state)."""
     for step_number, metrics in pending:
-        loss = float(jax.device_get(metrics["loss"]))
-        if not np.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss} at step {step_number}; the run stops and its last checkpoint (before this "
-                "step) is left as it was. Lower --config.optim.lr, check the data (manifest.json) and the model"
-            )
+        for name in ("loss", "grad_norm"):
+            value = float(jax.device_get(metrics[name]))
+            if not np.isfinite(value):
+                raise TrainingError(
+                    f"the {name.replace('_', ' ')} became {value} at step {step_number}; the run stops and its last "
+                    "checkpoint (before this step) is left as it was. Lower --config.optim.lr, check the data "
+                    "(manifest.json) and the model"
+                )
 
 
 def _report(reporter, pending, clock, done, total, learning_rate, flops_per_step, config):
@@ -351,10 +413,17 @@ def _report(reporter, pending, clock, done, total, learning_rate, flops_per_step
         f"step {done}/{total} | loss {values['loss']:.4f} | per window {windows} | grad norm "
         f"{values['grad_norm']:.3f} | lr {values['lr']:.2e} | {samples_per_s:.1f} samples/s"
         + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-        + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        + f" | ETA {_duration(eta)}"
     )
     reporter.scalars(done, values, line)
     return now, done
+
+
+def _duration(seconds: float) -> str:
+    """H:MM:SS, hours not wrapped at a day: 90061 -> '25:01:01'."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def main(argv: list[str]) -> None:

@@ -227,7 +227,7 @@ def test_command_line_rejects_unknown_keys():
         ("perflow.teacher_prediction_type", "v", "epsilon, v_prediction"),
         ("model.attention_backend", "flash", "auto, xla, cudnn, splash"),
         ("model.remat", "yes", "none, full, dots"),
-        ("model.compute_dtype", "fp16", "float32, bfloat16, float16"),
+        ("model.compute_dtype", "fp16", "float32, bfloat16"),
         ("model.teacher_dtype", "half", "float32, bfloat16, float16"),
         ("optim.schedule", "linear", "constant, cosine"),
     ],
@@ -235,6 +235,13 @@ def test_command_line_rejects_unknown_keys():
 def test_unknown_names_are_refused_with_the_valid_ones(key, value, valid):
     message = problems(runnable(**{key: value}))
     assert f"config.{key} is {value!r}: choose one of {valid}" in message
+
+
+def test_float16_training_is_refused_for_want_of_loss_scaling_but_a_float16_teacher_is_not():
+    assert "compute_dtype is 'float16': training in float16 needs loss scaling" in problems(
+        runnable(**{"model.compute_dtype": "float16"})
+    )
+    config_lib.validate(runnable(**{"model.teacher_dtype": "float16"}))
 
 
 def test_guidance_below_one_is_refused():

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import checkpoint, data
+from perflow_jax import checkpoint, data, train
 from tests.pipelines import tiny_model_and_data
 from tests.test_sharding import run_joined_processes
 
@@ -76,16 +76,20 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
     straight = run(setup, tmp_path / "straight", "--config.train.num_steps=6")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    process = subprocess.Popen(command(setup, tmp_path / "resumed", "--config.train.num_steps=6"), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # No periodic checkpoint before the end: the one to resume from is SIGTERM's.
+    no_periodic = "--config.checkpoint.every_steps=100"
+    process = subprocess.Popen(command(setup, tmp_path / "resumed", "--config.train.num_steps=6", no_periodic),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     for line in process.stdout:
         if line.startswith("step 3/6"):
             process.send_signal(signal.SIGTERM)
             break
-    _, err = process.communicate(timeout=600)
+    out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
+    assert "SIGTERM: stopping after this step with a checkpoint" in err
     stopped_at = max(int(p.name) for p in (tmp_path / "resumed/checkpoints").iterdir() if p.name.isdigit())
     assert 3 <= stopped_at < 6
+    assert f"stopped at step {stopped_at} on request" in out
 
     resumed = run(setup, tmp_path / "resumed", "--config.train.num_steps=6")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -135,12 +139,44 @@ def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tm
 
 
 def test_two_processes_train_save_and_restore(setup, tmp_path):
-    def pair(steps):
-        return run_joined_processes(command(setup, tmp_path / "run", f"--config.train.num_steps={steps}"), 2,
-                                    timeout=600)  # fmt: skip
+    def pair(steps):  # the state sharded over both processes' devices: mesh (1, 2)
+        run = command(setup, tmp_path / "run", f"--config.train.num_steps={steps}", "--config.mesh.shape=(1,-1)")
+        return run_joined_processes(run, 2, timeout=600)
 
     pair(2)
     assert (tmp_path / "run/checkpoints/2").is_dir()
     out = pair(4)[0]
     assert "resuming from the checkpoint of step 2" in out
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def test_a_step_with_an_infinite_gradient_norm_is_not_checkpointed():
+    good, bad = {"loss": np.float32(0.5), "grad_norm": np.float32(2.0)}, {"loss": np.float32(0.5), "grad_norm": np.inf}
+    train._check_finite([(4, good)])
+    with pytest.raises(train.TrainingError, match="the grad norm became inf at step 5"):
+        train._check_finite([(4, good), (5, bad)])
+
+
+def test_ctrl_c_asks_to_stop_twice_aborts_and_the_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT)
+    with train.Stop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.agreed()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_student_init_of_another_architecture_is_refused_naming_a_parameter():
+    teacher = {"conv_in": {"kernel": np.zeros((3, 3, 4, 32))}, "time": {"bias": np.zeros(32)}}
+    same = {"conv_in": {"kernel": np.ones((3, 3, 4, 32))}, "time": {"bias": np.ones(32)}}
+    train.check_same_architecture(teacher, same, "same")
+    other = {"conv_in": {"kernel": np.zeros((3, 3, 4, 64))}, "time": {"bias": np.zeros(32)}}
+    with pytest.raises(
+        train.TrainingError, match=r"student_init other.*1 parameters differ.*\(3, 3, 4, 32\) in the teacher"
+    ):
+        train.check_same_architecture(teacher, other, "other")
+
+
+def test_the_eta_counts_hours_past_a_day():
+    assert train._duration(90061) == "25:01:01" and train._duration(59.6) == "0:01:00"
