@@ -4,7 +4,7 @@ The reference that ``bench/train_step.py`` times against this project's JAX step
 ``tests/test_torch_reference.py`` checks for equal math against ``perflow_jax.step.train_step``.
 It follows the authors' ``scripts/train_perflow.py`` (SD1.5), ``perflow_accelerate_ddimeps_sdxl.py``
 (SDXL) and ``src/pfode_solver.py`` (magic-research/piecewise-rectified-flow), as
-../shared/PERFLOW_SPEC.md describes them: diffusers ``UNet2DConditionModel`` teacher (frozen) and
+docs/PERFLOW_SPEC.md describes them: diffusers ``UNet2DConditionModel`` teacher (frozen) and
 student (float32 parameters), transformers CLIP text encoder(s), the teacher's
 ``DDIMScheduler.alphas_cumprod`` and ``add_noise``, the window solve by DDIM with the teacher's
 timesteps ``round(999 + (t_i - 1) / 0.001)``, the target of the parameterization,
