@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -85,9 +86,12 @@ class Stop:
     A context manager: the previous signal handlers are back when the loop ends.
     """
 
-    def __init__(self):
+    def __init__(self, mesh):
         self.requested = False
         self._previous = {}
+        self._mesh = mesh
+        self._any = jax.jit(jnp.any, out_shardings=sharding.replicated(mesh))
+        self._in_flight = None
 
     def __enter__(self) -> Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,25 +114,35 @@ class Stop:
         )
 
     def agreed(self) -> bool:
-        """Whether any process was asked to stop (with several processes, a tiny all-gather)."""
+        """Whether to stop after the step just dispatched; every process gets the same answer at the same step.
+
+        One process: at once. Several (called once per step by each): the processes' requests are
+        combined on the devices behind this step and read back one step later, so the host never
+        waits for the devices and a preempted pod still stops within about a step.
+        """
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+        local = np.full(jax.local_device_count(), self.requested)
+        flags = jax.make_array_from_process_local_data(sharding.batch_sharding(self._mesh), local)
+        previous, self._in_flight = self._in_flight, self._any(flags)
+        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
 
 
 class Reporter:
-    """Console lines, metrics.jsonl and TensorBoard scalars/images (process 0 only)."""
+    """Console lines, metrics.jsonl and TensorBoard scalars/images (process 0 only).
 
-    def __init__(self, workdir: Path, total_steps: int):
+    A run resumed at ``first_step`` first drops what an interrupted run logged after its
+    checkpoint (rows of metrics.jsonl, TensorBoard events), so that each step is logged once.
+    """
+
+    def __init__(self, workdir: Path, first_step: int = 0):
         self.active = jax.process_index() == 0
-        self.total = total_steps
         if self.active:
             from tensorboardX import SummaryWriter
 
+            _drop_rows_after(workdir / "metrics.jsonl", first_step)
             self.jsonl = open(workdir / "metrics.jsonl", "a")
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=first_step + 1)
 
     def scalars(self, step_number: int, values: dict[str, float], line: str) -> None:
         if not self.active:
@@ -149,6 +163,22 @@ class Reporter:
         if self.active:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def _drop_rows_after(path: Path, step_number: int) -> None:
+    """Keep the rows of a metrics.jsonl up to ``step_number`` (and none that is cut off), replacing it whole."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step_number:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a row cut off by a crash
+            continue
+    partial = path.with_name(path.name + ".writing")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
 
 
 class Samples:
@@ -320,14 +350,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step, learning_rate,
           networks, model):  # fmt: skip
     """The training loop: steps, checks, reports, samples and checkpoints until done or stopped."""
-    with Stop() as stop:
+    with Stop(mesh) as stop:
         return _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step,
                       learning_rate, networks, model, stop)  # fmt: skip
 
 
 def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step, learning_rate,
            networks, model, stop):  # fmt: skip
-    reporter = Reporter(workdir, config.train.num_steps)
+    reporter = Reporter(workdir, first_step)
     sampler = Samples(config, workdir, networks, model, mesh, reporter)
     base_key = jax.random.key(config.train.seed)
     total = config.train.num_steps
@@ -352,8 +382,7 @@ def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoin
             state, metrics = compiled(state, batch, rng, frozen)
             pending.append((step_number + 1, metrics))
             done = step_number + 1
-            # Several processes must stop at the same step: they agree at every step, so that a preempted
-            # pod saves within its grace period (one tiny all-gather next to a whole training step).
+            # Several processes must stop at the same step, soon enough for a preempted pod's grace period.
             stopping = stop.agreed()
             if done % config.log.every_steps == 0 or done == total or stopping:
                 clock = _report(reporter, pending, clock, done, total, learning_rate, flops_per_step, config)

@@ -1,6 +1,7 @@
 """Mesh construction and the parameter / batch sharding rule, on 8 simulated CPU devices."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -91,10 +92,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_joined_processes(command: list[str], count: int, *, timeout: float, env: dict | None = None) -> list[str]:
+def run_joined_processes(
+    command: list[str],
+    count: int,
+    *,
+    timeout: float,
+    env: dict | None = None,
+    sigterm_at: tuple[str, int] | None = None,
+) -> list[str]:
     """Run ``command`` as ``count`` processes joined through the PERFLOW_* variables on a free local port.
 
-    Asserts that every process exits 0; returns their standard outputs, process 0's first.
+    ``sigterm_at`` = (prefix, i): send SIGTERM to process i once process 0 prints a line starting
+    with prefix. Asserts that every process exits 0; returns their standard outputs, process 0's first.
     """
     port = free_port()
     processes = [
@@ -114,10 +123,18 @@ def run_joined_processes(command: list[str], count: int, *, timeout: float, env:
         )  # fmt: skip
         for i in range(count)
     ]
+    seen = ""
+    if sigterm_at is not None:
+        prefix, target = sigterm_at
+        for line in processes[0].stdout:
+            seen += line
+            if line.startswith(prefix):
+                processes[target].send_signal(signal.SIGTERM)
+                break
     outputs = [p.communicate(timeout=timeout) for p in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
-    return [out for out, _ in outputs]
+    return [seen + outputs[0][0]] + [out for out, _ in outputs[1:]]
 
 
 def test_two_processes_join_through_the_environment_variables():

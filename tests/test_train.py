@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import checkpoint, data, train
+from perflow_jax import checkpoint, data, sharding, train
 from tests.pipelines import tiny_model_and_data
 from tests.test_sharding import run_joined_processes
 
@@ -138,16 +138,21 @@ def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tm
     assert (tmp_path / "run/checkpoints/3").stat().st_mtime_ns == before
 
 
-def test_two_processes_train_save_and_restore(setup, tmp_path):
-    def pair(steps):  # the state sharded over both processes' devices: mesh (1, 2)
-        run = command(setup, tmp_path / "run", f"--config.train.num_steps={steps}", "--config.mesh.shape=(1,-1)")
-        return run_joined_processes(run, 2, timeout=600)
+def test_two_processes_stop_together_on_one_sigterm_save_and_resume(setup, tmp_path):
+    def pair(steps, **kwargs):  # the state sharded over both processes' devices: mesh (1, 2)
+        run = command(setup, tmp_path / "run", f"--config.train.num_steps={steps}", "--config.mesh.shape=(1,-1)",
+                      "--config.checkpoint.every_steps=100")  # fmt: skip
+        return run_joined_processes(run, 2, timeout=600, **kwargs)
 
-    pair(2)
-    assert (tmp_path / "run/checkpoints/2").is_dir()
-    out = pair(4)[0]
-    assert "resuming from the checkpoint of step 2" in out
-    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    # A preemption notice reaches one worker only (here process 1, which prints nothing): both stop.
+    out = pair(8, sigterm_at=("step 2/8", 1))[0]
+    saved = [int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 2 <= saved[0] < 8, saved
+    assert f"stopped at step {saved[0]} on request" in out
+    out = pair(8)[0]
+    assert f"resuming from the checkpoint of step {saved[0]}" in out
+    rows = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 9))
 
 
 def test_a_step_with_an_infinite_gradient_norm_is_not_checkpointed():
@@ -159,7 +164,7 @@ def test_a_step_with_an_infinite_gradient_norm_is_not_checkpointed():
 
 def test_ctrl_c_asks_to_stop_twice_aborts_and_the_handlers_come_back():
     before = signal.getsignal(signal.SIGINT)
-    with train.Stop() as stop:
+    with train.Stop(sharding.make_mesh((-1, 1))) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.agreed()
         with pytest.raises(KeyboardInterrupt):
@@ -180,3 +185,17 @@ def test_a_student_init_of_another_architecture_is_refused_naming_a_parameter():
 
 def test_the_eta_counts_hours_past_a_day():
     assert train._duration(90061) == "25:01:01" and train._duration(59.6) == "0:01:00"
+
+
+def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
+    interrupted = train.Reporter(tmp_path)
+    for n in range(1, 6):
+        interrupted.scalars(n, {"loss": float(n)}, f"step {n}")
+    interrupted.close()
+    with open(tmp_path / "metrics.jsonl", "a") as rows:
+        rows.write('{"step": 6, "lo')  # cut off by a crash
+    resumed = train.Reporter(tmp_path, first_step=3)
+    resumed.scalars(4, {"loss": 40.0}, "step 4")
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["loss"]) for row in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
