@@ -167,9 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="training WORKDIR, or a converted PeRFlow folder")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
     parser.add_argument("--step", type=int, help="checkpoint step of a WORKDIR (default: the newest)")
-    parser.add_argument("--weights", default="ema", choices=tuple(checkpoint.WEIGHTS), help="EMA or raw student")
-    parser.add_argument("--dtype", default="float16", choices=tuple(weights.DTYPES), help="dtype of unet/")
-    parser.add_argument("--base", type=Path, help="diffusers folder of the teacher: write a whole pipeline folder")
+    parser.add_argument(
+        "--weights",
+        default="ema",
+        choices=tuple(checkpoint.WEIGHTS),
+        help="the EMA weights (default) or the raw student's",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=tuple(weights.DTYPES),
+        help="dtype of unet/ (default float16; the delta is float32)",
+    )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="diffusers folder of the teacher: write a whole pipeline folder, and the delta of a converted --model",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     try:

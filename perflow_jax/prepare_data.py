@@ -464,9 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumed if it holds a started run)")
     parser.add_argument("--resolution", type=int, required=True, help="square crop size in pixels, e.g. 512")
-    parser.add_argument("--shard-size", type=int, default=1000, help="input items per shard")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call")
-    parser.add_argument("--latent-dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--shard-size", type=int, default=1000, help="input items per shard (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
+    parser.add_argument(
+        "--latent-dtype", default="float16", choices=("float16", "float32"),
+        help="dtype of the stored VAE latent moments (default float16)",
+    )  # fmt: skip
     parser.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default resolution/2)")
     parser.add_argument("--tfds-data-dir", help="data_dir of a tfds: source")
     parser.add_argument("--caption-field", help="caption feature of a tfds: source (default caption or text)")
