@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU run of bench/: a few-second check of bfloat16 bias-gradient accumulation, the
-# PeRFlow training step (this project's JAX step against the authors' PyTorch step, eager and
-# torch.compile'd), then the SD1.5 UNet forward, in under 8 minutes (BUDGET_S, default 470 s,
-# machine start excluded). Run from the repository root on the device with .whl/ carried
-# (diffusers, which the GPU image lacks; bench/README.md):
+# The one GPU run of bench/: the PeRFlow training step (this project's JAX step against the
+# authors' PyTorch step, eager and torch.compile'd), then the SD1.5 UNet forward, in under 8
+# minutes (BUDGET_S, default 470 s, machine start excluded). Run from the repository root on the
+# device with .whl/ carried (diffusers, which the GPU image lacks; bench/README.md):
 #
 #   bash bench/gpu_run.sh              # all, in order: SD1.5 step (JAX, PyTorch), SDXL step (JAX,
 #                                      # PyTorch), UNet forward; what the budget leaves out is
@@ -60,8 +59,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$python" -c "import jax, torch, diffusers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| diffusers', diffusers.__version__)" \
   > "$OUT/versions.txt" || { echo "$python lacks jax, torch or diffusers" >&2; exit 1; }
 cat "$OUT/versions.txt"
-# Seconds: does this XLA sum bfloat16 bias gradients with float32 accumulators? (bench/RESULTS.md, CPU analysis)
-timeout -k 5 60 "$python" bench/inspect_step.py --bias-gradient 2>&1 | tail -n 1 | tee "$OUT/bias_gradient.txt"
 
 if [ -n "$parts" ]; then
   # Leave the UNet forward about 100 s when it is to run after the step.
@@ -96,7 +93,7 @@ fi
 
 echo
 echo "== summary ($((SECONDS - start)) s of ${budget})"
-cat "$OUT/gpu.txt" "$OUT/versions.txt" "$OUT/bias_gradient.txt" 2>/dev/null
+cat "$OUT/gpu.txt" "$OUT/versions.txt" 2>/dev/null
 [ -f "$OUT/train_step.json" ] && [ -n "$parts" ] && "$python" bench/train_step.py --report "$OUT/train_step.json"
 [ -f "$OUT/unet_forward.log" ] && [ "$what" != sd15 ] && [ "$what" != sample ] && tail -n 12 "$OUT/unet_forward.log"
 [ -f "$OUT/sample.log" ] && [ "$what" = sample ] && tail -n 6 "$OUT/sample.log"

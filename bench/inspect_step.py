@@ -18,12 +18,6 @@ weights, no device memory) and, with ``--compile``, compiled for the CPU. Report
 - Fusion after optimisation (``--compile``; the CPU's pipeline, whose fusion choices differ from
   a GPU's): reductions per fusion, and conversions left outside fusions (materialised).
 
-``--bias-gradient`` instead runs one small check on the default device (the only thing here that
-runs): the gradient of a bias added in bfloat16, which the HLO reduces over all tokens in
-bfloat16 (``reduce`` bf16 -> bf16 at flax's Dense / Conv bias add), against its exact value, for
-one Dense of SD1.5's first level (16 x 4096 tokens, 640 features). PyTorch's autocast sums such
-gradients with float32 accumulators; this says whether the device's XLA does.
-
 Source lines name the innermost frame and the first frame in this package (perflow_jax/...).
 A report goes to stdout, everything to ``$OUT/inspect_step.json`` (the current folder when OUT
 is unset).
@@ -31,7 +25,6 @@ is unset).
     python3 bench/inspect_step.py                      # SD1.5 at 512 px, batch 16, lowered only
     python3 bench/inspect_step.py --compile            # also compile for the CPU (minutes)
     python3 bench/inspect_step.py --size 16 --batch 2 --compile
-    python3 bench/inspect_step.py --bias-gradient      # on the device whose XLA is in question
 """
 
 # The imports below must follow the sys.path line before them.
@@ -54,11 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import jaxlib
-import numpy as np
 from jaxlib import _hlo
 
 from bench.train_step import SD15, SDXL, STUDENT_PASSES, JaxStep, memory_analysis
@@ -362,29 +352,6 @@ def fusion_report(module: HloModule, trip_count: int) -> dict:
     }
 
 
-def bias_gradient_check(tokens: int = 16 * 4096, features: int = 640, seed: int = 0) -> dict:
-    """Relative error of d/d(bias) of sum(Dense(x) * g) = sum over tokens of g, for a bfloat16 and a
-    float32 Dense (float32 parameters), against the exact float64 sum of the same bfloat16 g."""
-    keys = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(keys[0], (1, tokens, features // 2), jnp.bfloat16)
-    g = jax.random.normal(keys[1], (1, tokens, features), jnp.bfloat16)
-    exact = np.asarray(g, np.float64).sum(axis=(0, 1))
-    out = {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind, "tokens": tokens}
-    for dtype in (jnp.bfloat16, jnp.float32):
-        dense = nn.Dense(features, dtype=dtype)
-        params = dense.init(keys[2], x[:, :1])["params"]
-
-        def objective(p, x, g, dense=dense):
-            return jnp.sum(dense.apply({"params": p}, x).astype(jnp.float32) * g.astype(jnp.float32))
-
-        bias = np.asarray(jax.jit(jax.grad(objective))(params, x, g)["bias"], np.float64)
-        out[f"{jnp.dtype(dtype).name}_relative_error"] = float(np.linalg.norm(bias - exact) / np.linalg.norm(exact))
-    # The float32 sum rounded to bfloat16 once: what float32 accumulation gives for a bfloat16 result.
-    rounded = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16), np.float64)
-    out["bfloat16_rounding_only"] = float(np.linalg.norm(rounded - exact) / np.linalg.norm(exact))
-    return out
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sd15", choices=("sd15", "sdxl"))
@@ -392,9 +359,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="batch of the step (default 16)")
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="student rematerialisation")
     parser.add_argument("--compile", action="store_true", help="also compile for the CPU: memory, fusion (minutes)")
-    parser.add_argument(
-        "--bias-gradient", action="store_true", help="only run the bias-gradient accumulation check on the device"
-    )
     return parser.parse_args(argv)
 
 
@@ -402,16 +366,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
-    if args.bias_gradient:
-        result = bias_gradient_check()
-        print(
-            f"bias gradient over {result['tokens']} tokens on {result['device']} ({result['platform']}), relative "
-            f"error against the exact sum: bfloat16 Dense {result['bfloat16_relative_error']:.1e}, float32 Dense "
-            f"{result['float32_relative_error']:.1e}; bfloat16 rounding of an exact sum alone "
-            f"{result['bfloat16_rounding_only']:.1e}"
-        )
-        (out / "bias_gradient.json").write_text(json.dumps(result, indent=1) + "\n")
-        return 0
     spec = {"sd15": SD15, "sdxl": SDXL}[args.model]
     full_size = spec.latent_size
     spec = dataclasses.replace(spec, latent_size=args.size or full_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from perflow_jax.models.attention import dot_product_attention
 
@@ -17,12 +18,75 @@ def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: int | None = None) -> nn.Conv:
+@jax.custom_vjp
+def broadcast_add(y: jax.Array, b: jax.Array) -> jax.Array:
+    """y + b, with b broadcast to y's shape and cast to y's dtype; b's gradient is summed in float32.
+
+    Autodiff of a plain add sums b's gradient over the broadcast axes (batch x positions for a
+    bias) in y's dtype: in bfloat16 that is about 6x the error of one rounding on XLA:CPU
+    (bench/RESULTS.md, "CPU analysis"), where PyTorch's autocast accumulates in float32.
+    """
+    return y + b.astype(y.dtype)
+
+
+def _broadcast_add_forward(y, b):
+    return broadcast_add(y, b), b
+
+
+def _broadcast_add_backward(b, g):
+    lead = g.ndim - b.ndim
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(b.shape) if n == 1 and g.shape[lead + i] != 1)
+    return g, jnp.sum(g, axis=axes, dtype=jnp.float32).reshape(b.shape).astype(b.dtype)
+
+
+broadcast_add.defvjp(_broadcast_add_forward, _broadcast_add_backward)
+
+
+class Dense(nn.Module):
+    """torch.nn.Linear as flax's Dense (kernel [in, out], bias [out]); the bias is added by ``broadcast_add``."""
+
+    features: int
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+        x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if not self.use_bias:
+            return y
+        return broadcast_add(y, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32))
+
+
+class Conv(nn.Module):
+    """torch.nn.Conv2d on NHWC inputs as flax's Conv (kernel [k, k, in, out], bias [out]).
+
+    The bias is added by ``broadcast_add``.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+        pad = ((self.padding, self.padding), (self.padding, self.padding))
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return broadcast_add(y, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32))
+
+
+def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: int | None = None) -> Conv:
     """torch.nn.Conv2d(_, features, kernel, stride, padding) on NHWC inputs; padding defaults to 'same'."""
     pad = (kernel - 1) // 2 if padding is None else padding
-    return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), dtype=dtype, name=name
-    )
+    return Conv(features, kernel, stride=stride, padding=pad, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -42,8 +106,8 @@ class ResnetBlock2D(nn.Module):
         h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
         h = conv(self.out_channels, 3, self.dtype, "conv1")(h)
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-            h = h + t[:, None, None, :]
+            t = Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = broadcast_add(h, t[:, None, None, :])
         h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
         h = conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -120,13 +184,13 @@ class Attention(nn.Module):
         inner = self.heads * self.dim_head
 
         def project(name, y):
-            y = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
+            y = Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
             return y.reshape(y.shape[0], y.shape[1], self.heads, self.dim_head)
 
         q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
         h = dot_product_attention(q, k, v, backend=self.attention_backend)
         h = h.reshape(h.shape[0], h.shape[1], inner)
-        h = nn.Dense(self.out_dim, dtype=self.dtype, name="to_out.0")(h)
+        h = Dense(self.out_dim, dtype=self.dtype, name="to_out.0")(h)
         if self.groups is not None:
             h = h.reshape(residual.shape) + residual
         return h

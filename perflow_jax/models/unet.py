@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from perflow_jax.models.attention import check_backend
-from perflow_jax.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from perflow_jax.models.blocks import Attention, Dense, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -212,8 +212,8 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.silu(nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x))
-        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(x)
+        x = nn.silu(Dense(self.features, dtype=self.dtype, name="linear_1")(x))
+        return Dense(self.features, dtype=self.dtype, name="linear_2")(x)
 
 
 class FeedForward(nn.Module):
@@ -225,8 +225,8 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         inner = 4 * self.dim
-        h, gate = jnp.split(nn.Dense(2 * inner, dtype=self.dtype, name="net.0.proj")(x), 2, axis=-1)
-        return nn.Dense(self.dim, dtype=self.dtype, name="net.2")(h * nn.gelu(gate, approximate=False))
+        h, gate = jnp.split(Dense(2 * inner, dtype=self.dtype, name="net.0.proj")(x), 2, axis=-1)
+        return Dense(self.dim, dtype=self.dtype, name="net.2")(h * nn.gelu(gate, approximate=False))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -275,7 +275,7 @@ class Transformer2DModel(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         proj = (
-            (lambda name: nn.Dense(c, dtype=self.dtype, name=name))
+            (lambda name: Dense(c, dtype=self.dtype, name=name))
             if self.use_linear_projection
             else (lambda name: conv(c, 1, self.dtype, name))
         )
