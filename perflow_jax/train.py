@@ -56,8 +56,15 @@ class TrainingError(RuntimeError):
 
 
 def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
-    """Refuse to resume a WORKDIR whose run differs in more than length and logging; list the keys."""
+    """Refuse to resume a WORKDIR whose run differs in more than length and logging; list the keys.
+
+    A relative folder in ``saved`` (a WORKDIR written before folders were saved absolute) is read
+    from the current directory, as that run read it.
+    """
     saved_flat, new_flat = _flatten(saved), _flatten(config)
+    for key in configuration.PATH_KEYS:
+        if saved_flat.get(key):
+            saved_flat[key] = os.path.abspath(os.path.expanduser(saved_flat[key]))
     differing = sorted(
         key
         for key in set(saved_flat) | set(new_flat)

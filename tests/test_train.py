@@ -199,3 +199,16 @@ def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
     resumed.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], row["loss"]) for row in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_a_workdir_saved_with_relative_folders_resumes_from_the_same_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = {"model": {"path": "models/sd15", "student_init": ""}, "data": {"path": "data"}}
+    now = {
+        "model": {"path": str(tmp_path / "models/sd15"), "student_init": ""},
+        "data": {"path": str(tmp_path / "data")},
+    }
+    train.check_resumable(saved, now)
+    moved = {**now, "data": {"path": str(tmp_path / "other")}}
+    with pytest.raises(train.TrainingError, match=f"data.path: '{tmp_path / 'data'}' saved"):
+        train.check_resumable(saved, moved)
