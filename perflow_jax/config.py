@@ -156,8 +156,13 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
     for key in PATH_KEYS:
         group, name = key.split(".")
         if config[group][name]:
-            config[group][name] = os.path.abspath(os.path.expanduser(config[group][name]))
+            config[group][name] = absolute_path(config[group][name])
     return config
+
+
+def absolute_path(path: str) -> str:
+    """``path`` (``~`` expanded) as an absolute, normalised path from the current directory."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _mesh_problems(shape: tuple[int, ...], device_count: int | None = None) -> list[str]:

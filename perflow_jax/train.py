@@ -64,7 +64,7 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
     saved_flat, new_flat = _flatten(saved), _flatten(config)
     for key in configuration.PATH_KEYS:
         if saved_flat.get(key):
-            saved_flat[key] = os.path.abspath(os.path.expanduser(saved_flat[key]))
+            saved_flat[key] = configuration.absolute_path(saved_flat[key])
     differing = sorted(
         key
         for key in set(saved_flat) | set(new_flat)

@@ -26,7 +26,7 @@ def quiet(_):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """runs/demo as make demo leaves it, after 4 training steps instead of the config's 600."""
+    """runs/demo as make demo leaves it, after 4 training steps instead of the config's 400."""
     root = tmp_path_factory.mktemp("demo")
     convert(TEACHER, root / "teacher", log=quiet)
     prepare(root / "teacher", "digits", root / "data", resolution=digits.RESOLUTION, progress=False)

@@ -99,15 +99,15 @@ def _cudnn_accepts(q: jax.Array, k: jax.Array, is_causal: bool) -> tuple[bool, b
         out, vjp = jax.vjp(attention, q, k, v)
         return vjp(out)
 
-    accepted = []
-    for function in (attention, forward_and_backward):
+    def traces(function) -> bool:
         try:
             jax.eval_shape(function, q, k, k)
         except (NotImplementedError, ValueError, RuntimeError):
-            accepted.append(False)
-        else:
-            accepted.append(True)
-    return accepted[0], accepted[0] and accepted[1]
+            return False
+        return True
+
+    forward = traces(attention)
+    return forward, forward and traces(forward_and_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
