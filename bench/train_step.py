@@ -95,7 +95,7 @@ import numpy as np
 import optax
 
 from bench.common import error_string
-from perflow_jax import loss, schedule, sharding, step
+from perflow_jax import loss, sharding, step
 from perflow_jax.flops import cost_flops
 from perflow_jax.models import reference_configs
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -591,21 +591,8 @@ class JaxStep:
 
     def teacher_part(self, batch, rng, frozen):
         """The first half of step.train_step: draws, text encoding, dropout and the window solve."""
-        networks, settings = self.networks, self.settings
-        k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
-        mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
-        x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
-        eps = jax.random.normal(k_eps, x0.shape)
-        t = schedule.sample_times(k_time, mean.shape[0], settings.discrete_timesteps)
-        drop = jax.random.uniform(k_drop, (mean.shape[0],)) < settings.text_dropout
-        cond = step.encode_text(networks, frozen, batch)
-        null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (mean.shape[0],) + x.shape[1:]), frozen["null_cond"])
-        return loss.reflow_targets(
-            step.unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
-            jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
-            num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
-            prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
-        )  # fmt: skip
+        examples = step.draw_examples(rng, batch, networks=self.networks, settings=self.settings)
+        return step.reflow_problem(examples, frozen, networks=self.networks, settings=self.settings)
 
     def student_part(self, state, reflow):
         """The second half of step.train_step: prediction, loss, gradients, clipped AdamW, EMA."""
@@ -616,12 +603,8 @@ class JaxStep:
             return loss.reflow_loss(prediction, reflow, num_windows=settings.num_windows)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = step.ema_decay(state.step, settings.ema_max_decay)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
+        return step.apply_gradients(state, grads, optimizer=self.optimizer, settings=settings), metrics
 
     def reflow_abstract(self, batch_size: int):
         """The teacher half's output (a loss.Reflow) as abstract arrays, traced once per batch size."""

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()  # the run
     config.train.global_batch_size = 64  # examples per step over all devices
+    config.train.gradient_accumulation_steps = 1  # gradients of the whole batch at once
     config.train.num_steps = 400  # optimizer steps (about 5 minutes on 2 CPU cores)
     config.train.seed = 0  # seed of the noise, times and text dropout
 

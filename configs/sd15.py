@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()  # the run
     config.train.global_batch_size = 1024  # recipe: examples per step over all devices (32 per GPU)
+    config.train.gradient_accumulation_steps = 1  # recipe: 32 per GPU at once; raise it where memory runs out
     config.train.num_steps = 10_000  # optimizer steps; the reference converged in about 4k at batch 1024
     config.train.seed = 0  # seed of the noise, times and text dropout
 

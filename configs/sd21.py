@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()  # the run
     config.train.global_batch_size = 1024  # examples per step over all devices (SD1.5's reported batch)
+    config.train.gradient_accumulation_steps = 1  # each device's share at once; raise it where memory runs out
     config.train.num_steps = 10_000  # optimizer steps; the SD1.5 reference converged in about 4k at batch 1024
     config.train.seed = 0  # seed of the noise, times and text dropout
 

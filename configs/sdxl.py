@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 0  # recipe: no warm-up (linear from 0 to lr over this many steps)
 
     config.train = ml_collections.ConfigDict()  # the run
-    config.train.global_batch_size = 256  # examples per step over all devices (recipe: 8 x 2 accumulated per GPU)
+    config.train.global_batch_size = 256  # examples per step over all devices (recipe: 8 x 2 per GPU on 16 GPUs)
+    config.train.gradient_accumulation_steps = 2  # recipe: each device's share in 2 microbatches, one after another
     config.train.num_steps = 10_000  # optimizer steps; the reference converged in about 4k at batch 1024
     config.train.seed = 0  # seed of the noise, times and text dropout
 

@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()  # the run
     config.train.global_batch_size = 8  # examples per step over all devices
+    config.train.gradient_accumulation_steps = 1  # gradients of the whole batch at once
     config.train.num_steps = 6  # optimizer steps
     config.train.seed = 0  # seed of the noise, times and text dropout
 

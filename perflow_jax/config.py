@@ -128,6 +128,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f"config.train.global_batch_size is {config.train.global_batch_size}: use at least 1")
     if config.train.num_steps < 1:
         problems.append(f"config.train.num_steps is {config.train.num_steps}: use at least 1")
+    if config.train.gradient_accumulation_steps < 1:
+        problems.append(
+            f"config.train.gradient_accumulation_steps is {config.train.gradient_accumulation_steps}: use at least 1 "
+            "(1: the whole batch at once)"
+        )
     problems.extend(_mesh_problems(tuple(config.mesh.shape)))
     for key in ("checkpoint.every_steps", "checkpoint.keep", "log.every_steps", "log.eval_every_steps"):
         group, name = key.split(".")
@@ -236,8 +241,23 @@ def validate_against(
             f"config.train.global_batch_size {batch} does not split evenly over {device_count} devices: "
             f"use a multiple of {device_count}, e.g. {nearest}"
         )
+    else:
+        problems.extend(_accumulation_problems(batch // device_count, config.train.gradient_accumulation_steps))
     problems.extend(_mesh_problems(tuple(config.mesh.shape), device_count))
     _raise(problems)
+
+
+def _accumulation_problems(per_device: int, steps: int) -> list[str]:
+    """The microbatches must split each device's examples evenly, so that each stays on its device."""
+    if steps < 1 or per_device % steps == 0:
+        return []
+    divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+    nearest = min(divisors, key=lambda d: (abs(d - steps), -d))
+    return [
+        f"config.train.gradient_accumulation_steps {steps} does not split the {per_device} examples per device "
+        f"(config.train.global_batch_size over the devices) into equal microbatches: use a divisor of {per_device}, "
+        f"e.g. {nearest}, or a global batch that is a multiple of the devices x {steps}"
+    ]
 
 
 def _model_hint(cross_attention_dim: int, sdxl: bool) -> str:

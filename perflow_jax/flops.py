@@ -2,9 +2,10 @@
 
 XLA's cost analysis of a lowered (not yet optimised) program counts every matrix product and
 convolution, but the body of a while loop only once: the teacher's S-step window solve (a
-``fori_loop``) counts as one of its S steps. ``train_step_flops`` adds the S - 1 that are left
-out. The compiled program's count is not used: on GPUs the convolutions and matrix products that
-become cuDNN / cuBLAS calls are missing from it (bench/RESULTS.md).
+``fori_loop``) counts as one of its S steps, and gradient accumulation's loop over microbatches
+as one microbatch. ``train_step_flops`` adds what is left out. The compiled program's count is
+not used: on GPUs the convolutions and matrix products that become cuDNN / cuBLAS calls are
+missing from it (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -37,27 +38,46 @@ def train_step_flops(
     lowered_step: jax.stages.Lowered,
     networks: step.Networks,
     settings: step.PeRFlowSettings,
+    params: Any,
     frozen: dict[str, Any],
     batch: dict[str, jax.Array],
+    accumulation_steps: int = 1,
 ) -> float | None:
-    """FLOPs of one training step over the global batch: the lowered step's count plus the solver
-    steps that the count of its loop leaves out, (S - 1) x the lowered count of one solver step.
+    """FLOPs of one training step over the global batch: the lowered step's count plus what the
+    count of its loops leaves out.
+
+    The solver loop: (S - 1) x the lowered count of one solver step, per microbatch. With
+    gradient accumulation, the microbatch loop: (A - 1) x the lowered count of one microbatch's
+    gradients (``step.reflow_gradients``).
 
     Args:
       lowered_step: ``jax.jit(step.train_step...).lower(state, batch, rng, frozen)``.
       networks, settings: those of the step.
-      frozen, batch: the step's arguments (arrays or ShapeDtypeStructs).
+      params, frozen, batch: the step's student parameters and arguments (arrays or ShapeDtypeStructs).
+      accumulation_steps: the step's ``accumulation_steps``.
     Returns:
       FLOPs, or None where the backend has no cost analysis.
     """
     whole = cost_flops(lowered_step)
-    if whole is None or settings.solver_steps == 1:
+    if whole is None:
+        return None
+    abstract = functools.partial(jax.tree.map, lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype))
+    params, frozen, batch = abstract(params), abstract(frozen), abstract(batch)
+    draw = functools.partial(step.draw_examples, networks=networks, settings=settings)
+    examples = jax.eval_shape(lambda batch: draw(jax.random.key(0), batch), batch)
+    split = jax.eval_shape(functools.partial(step.microbatches, n=accumulation_steps), examples)
+    microbatch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), split)
+    if accumulation_steps > 1:
+        gradients = functools.partial(step.reflow_gradients, networks=networks, settings=settings)
+        body = cost_flops(jax.jit(gradients).lower(params, microbatch, frozen))
+        if body is None:
+            return None
+        whole += (accumulation_steps - 1) * body
+    if settings.solver_steps == 1:
         return whole
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (frozen, batch))
-    cond = jax.eval_shape(functools.partial(step.encode_text, networks), *shapes)
-    size = batch["mean"].shape[0]
-    z = jax.ShapeDtypeStruct(batch["mean"].shape, jnp.float32)
-    window = jax.ShapeDtypeStruct((size,), jnp.int32)
+    cond = jax.eval_shape(functools.partial(step.encode_text, networks), frozen, microbatch)
+    z = jax.ShapeDtypeStruct(microbatch["x0"].shape, jnp.float32)
+    window = jax.ShapeDtypeStruct(microbatch["t"].shape, jnp.int32)
 
     def one_solver_step(teacher, z, window, cond):
         return solver.solve_window(
@@ -66,5 +86,7 @@ def train_step_flops(
             prediction_type=settings.teacher_prediction_type,
         )  # fmt: skip
 
-    body = cost_flops(jax.jit(one_solver_step).lower(shapes[0]["teacher"], z, window, cond))
-    return None if body is None else whole + (settings.solver_steps - 1) * body
+    solver_step = cost_flops(jax.jit(one_solver_step).lower(frozen["teacher"], z, window, cond))
+    if solver_step is None:
+        return None
+    return whole + accumulation_steps * (settings.solver_steps - 1) * solver_step

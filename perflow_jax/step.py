@@ -3,11 +3,14 @@
 Frozen text encoding, text dropout to the empty prompt, latents sampled from the stored VAE
 moments, the teacher's window solve, the reflow loss, gradients with global-norm clipping,
 AdamW, and the EMA with the reference's warm-up (PERFLOW_SPEC.md, "One training example").
+The gradient may be accumulated over microbatches, one after another, to save memory (the SDXL
+recipe's 8 x 2 per GPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -129,6 +132,111 @@ def unet_apply(module: nn.Module, params: Any):
     return apply
 
 
+def draw_examples(
+    rng: jax.Array, batch: dict[str, jax.Array], *, networks: Networks, settings: PeRFlowSettings
+) -> dict[str, jax.Array]:
+    """The batch with each example's random draws: latent x0, noise eps, time t, text dropout.
+
+    Args:
+      rng: the step's key.
+      batch: a data.py batch: mean, logvar [B, h, w, c]; input_ids [B, 77] (and for SDXL
+        input_ids_2, original_size, crop_top_left).
+    Returns:
+      the batch's text fields and x0, eps [B, h, w, c] float32 (x0 sampled from the VAE moments and
+      scaled), t [B] float32 in (0, 1], drop [B] bool. Drawn for the whole batch at once, so that
+      splitting it into microbatches changes no example.
+    """
+    k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
+    batch_size = batch["mean"].shape[0]
+    mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
+    x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
+    examples = {k: v for k, v in batch.items() if k not in ("mean", "logvar")}
+    examples.update(
+        x0=x0,
+        eps=jax.random.normal(k_eps, x0.shape),
+        t=schedule.sample_times(k_time, batch_size, settings.discrete_timesteps),
+        drop=jax.random.uniform(k_drop, (batch_size,)) < settings.text_dropout,
+    )
+    return examples
+
+
+def reflow_problem(
+    examples: dict[str, jax.Array], frozen: dict[str, Any], *, networks: Networks, settings: PeRFlowSettings
+) -> loss.Reflow:
+    """What the student is trained on for ``examples`` (``draw_examples``): frozen text encoding,
+    dropout to the empty prompt and the teacher's window solve (``loss.reflow_targets``)."""
+    batch_size = examples["x0"].shape[0]
+    cond = encode_text(networks, frozen, examples)
+    null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size,) + x.shape[1:]), frozen["null_cond"])
+    return loss.reflow_targets(
+        unet_apply(networks.teacher, frozen["teacher"]), examples["x0"], examples["eps"], examples["t"], cond,
+        null_cond, examples["drop"], jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
+        num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
+        prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
+    )  # fmt: skip
+
+
+def reflow_gradients(
+    params: Any,
+    examples: dict[str, jax.Array],
+    frozen: dict[str, Any],
+    *,
+    networks: Networks,
+    settings: PeRFlowSettings,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the reflow loss of ``examples`` (``draw_examples``) for the student ``params``.
+
+    Returns (gradients like params, metrics: loss, window_loss_sum [K], window_count [K]).
+    """
+    reflow = reflow_problem(examples, frozen, networks=networks, settings=settings)
+
+    def loss_fn(params):
+        prediction = unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+        return loss.reflow_loss(
+            prediction, reflow, num_windows=settings.num_windows, distance=settings.distance,
+            weighting=settings.weighting,
+        )  # fmt: skip
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, metrics
+
+
+def microbatches(examples: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [n, B / n, ...]: example i goes to microbatch i % n.
+
+    Each device's contiguous slice of the batch splits into n equal parts that stay on that
+    device (when n divides the examples per device), so the split moves no data.
+    """
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), examples)
+
+
+def accumulated_gradients(
+    params: Any,
+    examples: dict[str, jax.Array],
+    frozen: dict[str, Any],
+    *,
+    networks: Networks,
+    settings: PeRFlowSettings,
+    accumulation_steps: int,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """``reflow_gradients`` of the whole batch, computed one microbatch at a time (a ``lax.scan``).
+
+    Only one microbatch's activations are alive at a time. The microbatches are equal in size, so
+    the batch's mean loss and gradient are the means of theirs; the per-window sums add up.
+    """
+    gradients = functools.partial(reflow_gradients, frozen=frozen, networks=networks, settings=settings)
+    split = microbatches(examples, accumulation_steps)
+
+    def add(total, microbatch):
+        return jax.tree.map(jnp.add, total, gradients(params, microbatch)), None
+
+    first = jax.tree.map(lambda x: x[0], split)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(gradients, params, first))
+    (grads, metrics), _ = jax.lax.scan(add, zeros, split)
+    grads = jax.tree.map(lambda g: g / accumulation_steps, grads)
+    return grads, {**metrics, "loss": metrics["loss"] / accumulation_steps}
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -138,6 +246,7 @@ def train_step(
     networks: Networks,
     settings: PeRFlowSettings,
     optimizer: optax.GradientTransformation,
+    accumulation_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One PeRFlow update.
 
@@ -148,38 +257,29 @@ def train_step(
       rng: this step's key (fold the step into the run's key outside).
       frozen: {"teacher": UNet params (bfloat16), "text_encoder": ..., ("text_encoder_2": ...),
         "null_cond": the empty prompt's condition for one example (``encode_text`` of its ids)}.
+      accumulation_steps: compute the gradient in this many microbatches of B / accumulation_steps
+        examples, one after another (less memory, same update up to float32 rounding).
     Returns:
       (new state, metrics: loss, window_loss_sum [K], window_count [K], grad_norm).
     """
-    k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
-    batch_size = batch["mean"].shape[0]
-    mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
-    x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
-    eps = jax.random.normal(k_eps, x0.shape)
-    t = schedule.sample_times(k_time, batch_size, settings.discrete_timesteps)
-    drop = jax.random.uniform(k_drop, (batch_size,)) < settings.text_dropout
-
-    cond = encode_text(networks, frozen, batch)
-    null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size,) + x.shape[1:]), frozen["null_cond"])
-    reflow = loss.reflow_targets(
-        unet_apply(networks.teacher, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
-        jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
-        num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
-        prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
-    )  # fmt: skip
-
-    def loss_fn(params):
-        prediction = unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
-        return loss.reflow_loss(
-            prediction, reflow, num_windows=settings.num_windows, distance=settings.distance,
-            weighting=settings.weighting,
+    examples = draw_examples(rng, batch, networks=networks, settings=settings)
+    if accumulation_steps == 1:
+        grads, metrics = reflow_gradients(state.params, examples, frozen, networks=networks, settings=settings)
+    else:
+        grads, metrics = accumulated_gradients(
+            state.params, examples, frozen, networks=networks, settings=settings,
+            accumulation_steps=accumulation_steps,
         )  # fmt: skip
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return apply_gradients(state, grads, optimizer=optimizer, settings=settings), metrics
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+def apply_gradients(
+    state: TrainState, grads: Any, *, optimizer: optax.GradientTransformation, settings: PeRFlowSettings
+) -> TrainState:
+    """The update from the student's gradients: the optimizer (clipping, AdamW), then the EMA."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, settings.ema_max_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
-    return new_state, metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)

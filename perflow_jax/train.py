@@ -32,10 +32,14 @@ from ml_collections import config_flags
 from perflow_jax import checkpoint, data, flops, generate, pipeline, sharding, step
 from perflow_jax import config as configuration
 
-# Keys a resumed run may change: how long it runs and what it reports.
-# The attention backend changes no result beyond rounding; data.worker_count is not here: grain
-# cannot restore its iterator with another number of workers.
-RESUMABLE_KEYS = ("train.num_steps", "log.", "checkpoint.", "model.attention_backend")
+# Keys a resumed run may change: how long it runs, what it reports, and how the step is computed
+# (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
+# rounding, so that a run can resume on a device with less memory. data.worker_count is not here:
+# grain cannot restore its iterator with another number of workers.
+RESUMABLE_KEYS = (
+    "train.num_steps", "log.", "checkpoint.", "model.attention_backend", "model.remat",
+    "train.gradient_accumulation_steps",
+)  # fmt: skip
 
 # Dense bfloat16 peak FLOP/s per chip, by jax's device_kind, for the MFU column.
 PEAK_FLOPS = {
@@ -345,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     batch_shardings = sharding.batch_sharding(mesh)
     train_step = jax.jit(
         functools.partial(step.train_step, networks=networks, settings=configuration.settings(config),
-                          optimizer=optimizer),
+                          optimizer=optimizer, accumulation_steps=config.train.gradient_accumulation_steps),
         in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh), frozen_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
@@ -382,8 +386,9 @@ def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoin
                 lowered = train_step.lower(state, batch, rng, frozen)
                 compiled = lowered.compile()
                 flops_per_step = flops.train_step_flops(
-                    lowered, networks, configuration.settings(config), frozen, batch
-                )
+                    lowered, networks, configuration.settings(config), state.params, frozen, batch,
+                    config.train.gradient_accumulation_steps,
+                )  # fmt: skip
                 print(f"compiled the training step in {time.perf_counter() - start:.1f} s", flush=True)
                 clock = (time.perf_counter(), step_number)
             state, metrics = compiled(state, batch, rng, frozen)

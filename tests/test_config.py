@@ -140,9 +140,10 @@ def test_sd15_config_holds_the_reported_batch_and_released_sampling():
     assert (config.log.sample_steps, config.log.sample_guidance) == (4, 4.5)
 
 
-def test_sdxl_config_rematerialises_and_samples_with_guidance_2():
+def test_sdxl_config_rematerialises_accumulates_two_microbatches_and_samples_with_guidance_2():
     config = load("sdxl")
     assert config.model.remat == "full"
+    assert config.train.gradient_accumulation_steps == 2  # the recipe's 8 x 2 per GPU
     assert config.log.sample_guidance == 2.0
 
 
@@ -363,6 +364,19 @@ def test_global_batch_not_divisible_by_devices_suggests_the_nearest_sizes():
     message = against_problems(runnable(**{"train.global_batch_size": 1000}), device_count=48)
     assert "global_batch_size 1000 does not split evenly over 48 devices" in message
     assert "e.g. 960 or 1008" in message
+
+
+def test_zero_accumulation_steps_are_refused():
+    message = problems(runnable(**{"train.gradient_accumulation_steps": 0}))
+    assert "config.train.gradient_accumulation_steps is 0: use at least 1" in message
+
+
+def test_microbatches_must_split_each_devices_examples_evenly():
+    config = runnable(**{"train.global_batch_size": 96, "train.gradient_accumulation_steps": 5})
+    message = against_problems(config, device_count=8)
+    assert "gradient_accumulation_steps 5 does not split the 12 examples per device" in message
+    assert "use a divisor of 12, e.g. 6, or a global batch that is a multiple of the devices x 5" in message
+    against(runnable(**{"train.global_batch_size": 96, "train.gradient_accumulation_steps": 4}), device_count=8)
 
 
 def test_mesh_shape_not_multiplying_to_the_device_count_is_refused():

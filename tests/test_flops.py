@@ -24,7 +24,7 @@ def test_the_step_count_equals_the_count_of_the_step_with_its_solver_loop_unroll
         return jax.jit(train_step).lower(state, batch, jax.random.key(0), frozen)
 
     looped = lowered_step()
-    counted = flops.train_step_flops(looped, networks, settings, frozen, batch)
+    counted = flops.train_step_flops(looped, networks, settings, state.params, frozen, batch)
     monkeypatch.setattr(jax.lax, "fori_loop", unrolled_fori_loop)
     unrolled = flops.cost_flops(lowered_step())
     # The premise: XLA counts the loop's body once, and the teacher's passes are most of the step.
@@ -41,4 +41,25 @@ def test_a_one_step_solver_needs_no_correction():
     settings = step.PeRFlowSettings(solver_steps=1)
     train_step = functools.partial(step.train_step, networks=networks, settings=settings, optimizer=optimizer)
     lowered = jax.jit(train_step).lower(state, batch, jax.random.key(0), frozen)
-    assert flops.train_step_flops(lowered, networks, settings, frozen, batch) == flops.cost_flops(lowered)
+    assert flops.train_step_flops(lowered, networks, settings, state.params, frozen, batch) == flops.cost_flops(lowered)
+
+
+def test_gradient_accumulation_leaves_the_count_of_a_step_unchanged():
+    """The microbatch loop is counted once by XLA; the count adds the other microbatches."""
+    networks, frozen, state, batch, optimizer = tiny_setup(batch_size=8)
+    settings = step.PeRFlowSettings(solver_steps=3)
+
+    def counted(n):
+        train_step = functools.partial(
+            step.train_step, networks=networks, settings=settings, optimizer=optimizer, accumulation_steps=n
+        )
+        lowered = jax.jit(train_step).lower(state, batch, jax.random.key(0), frozen)
+        return flops.train_step_flops(lowered, networks, settings, state.params, frozen, batch, n), lowered
+
+    (whole, _), (accumulated, lowered) = counted(1), counted(4)
+    assert flops.cost_flops(lowered) < 0.5 * whole  # the premise: XLA counts one microbatch of four
+    # Only the loop's bookkeeping and the division of the summed gradients by 4 differ: a few
+    # operations per parameter, against hundreds of thousands per example and UNet pass.
+    parameters = sum(x.size for x in jax.tree.leaves(state.params))
+    assert abs(accumulated - whole) <= 4 * parameters
+    assert accumulated == pytest.approx(whole, rel=1e-3)

@@ -1,5 +1,7 @@
 """The training step: values of one update, EMA warm-up, and the same result on every mesh."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +82,50 @@ def test_the_teacher_at_the_student_init_makes_a_small_eps_loss_for_ddim_eps():
     assert float(close["loss"]) < float(far["loss"])
 
 
+def test_microbatch_j_holds_the_examples_whose_index_is_j_modulo_n():
+    split = step.microbatches({"x": jnp.arange(12).reshape(6, 2)}, 3)
+    np.testing.assert_array_equal(split["x"][:, :, 0], [[0, 6], [2, 8], [4, 10]])
+
+
+def test_gradients_accumulated_over_microbatches_equal_the_gradients_of_the_whole_batch(n=4):
+    networks, frozen, state, batch, _ = tiny_setup()
+    settings = step.PeRFlowSettings()
+    examples = step.draw_examples(jax.random.key(4), batch, networks=networks, settings=settings)
+    whole = jax.jit(functools.partial(step.reflow_gradients, networks=networks, settings=settings))
+    accumulated = jax.jit(
+        functools.partial(step.accumulated_gradients, networks=networks, settings=settings, accumulation_steps=n)
+    )
+    (grads, metrics), (acc_grads, acc_metrics) = (
+        whole(state.params, examples, frozen),
+        accumulated(state.params, examples, frozen),
+    )
+    # The same float32 numbers summed in another order (over n microbatches, then divided by n).
+    np.testing.assert_allclose(acc_metrics["loss"], metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(acc_metrics["window_loss_sum"], metrics["window_loss_sum"], rtol=1e-5)
+    np.testing.assert_array_equal(acc_metrics["window_count"], metrics["window_count"])
+    for g, a in zip(jax.tree.leaves(grads), jax.tree.leaves(acc_grads), strict=True):
+        np.testing.assert_allclose(a, g, rtol=1e-4, atol=1e-5 * float(np.abs(g).max()))
+
+
+def test_a_step_with_accumulation_draws_the_same_examples_and_makes_the_same_update():
+    networks, frozen, state, batch, optimizer = tiny_setup()
+    settings = step.PeRFlowSettings()
+
+    def run(n):
+        train_step = functools.partial(
+            step.train_step, networks=networks, settings=settings, optimizer=optimizer, accumulation_steps=n
+        )
+        return jax.jit(train_step)(state, batch, jax.random.key(5), frozen)
+
+    (new, metrics), (acc_new, acc_metrics) = run(1), run(2)
+    np.testing.assert_allclose(acc_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-5)
+    np.testing.assert_array_equal(acc_metrics["window_count"], metrics["window_count"])
+    pairs = zip(jax.tree.leaves(acc_new.params), jax.tree.leaves(new.params), strict=True)
+    diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in pairs])
+    # AdamW's first step moves a weight by about lr sign(g): equal wherever g is well above rounding.
+    assert np.quantile(diffs, 0.999) < 1e-3 * LR and diffs.max() < 0.2 * LR
+
+
 MESH_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -125,3 +171,30 @@ def test_the_step_on_every_mesh_equals_the_step_on_one_device():
         assert float(loss_diff) < 1e-5 and float(norm_diff) < 1e-5
         assert float(q999) < 1e-3 * LR
         assert float(largest) < 0.2 * LR
+
+
+COLLECTIVES_SCRIPT = """
+import functools, re, jax
+from perflow_jax import sharding, step
+from tests.test_step import tiny_setup
+networks, frozen, state, batch, optimizer = tiny_setup(batch_size=16)
+mesh = sharding.make_mesh((4, 2))
+state_shardings = sharding.parameter_shardings(state, mesh)
+in_shardings = (state_shardings, {k: sharding.batch_sharding(mesh) for k in batch}, sharding.replicated(mesh),
+                sharding.parameter_shardings(frozen, mesh))
+for n in (1, 2):
+    run = functools.partial(step.train_step, networks=networks, settings=step.PeRFlowSettings(), optimizer=optimizer,
+                            accumulation_steps=n)
+    jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=(state_shardings, sharding.replicated(mesh)))
+    text = jitted.lower(state, batch, jax.random.key(0), frozen).compile().as_text()
+    ops = ("all-to-all", "collective-permute", "all-gather")
+    print("moves", n, *(len(re.findall(rf" {op}(-start)?\\(", text)) for op in ops))
+"""
+
+
+def test_microbatches_are_split_where_the_examples_are_without_moving_them():
+    """On mesh (4, 2), 2 examples per device: accumulation adds no all-to-all, permute or gather."""
+    lines = [line.split()[1:] for line in run_with_devices(COLLECTIVES_SCRIPT).splitlines() if line.startswith("moves")]
+    (n1, *plain), (n2, *accumulated) = lines
+    assert (n1, n2) == ("1", "2")
+    assert accumulated == plain, (plain, accumulated)
