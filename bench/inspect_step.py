@@ -4,10 +4,10 @@ The step of ``bench/train_step.py`` (SD1.5: K=4, S=8, cfg_sync, diff_eps; bfloat
 float32 master weights; XLA attention, as on a CPU) is lowered from abstract arguments (no
 weights, no device memory) and, with ``--compile``, compiled for the CPU. Reported:
 
-- FLOPs: XLA's cost analysis of the lowered step (the solver's while loop counted once, so the
-  other S - 1 teacher passes are added from a lowered UNet forward), of the compiled step, and a
-  count of this module's own (every dot and convolution, the loop body times S), against the
-  analytic 11 x 803 GFLOP per sample at 512 px.
+- FLOPs: XLA's cost analysis of the lowered step (its loops counted once each) and with what that
+  leaves out added (``perflow_jax.flops.train_step_flops``, as ``train`` reports MFU), of the
+  compiled step, and a count of this module's own (every dot and convolution, each loop body times
+  its trips), against the analytic 11 x 803 GFLOP per sample at 512 px.
 - Memory (``--compile``): XLA's buffer assignment for the CPU (arguments, outputs, aliased,
   temporaries). A GPU's differs in detail, not in kind.
 - Precision of the hot path, from the HLO before optimisation (what the program asks for,
@@ -25,6 +25,7 @@ is unset).
     python3 bench/inspect_step.py                      # SD1.5 at 512 px, batch 16, lowered only
     python3 bench/inspect_step.py --compile            # also compile for the CPU (minutes)
     python3 bench/inspect_step.py --size 16 --batch 2 --compile
+    python3 bench/inspect_step.py --size 16 --batch 4 --accumulation 2 --compile   # 2 microbatches of 2
 """
 
 # The imports below must follow the sys.path line before them.
@@ -52,7 +53,7 @@ import jaxlib
 from jaxlib import _hlo
 
 from bench.train_step import SD15, SDXL, STUDENT_PASSES, JaxStep, memory_analysis
-from perflow_jax.flops import cost_flops
+from perflow_jax.flops import cost_flops, train_step_flops
 
 ELEMENTWISE = {
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "exponential", "log", "rsqrt", "sqrt",
@@ -72,6 +73,7 @@ class Instruction:
     attrs: str
     frame: int | None
     computation: str
+    literal: str = ""  # a constant's value as printed
 
     @property
     def elements(self) -> int:
@@ -157,7 +159,7 @@ def parse_hlo(text: str) -> HloModule:
         computations[current].append(
             Instruction(
                 name.lstrip("%"), dtype, dims, op, [o.lstrip("%") for o in operands], attrs,
-                int(frame.group(1)) if frame else None, current,
+                int(frame.group(1)) if frame else None, current, rest[:end] if op == "constant" else "",
             )
         )  # fmt: skip
     return HloModule(computations, entry, _frames(tables))
@@ -208,18 +210,35 @@ def _short(file: str) -> str:
 _CALLED = re.compile(r"(calls|body|true_computation|false_computation|to_apply)=(%[\w.\-]+)")
 
 
-def multiplicities(module: HloModule, trip_count: int) -> dict[str, int]:
+def trip_count(module: HloModule, loop: Instruction) -> int:
+    """Iterations of a while loop: XLA's known_trip_count where it has put one (optimised HLO), else read
+    from the condition as jax writes loops (counter from 0, ``counter < constant``)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%([\w.\-]+)", loop.attrs).group(1)
+    instructions = {i.name: i for i in module.computations[condition]}
+    for instr in instructions.values():
+        if instr.op == "compare" and "direction=LT" in instr.attrs:
+            bound = instructions.get(instr.operands[1])
+            if bound is not None and bound.op == "constant" and bound.literal.lstrip("-").isdigit():
+                return int(bound.literal)
+    raise ValueError(f"cannot read the trip count of {loop.name} from its condition {condition}")
+
+
+def multiplicities(module: HloModule) -> dict[str, int]:
     """How often each computation runs per call of the entry: call sites times while-loop trips.
 
-    A while body counts ``trip_count`` times (the step has one loop, the teacher's S steps);
-    reducers (``to_apply`` of reduce, sort, scatter) and loop conditions are not counted.
+    A while body counts its loop's trips (the teacher's S solver steps; the microbatches of gradient
+    accumulation); reducers (``to_apply`` of reduce, sort, scatter) and loop conditions are not counted.
     """
     callers = collections.defaultdict(list)  # callee -> [(caller, factor)]
     for name, instructions in module.computations.items():
         for instr in instructions:
             for key, callee in re.findall(_CALLED, instr.attrs):
                 if key != "to_apply" or instr.op == "call":  # to_apply of reduce, sort, scatter: a scalar reducer
-                    callers[callee.lstrip("%")].append((name, trip_count if key == "body" else 1))
+                    factor = trip_count(module, instr) if key == "body" else 1
+                    callers[callee.lstrip("%")].append((name, factor))
             for group in re.findall(r"branch_computations=\{([^}]*)\}", instr.attrs):
                 for callee in group.split(","):
                     callers[callee.strip().lstrip("%")].append((name, 1))
@@ -247,9 +266,9 @@ def matmul_flops(instr: Instruction, shapes: dict[str, Instruction]) -> float:
     return 2.0 * instr.elements * math.prod(rhs) / out_features / (int(groups.group(1)) if groups else 1)
 
 
-def precision_report(module: HloModule, trip_count: int) -> dict:
+def precision_report(module: HloModule) -> dict:
     """Dots and convolutions by dtypes; conversions by direction and source; float32 round trips; reductions."""
-    factor = multiplicities(module, trip_count)
+    factor = multiplicities(module)
     shapes = module.by_name()
     matmuls = collections.defaultdict(lambda: {"count": 0, "flops": 0.0, "sources": collections.Counter()})
     converts = collections.defaultdict(lambda: {"count": 0, "elements": 0, "sources": collections.Counter()})
@@ -317,10 +336,10 @@ def _round_trip_start(instr: Instruction, shapes: dict[str, Instruction], depth:
     return None
 
 
-def fusion_report(module: HloModule, trip_count: int) -> dict:
+def fusion_report(module: HloModule) -> dict:
     """After optimisation: kernels (fusions and other top-level ops), fusions holding reductions by source,
     and conversions left outside fusions (each one a materialised copy in another dtype)."""
-    factor = multiplicities(module, trip_count)
+    factor = multiplicities(module)
     fused = {
         i.attrs.split("calls=%")[1].split(",")[0].split("}")[0]
         for instrs in module.computations.values()
@@ -358,6 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, help="latent height and width (default: the model's, 64 or 128)")
     parser.add_argument("--batch", type=int, default=16, help="batch of the step (default 16)")
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="student rematerialisation")
+    parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps (default 1)")
     parser.add_argument("--compile", action="store_true", help="also compile for the CPU: memory, fusion (minutes)")
     return parser.parse_args(argv)
 
@@ -379,28 +399,39 @@ def main(argv=None) -> int:
         "latent_size": spec.latent_size,
         "batch": args.batch,
         "remat": args.remat,
+        "accumulation": args.accumulation,
         "settings": spec.settings,
     }
-    trips = spec.settings["solver_steps"]
-    print(f"{spec.name} step at {spec.latent_size}x{spec.latent_size} latents, batch {args.batch}, remat {args.remat}")
-    bench = JaxStep(spec, attention="xla", remat=args.remat)
+    print(
+        f"{spec.name} step at {spec.latent_size}x{spec.latent_size} latents, batch {args.batch}, remat {args.remat}, "
+        f"{args.accumulation} microbatch(es)"
+    )
+    bench = JaxStep(spec, attention="xla", remat=args.remat, accumulation=args.accumulation)
     start = time.perf_counter()
     lowered = bench.lower("step", args.batch)
     results["lower_s"] = time.perf_counter() - start
     forward = bench.unet_forward_flops()
     lowered_flops = cost_flops(lowered)
     passes = spec.teacher_passes + STUDENT_PASSES
-    per_step_passes = spec.teacher_passes // trips
     text = hlo_text(lowered.compiler_ir("hlo").as_hlo_module())
     module = parse_hlo(text)
-    precision = precision_report(module, trips)
+    precision = precision_report(module)
     counted = sum(row["flops"] for row in precision["matmuls"].values())
     analytic = passes * spec.flops_per_forward if spec.latent_size == full_size else None
     results["flops_per_sample"] = {
         "analytic": analytic,
         "passes_x_lowered_unet_forward": passes * forward,
         "lowered_step_cost_analysis": lowered_flops / args.batch,
-        "lowered_step_plus_loop": lowered_flops / args.batch + (trips - 1) * per_step_passes * forward,
+        "lowered_step_plus_loops": train_step_flops(
+            lowered,
+            bench.networks,
+            bench.settings,
+            bench.state_abstract.params,
+            bench.frozen_abstract,
+            bench.batch_abstract(args.batch),
+            args.accumulation,
+        )
+        / args.batch,  # fmt: skip
         "dots_and_convolutions_counted_here": counted / args.batch,
     }
     results["precision"] = precision
@@ -412,7 +443,7 @@ def main(argv=None) -> int:
         results["memory_analysis"] = memory_analysis(compiled)
         results["flops_per_sample"]["compiled_step_cost_analysis"] = cost_flops(compiled) / args.batch
         optimized = parse_hlo(hlo_text(compiled.runtime_executable().hlo_modules()[0]))
-        results["fusion"] = fusion_report(optimized, trips)
+        results["fusion"] = fusion_report(optimized)
         print(f"compiled for the CPU in {results['compile_s']:.1f} s")
     print_report(results)
     path = out / "inspect_step.json"

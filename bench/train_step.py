@@ -21,7 +21,8 @@ limit, run one after the other and merged into one report:
   size ids, K=4, S=10, teacher CFG 7.5 (two teacher passes per step, in one batched call),
   ddim_eps, M=200 discrete times, AdamW lr 1e-4; per-device batch 8 (``--sdxl-batch``), the
   student rematerialised (``--sdxl-remat``; PyTorch: gradient checkpointing, as the authors'
-  SDXL script), inside ``--sdxl-memory-gb`` (80) of the card: XLA's memory pool and PyTorch's
+  SDXL script), the JAX step optionally in microbatches (``--sdxl-accumulation``), inside
+  ``--sdxl-memory-gb`` (80) of the card: XLA's memory pool and PyTorch's
   allocator are capped at that share of a larger card.
 
 JAX side: random weights are drawn on the host with numpy (threads) and ``device_put``, so no
@@ -229,6 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sdxl-remat", default="full", choices=("none", "dots", "full"), help="JAX student rematerialisation (SDXL)"
     )
+    parser.add_argument(
+        "--sdxl-accumulation", type=int, default=1, help="JAX SDXL step in this many microbatches (default 1)"
+    )
     parser.add_argument("--sdxl-memory-gb", type=float, default=80.0, help="memory cap of the SDXL parts (GB)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per stage (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
@@ -254,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sdxl_batch = args.sdxl_batch or (2 if args.tiny else 8)
     if min(args.batches) < 1 or args.alone_batch < 1 or args.sdxl_batch < 1 or args.compile_batch < 0:
         parser.error("batch sizes must be positive (--compile-batch 0 skips torch.compile)")
+    if args.sdxl_accumulation < 1 or args.sdxl_batch % args.sdxl_accumulation:
+        parser.error(f"--sdxl-accumulation {args.sdxl_accumulation} must divide --sdxl-batch {args.sdxl_batch}")
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be at least 1 and --warmup at least 0")
     try:
@@ -540,9 +546,10 @@ class JaxStep:
 
     def __init__(
         self, spec: ModelSpec, *, attention: str = "auto", teacher_attention: str | None = None, remat: str = "none",
-        mesh=None,
+        accumulation: int = 1, mesh=None,
     ):  # fmt: skip
         self.spec = spec
+        self.accumulation = accumulation
         self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1))  # data parallel; one GPU: (1, 1)
         self.n_devices = self.mesh.devices.size
         unet_cfg = UNetConfig.from_dict(spec.unet)
@@ -619,8 +626,9 @@ class JaxStep:
         batch = self.batch_abstract(batch_size)
         if name.startswith("step"):
             full = functools.partial(
-                step.train_step, networks=self.networks, settings=self.settings, optimizer=self.optimizer
-            )
+                step.train_step, networks=self.networks, settings=self.settings, optimizer=self.optimizer,
+                accumulation_steps=self.accumulation,
+            )  # fmt: skip
             jitted = jax.jit(
                 full,
                 in_shardings=(self.state_shardings, self.batch_sharding, self.replicated, self.frozen_shardings),
@@ -662,6 +670,7 @@ def with_shardings(tree, shardings):
 def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
     spec = spec_for(part, args)
     remat = args.sdxl_remat if spec.sdxl else "none"
+    accumulation = args.sdxl_accumulation if spec.sdxl else 1
     device = jax.devices()[0]
     rec.results.update(
         device_kind=device.device_kind,
@@ -679,9 +688,12 @@ def run_jax(part: str, args: argparse.Namespace, rec: Recorder) -> None:
         attention=args.attention,
         teacher_attention=args.teacher_attention or args.attention,
         remat=remat,
+        accumulation=accumulation,
         dtypes="student float32 master weights, bfloat16 compute; teacher and text encoders bfloat16",
     )
-    bench = JaxStep(spec, attention=args.attention, teacher_attention=args.teacher_attention, remat=remat)
+    bench = JaxStep(
+        spec, attention=args.attention, teacher_attention=args.teacher_attention, remat=remat, accumulation=accumulation
+    )
     n_devices = bench.n_devices
     step_batches, alone_batch = part_plan(part, args)
     plan = [f"step_b{step_batches[0]}", f"teacher_b{alone_batch}", f"student_b{alone_batch}"]
@@ -1038,8 +1050,10 @@ def summarise(results: dict, args: argparse.Namespace) -> dict:
                 lowered = (jax_part["stages"].get(name.replace("compile", "lower")) or {}).get("flops_lowered")
                 flops["compiled_step_per_sample"] = compiled
                 if lowered and lowered_forward:
-                    # The loop body (one solver step: one teacher pass, two with CFG) is counted once.
-                    per_sample = lowered / (row["batch"] * jax_part.get("device_count", 1))
+                    # Each loop body is counted once: one microbatch (with gradient accumulation) and in
+                    # it one solver step (one teacher pass, two with CFG).
+                    microbatch = row["batch"] // jax_part.get("accumulation", 1)
+                    per_sample = lowered / (microbatch * jax_part.get("device_count", 1))
                     loop_rest = spec.teacher_passes - spec.teacher_passes // spec.settings["solver_steps"]
                     flops["lowered_step_plus_loop_per_sample"] = per_sample + loop_rest * lowered_forward
                 break
@@ -1063,6 +1077,8 @@ def summarise(results: dict, args: argparse.Namespace) -> dict:
                 what = name[4:].split("_b")[0]
                 kind = what.removeprefix("compiled_")
                 label = {"jax": "perflow_jax", "torch": "PyTorch torch.compile" if what != kind else "PyTorch eager"}
+                if kind == "step" and part.get("accumulation", 1) > 1:
+                    label["jax"] += f" ({part['accumulation']} microbatches)"
                 compile_stage = part["stages"].get(f"compile {name[4:]}", {})
                 rows.append(
                     {

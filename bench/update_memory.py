@@ -1,7 +1,7 @@
 """Temporaries of the optimizer update alone: which form of gradient clipping makes XLA keep a whole
 extra parameter-sized buffer.
 
-The update of ``step.train_step`` (global-norm clipping, AdamW, EMA) on SD1.5's (or SDXL's)
+The update of ``step.train_step`` (``step.apply_gradients``: global-norm clipping, AdamW, EMA) on SD1.5's (or SDXL's)
 parameter shapes, the state donated and the gradients given, lowered from abstract arguments and
 compiled for the default device; XLA's memory analysis of each variant is printed:
 
@@ -56,13 +56,7 @@ VARIANTS = {
 def temporaries(params, optimizer: optax.GradientTransformation) -> dict:
     state = jax.eval_shape(functools.partial(step.create_train_state, optimizer=optimizer), params)
 
-    def update(state, grads):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = optax.apply_updates(state.params, updates)
-        decay = step.ema_decay(state.step, 0.9999)
-        average = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new)
-        return state.replace(step=state.step + 1, params=new, opt_state=opt_state, ema_params=average)
-
+    update = functools.partial(step.apply_gradients, optimizer=optimizer, settings=step.PeRFlowSettings())
     memory = jax.jit(update, donate_argnums=0).lower(state, params).compile().memory_analysis()
     return {
         "arguments_gb": memory.argument_size_in_bytes / 1e9,
