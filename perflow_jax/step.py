@@ -207,6 +207,9 @@ def microbatches(examples: dict[str, jax.Array], n: int) -> dict[str, jax.Array]
     Each device's contiguous slice of the batch splits into n equal parts that stay on that
     device (when n divides the examples per device), so the split moves no data.
     """
+    size = jax.tree.leaves(examples)[0].shape[0]
+    if size % n:
+        raise ValueError(f"a batch of {size} examples does not split into {n} equal microbatches")
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), examples)
 
 
@@ -221,8 +224,9 @@ def accumulated_gradients(
 ) -> tuple[Any, dict[str, jax.Array]]:
     """``reflow_gradients`` of the whole batch, computed one microbatch at a time (a ``lax.scan``).
 
-    Only one microbatch's activations are alive at a time. The microbatches are equal in size, so
-    the batch's mean loss and gradient are the means of theirs; the per-window sums add up.
+    Only one microbatch's activations are alive at a time, beside float32 buffers of the gradient's
+    size (bench/RESULTS.md). The microbatches are equal in size, so the batch's mean loss and
+    gradient are the means of theirs; the per-window sums add up.
     """
     gradients = functools.partial(reflow_gradients, frozen=frozen, networks=networks, settings=settings)
     split = microbatches(examples, accumulation_steps)
@@ -258,7 +262,8 @@ def train_step(
       frozen: {"teacher": UNet params (bfloat16), "text_encoder": ..., ("text_encoder_2": ...),
         "null_cond": the empty prompt's condition for one example (``encode_text`` of its ids)}.
       accumulation_steps: compute the gradient in this many microbatches of B / accumulation_steps
-        examples, one after another (less memory, same update up to float32 rounding).
+        examples, one after another (fewer activations alive at once; the same update up to
+        float32 rounding).
     Returns:
       (new state, metrics: loss, window_loss_sum [K], window_count [K], grad_norm).
     """

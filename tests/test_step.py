@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from perflow_jax import step
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
@@ -85,6 +86,8 @@ def test_the_teacher_at_the_student_init_makes_a_small_eps_loss_for_ddim_eps():
 def test_microbatch_j_holds_the_examples_whose_index_is_j_modulo_n():
     split = step.microbatches({"x": jnp.arange(12).reshape(6, 2)}, 3)
     np.testing.assert_array_equal(split["x"][:, :, 0], [[0, 6], [2, 8], [4, 10]])
+    with pytest.raises(ValueError, match="a batch of 6 examples does not split into 4 equal microbatches"):
+        step.microbatches({"x": jnp.arange(12).reshape(6, 2)}, 4)
 
 
 def test_gradients_accumulated_over_microbatches_equal_the_gradients_of_the_whole_batch(n=4):
