@@ -232,12 +232,12 @@ def accumulated_gradients(
     split = microbatches(examples, accumulation_steps)
 
     def add(total, microbatch):
-        return jax.tree.map(jnp.add, total, gradients(params, microbatch)), None
+        grads, metrics = gradients(params, microbatch)
+        return jax.tree.map(jnp.add, total, grads), metrics
 
-    first = jax.tree.map(lambda x: x[0], split)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(gradients, params, first))
-    (grads, metrics), _ = jax.lax.scan(add, zeros, split)
+    grads, metrics = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), split)
     grads = jax.tree.map(lambda g: g / accumulation_steps, grads)
+    metrics = jax.tree.map(lambda m: m.sum(axis=0), metrics)  # [A, ...] per microbatch -> sums
     return grads, {**metrics, "loss": metrics["loss"] / accumulation_steps}
 
 

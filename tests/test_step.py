@@ -102,7 +102,8 @@ def test_gradients_accumulated_over_microbatches_equal_the_gradients_of_the_whol
         whole(state.params, examples, frozen),
         accumulated(state.params, examples, frozen),
     )
-    # The same float32 numbers summed in another order (over n microbatches, then divided by n).
+    # The same float32 numbers summed in another order (over n microbatches, then divided by n):
+    # through the backward pass that differs by up to 4.4e-6 of a leaf's largest gradient here.
     np.testing.assert_allclose(acc_metrics["loss"], metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(acc_metrics["window_loss_sum"], metrics["window_loss_sum"], rtol=1e-5)
     np.testing.assert_array_equal(acc_metrics["window_count"], metrics["window_count"])
