@@ -4,6 +4,11 @@ Each checkpoint holds the train state (student, optimizer, EMA, step), the grain
 position (one small JSON per process) and the run's config; saving is asynchronous, and Orbax
 commits a checkpoint only once it is complete, so an interrupted save leaves no half-written
 checkpoint behind, and the previous ones stay.
+
+The random state needs no key of its own: step n draws with
+``fold_in(key(config.train.seed), n)``, and both the seed (in the saved config, which a resumed
+run may not change) and the step are in the checkpoint, so a resumed run draws what an
+uninterrupted one would (``tests/test_train.py``, SIGTERM then resume).
 """
 
 from __future__ import annotations
