@@ -29,8 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from perflow_jax import checkpoint, data, flops, generate, pipeline, sharding, step
-from perflow_jax import config as configuration
+from perflow_jax import checkpoint, data, flops, generate, pipeline, recipe, sharding, step
 
 # Keys a resumed run may change: how long it runs, what it reports, and how the step is computed
 # (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
@@ -66,9 +65,9 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
     from the current directory, as that run read it.
     """
     saved_flat, new_flat = _flatten(saved), _flatten(config)
-    for key in configuration.PATH_KEYS:
+    for key in recipe.PATH_KEYS:
         if saved_flat.get(key):
-            saved_flat[key] = configuration.absolute_path(saved_flat[key])
+            saved_flat[key] = recipe.absolute_path(saved_flat[key])
     differing = sorted(
         key
         for key in set(saved_flat) | set(new_flat)
@@ -281,15 +280,15 @@ def _refuse_another_run(workdir: Path, config: ml_collections.ConfigDict) -> Non
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> step.TrainState:
     """Train (or resume training) per ``config`` in ``workdir``; returns the final state."""
     sharding.initialize_distributed(config.tpu_pod)
-    configuration.validate(config)
-    config = configuration.with_absolute_paths(config)
+    recipe.validate(config)
+    config = recipe.with_absolute_paths(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _refuse_another_run(workdir, config)
     model = pipeline.load_model(config.model.path)
     manifest = data.read_manifest(config.data.path)
     text_names = [n for n in ("text_encoder", "text_encoder_2") if n in model.classes]
-    configuration.validate_against(
+    recipe.validate_against(
         config,
         cross_attention_dim=_cross_attention_dim(model.configs["unet"]),
         text_widths=[model.configs[n]["hidden_size"] for n in text_names],
@@ -325,8 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     frozen["null_cond"] = encode(frozen, null_ids)
     frozen_shardings["null_cond"] = jax.tree.map(lambda _: sharding.replicated(mesh), frozen["null_cond"])
 
-    optimizer = configuration.optimizer(config)
-    learning_rate = configuration.learning_rate(config)
+    optimizer = recipe.optimizer(config)
+    learning_rate = recipe.learning_rate(config)
     init = functools.partial(step.create_train_state, optimizer=optimizer)
     student = _student_init(config, model)
     state_shardings = sharding.parameter_shardings(jax.eval_shape(init, student), mesh)
@@ -348,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     batch_shardings = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        functools.partial(step.train_step, networks=networks, settings=configuration.settings(config),
+        functools.partial(step.train_step, networks=networks, settings=recipe.settings(config),
                           optimizer=optimizer, accumulation_steps=config.train.gradient_accumulation_steps),
         in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh), frozen_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -386,7 +385,7 @@ def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoin
                 lowered = train_step.lower(state, batch, rng, frozen)
                 compiled = lowered.compile()
                 flops_per_step = flops.train_step_flops(
-                    lowered, networks, configuration.settings(config), state.params, frozen, batch,
+                    lowered, networks, recipe.settings(config), state.params, frozen, batch,
                     config.train.gradient_accumulation_steps,
                 )  # fmt: skip
                 print(f"compiled the training step in {time.perf_counter() - start:.1f} s", flush=True)
@@ -472,7 +471,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings go in --config.KEY=VALUE")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (configuration.ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+    except (recipe.ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

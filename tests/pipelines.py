@@ -100,8 +100,7 @@ def tiny_workdir(workdir: Path, model: Path, data_dir: Path, *, steps: tuple[int
     import jax
     import numpy as np
 
-    from perflow_jax import checkpoint, data, pipeline, step
-    from perflow_jax import config as configuration
+    from perflow_jax import checkpoint, data, pipeline, recipe, step
     from tests.test_config import load
 
     config = load("tiny")
@@ -112,7 +111,7 @@ def tiny_workdir(workdir: Path, model: Path, data_dir: Path, *, steps: tuple[int
     saver = checkpoint.Checkpoints(workdir)
     for n in steps:
         student = jax.tree.map(lambda x, d, n=n: x + n / 2 * d, teacher, delta)
-        state = step.create_train_state(student, configuration.optimizer(config))
+        state = step.create_train_state(student, recipe.optimizer(config))
         ema = jax.tree.map(lambda x, d, n=n: np.asarray(x + n / 3 * d), teacher, delta)
         state = state.replace(step=np.int32(n), ema_params=ema)
         saver.save(n, state, data.create_iterator(data_dir, batch_size=8, seed=0), config.to_dict())

@@ -1,4 +1,4 @@
-"""configs/*.py and perflow_jax.config: the released recipes, comments on every value, validation messages."""
+"""configs/*.py and perflow_jax.recipe: the released recipes, comments on every value, validation messages."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from perflow_jax import config as config_lib
-from perflow_jax import step
+from perflow_jax import recipe, step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_NAMES = ("sd15", "sd21", "sdxl", "tiny", "demo")
@@ -51,8 +50,8 @@ def runnable(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:
 
 
 def problems(config: ml_collections.ConfigDict) -> str:
-    with pytest.raises(config_lib.ConfigError) as info:
-        config_lib.validate(config)
+    with pytest.raises(recipe.ConfigError) as info:
+        recipe.validate(config)
     return str(info.value)
 
 
@@ -62,11 +61,11 @@ XL_MANIFEST = {"resolution": 32, "tokenizers": ["input_ids", "input_ids_2"]}
 
 def against(config, **overrides) -> None:
     kwargs = dict(cross_attention_dim=768, text_widths=[768], sdxl=False, manifest=SD_MANIFEST, device_count=8)
-    config_lib.validate_against(config, **{**kwargs, **overrides})
+    recipe.validate_against(config, **{**kwargs, **overrides})
 
 
 def against_problems(config, **overrides) -> str:
-    with pytest.raises(config_lib.ConfigError) as info:
+    with pytest.raises(recipe.ConfigError) as info:
         against(config, **overrides)
     return str(info.value)
 
@@ -76,7 +75,7 @@ def against_problems(config, **overrides) -> str:
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_passes_validation_once_paths_are_set(name):
-    config_lib.validate(runnable(name))
+    recipe.validate(runnable(name))
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -88,7 +87,7 @@ def test_every_config_leaves_the_paths_to_the_user(name):
 def test_folders_become_absolute_in_a_copy_and_an_empty_one_stays_empty(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = runnable(**{"model.path": "models/../teacher", "data.path": "/data/prepared"})
-    resolved = config_lib.with_absolute_paths(config)
+    resolved = recipe.with_absolute_paths(config)
     assert resolved.model.path == str(tmp_path / "teacher") and resolved.data.path == "/data/prepared"
     assert resolved.model.student_init == ""
     assert config.model.path == "models/../teacher"
@@ -119,14 +118,14 @@ def test_perflow_group_holds_exactly_the_step_settings():
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_configs_hold_the_released_recipes(name):
-    config, recipe = load(name), RECIPES[name]
-    assert config.data.resolution == recipe["resolution"]
-    assert config.perflow.parameterization == recipe["parameterization"]
-    assert (config.perflow.num_windows, config.perflow.solver_steps) == (recipe["K"], recipe["S"])
-    assert config.perflow.teacher_guidance == recipe["guidance"]
-    assert config.perflow.discrete_timesteps == recipe["M"]
-    assert config.perflow.teacher_prediction_type == recipe["prediction_type"]
-    assert config.optim.lr == recipe["lr"]
+    config, expected = load(name), RECIPES[name]
+    assert config.data.resolution == expected["resolution"]
+    assert config.perflow.parameterization == expected["parameterization"]
+    assert (config.perflow.num_windows, config.perflow.solver_steps) == (expected["K"], expected["S"])
+    assert config.perflow.teacher_guidance == expected["guidance"]
+    assert config.perflow.discrete_timesteps == expected["M"]
+    assert config.perflow.teacher_prediction_type == expected["prediction_type"]
+    assert config.optim.lr == expected["lr"]
     assert config.perflow.text_dropout == 0.1
     assert config.perflow.ema_max_decay == 0.9999
     assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.9, 0.999, 1e-8)
@@ -242,7 +241,7 @@ def test_float16_training_is_refused_for_want_of_loss_scaling_but_a_float16_teac
     assert "compute_dtype is 'float16': training in float16 needs loss scaling" in problems(
         runnable(**{"model.compute_dtype": "float16"})
     )
-    config_lib.validate(runnable(**{"model.teacher_dtype": "float16"}))
+    recipe.validate(runnable(**{"model.teacher_dtype": "float16"}))
 
 
 def test_guidance_below_one_is_refused():
@@ -313,8 +312,8 @@ def test_cosine_warm_up_longer_than_the_run_is_refused():
 
 def test_every_problem_is_listed_at_once():
     config = runnable(**{"perflow.solver_steps": 0, "optim.lr": 0.0, "perflow.distance": "l1"})
-    with pytest.raises(config_lib.ConfigError) as info:
-        config_lib.validate(config)
+    with pytest.raises(recipe.ConfigError) as info:
+        recipe.validate(config)
     assert len(info.value.problems) == 3
 
 
@@ -393,7 +392,7 @@ def test_mesh_size_not_dividing_the_device_count_is_refused():
 
 
 def test_settings_carry_the_perflow_group():
-    settings = config_lib.settings(load("sdxl"))
+    settings = recipe.settings(load("sdxl"))
     assert settings == step.PeRFlowSettings(
         parameterization="ddim_eps", num_windows=4, solver_steps=10, teacher_guidance=7.5,
         discrete_timesteps=200,
@@ -402,25 +401,25 @@ def test_settings_carry_the_perflow_group():
 
 def test_constant_schedule_with_warm_up_rises_linearly_then_holds():
     config = runnable(**{"optim.lr": 1e-4, "optim.warmup_steps": 10, "train.num_steps": 100})
-    lr = config_lib.learning_rate(config)
+    lr = recipe.learning_rate(config)
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(99)], [0.0, 5e-5, 1e-4, 1e-4], rtol=1e-6)
 
 
 def test_cosine_schedule_with_warm_up_decays_to_zero_at_the_end():
     config = runnable(**{"optim.lr": 1e-4, "optim.warmup_steps": 10, "optim.schedule": "cosine",
                          "train.num_steps": 110})  # fmt: skip
-    lr = config_lib.learning_rate(config)
+    lr = recipe.learning_rate(config)
     np.testing.assert_allclose([lr(0), lr(10), lr(60), lr(110)], [0.0, 1e-4, 5e-5, 0.0], rtol=1e-6, atol=1e-12)
 
 
 def test_constant_schedule_without_warm_up_is_the_learning_rate_from_step_0():
-    lr = config_lib.learning_rate(load("sd15"))
+    lr = recipe.learning_rate(load("sd15"))
     np.testing.assert_allclose([lr(0), lr(5000)], [8e-5, 8e-5], rtol=1e-6)
 
 
 def test_optimizer_clips_then_applies_adamw_at_the_scheduled_rate():
     config = runnable(**{"optim.lr": 1e-3, "optim.warmup_steps": 2, "optim.weight_decay": 0.0})
-    optimizer = config_lib.optimizer(config)
+    optimizer = recipe.optimizer(config)
     params = {"w": np.zeros(3, np.float32)}
     state = optimizer.init(params)
     grads = {"w": np.array([30.0, 40.0, 0.0], np.float32)}  # norm 50: clipped to 1

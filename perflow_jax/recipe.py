@@ -1,4 +1,4 @@
-"""Checks of a run's config (configs/*.py) before anything is compiled, and what the step needs from it.
+"""A run's recipe (configs/*.py): checks before anything is compiled, and what the step builds from it.
 
 ``validate(config)`` checks the config on its own (names, ranges, required paths);
 ``validate_against(config, ...)`` checks it against the loaded model, the prepared data and the
