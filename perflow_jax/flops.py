@@ -18,6 +18,18 @@ import jax.numpy as jnp
 
 from perflow_jax import solver, step
 
+# Dense bfloat16 peak FLOP/s per chip, by jax's device_kind, for the MFU column.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
 
 def cost_flops(stage) -> float | None:
     """FLOPs of one call from XLA's cost analysis of a Lowered or Compiled function (None if absent).

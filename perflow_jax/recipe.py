@@ -17,13 +17,10 @@ from typing import Any
 import ml_collections
 import optax
 
-from perflow_jax import loss, schedule, sharding, solver, step
+from perflow_jax import loss, schedule, sharding, solver, step, weights
 from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
 
-DTYPES = ("float32", "bfloat16", "float16")
-# float16 gradients underflow without loss scaling, which this trainer does not do.
-COMPUTE_DTYPES = ("float32", "bfloat16")
 PATH_KEYS = ("model.path", "model.student_init", "data.path")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -66,8 +63,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "does not do; use bfloat16 (as fast on GPUs and TPUs, and float32's range)"
         )
     else:
-        _choice(problems, "model.compute_dtype", model.compute_dtype, COMPUTE_DTYPES)
-    _choice(problems, "model.teacher_dtype", model.teacher_dtype, DTYPES)
+        _choice(problems, "model.compute_dtype", model.compute_dtype, weights.COMPUTE_DTYPES)
+    _choice(problems, "model.teacher_dtype", model.teacher_dtype, tuple(weights.DTYPES))
     _choice(problems, "model.attention_backend", model.attention_backend, BACKENDS)
     _choice(problems, "model.remat", model.remat, tuple(REMAT_POLICIES))
 

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import checkpoint, generate, models, pipeline, sharding, step
+from perflow_jax.weights import COMPUTE_DTYPES, DTYPES, cast_params
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_STEPS = 4
 STUDENT_GUIDANCE = 4.5  # the released SD1.5 setting at 4 steps
 TEACHER_GUIDANCE = 7.5  # Stable Diffusion's usual setting
@@ -102,8 +102,8 @@ def make_plan(
     trained at. Raises SampleError (or the sampler's ValueError for steps below the window count).
     """
     model = Path(model)
-    if dtype not in DTYPES:
-        raise SampleError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise SampleError(f"--dtype {dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
     if steps is not None and teacher_ddim is not None:
         raise SampleError("--steps counts the student's steps: give the teacher's DDIM steps as --teacher-ddim STEPS")
     if steps is not None and steps < 1:
@@ -270,9 +270,9 @@ class Sampler:
         replicated = sharding.replicated(self.mesh)
         self.params = _global(
             {
-                "unet": _cast(model.params["unet"], compute),
-                "text": {n: _cast(model.params[n], compute) for n in text_names},
-                "vae": _cast(model.params["vae"], compute),
+                "unet": cast_params(model.params["unet"], plan.dtype),
+                "text": {n: cast_params(model.params[n], plan.dtype) for n in text_names},
+                "vae": cast_params(model.params["vae"], plan.dtype),
             },
             replicated,
         )
@@ -321,10 +321,6 @@ class Sampler:
         images, latents = jax.block_until_ready(self._compiled[padded](*args))
         run_seconds = time.perf_counter() - start
         return Output(np.asarray(images)[:count], np.asarray(latents)[:count], compile_seconds, run_seconds)
-
-
-def _cast(tree: Any, dtype) -> Any:
-    return jax.tree.map(lambda x: np.asarray(x).astype(dtype), tree)
 
 
 def _pad(x: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -503,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype",
         default="float32",
-        choices=tuple(DTYPES),
+        choices=COMPUTE_DTYPES,
         help="compute dtype (default float32; bfloat16 is faster on GPUs and TPUs)",
     )
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from perflow_jax import checkpoint, data, flops, generate, pipeline, recipe, sharding, step
+from perflow_jax import checkpoint, data, flops, generate, pipeline, recipe, sharding, step, weights
 
 # Keys a resumed run may change: how long it runs, what it reports, and how the step is computed
 # (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
@@ -40,18 +40,6 @@ RESUMABLE_KEYS = (
     "train.gradient_accumulation_steps",
 )  # fmt: skip
 
-# Dense bfloat16 peak FLOP/s per chip, by jax's device_kind, for the MFU column.
-PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class TrainingError(RuntimeError):
@@ -202,7 +190,7 @@ class Samples:
         self.reporter = reporter
         vae = model.module("vae")
         replicated = sharding.replicated(mesh)
-        self.vae_params = jax.device_put(_cast(model.params["vae"], jnp.float32), replicated)
+        self.vae_params = jax.device_put(weights.cast_params(model.params["vae"], "float32"), replicated)
         prompts = list(config.log.sample_prompts)
         self.ids = {k: jnp.asarray(v) for k, v in model.tokenize(prompts).items()}
         shape = generate.latent_shape(vae, config.data.resolution)
@@ -231,10 +219,6 @@ class Samples:
         self.folder.mkdir(exist_ok=True)
         generate.save_png(picture, self.folder / f"{name}.png")
         self.reporter.image(step_number, "samples/teacher_ddim" if name == "teacher_ddim" else "samples/ema", picture)
-
-
-def _cast(tree: Any, dtype) -> Any:
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
 
 
 def _cross_attention_dim(unet_config: dict[str, Any]) -> int:
@@ -298,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         teacher_prediction_type=model.prediction_type(),
     )
     mesh = sharding.make_mesh(config.mesh.shape)
-    compute, frozen_dtype = DTYPES[config.model.compute_dtype], DTYPES[config.model.teacher_dtype]
+    compute, frozen_dtype = weights.DTYPES[config.model.compute_dtype], weights.DTYPES[config.model.teacher_dtype]
     backend = config.model.attention_backend
     networks = step.Networks(
         student=model.module("unet", dtype=compute, attention_backend=backend, remat=config.model.remat),
@@ -313,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
 
     # Frozen parameters (teacher, text encoders) in the teacher dtype, sharded like the student.
-    frozen = {"teacher": _cast(model.params["unet"], frozen_dtype)}
-    frozen.update({n: _cast(model.params[n], frozen_dtype) for n in text_names})
+    frozen = {"teacher": weights.cast_params(model.params["unet"], config.model.teacher_dtype)}
+    frozen.update({n: weights.cast_params(model.params[n], config.model.teacher_dtype) for n in text_names})
     frozen_shardings = sharding.parameter_shardings(frozen, mesh)
     frozen = jax.device_put(frozen, frozen_shardings)
     null_ids = {k: jnp.asarray(v) for k, v in model.tokenize([""]).items()}
@@ -436,7 +420,7 @@ def _report(reporter, pending, clock, done, total, learning_rate, flops_per_step
     now = time.perf_counter()
     steps_per_s = (done - clock[1]) / max(now - clock[0], 1e-9)
     samples_per_s = steps_per_s * config.train.global_batch_size
-    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+    peak = flops.PEAK_FLOPS.get(jax.devices()[0].device_kind)
     mfu = flops_per_step * steps_per_s / (peak * jax.device_count()) if peak and flops_per_step else None
     values = {
         "loss": float(np.mean([float(jax.device_get(m["loss"])) for _, m in pending])),

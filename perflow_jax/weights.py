@@ -422,6 +422,8 @@ def read_model_index(source: Path) -> dict[str, str]:
 # Parameter checkpoints (Orbax) and diffusers UNet folders
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# What networks may compute in: float16 gradients underflow without loss scaling, which training does not do.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def cast_params(params: Any, dtype: str) -> Any:
