@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from perflow_jax import checkpoint, generate, sample
+from perflow_jax import checkpoint, image_io, pipeline, sample
 from perflow_jax.demo import classifier, digits
 
 TEACHER_STEPS = (1, 2, 4, 8, 50)
@@ -61,10 +61,10 @@ def score(images: np.ndarray, labels: np.ndarray, real_features: np.ndarray) -> 
     return {"accuracy": accuracy, "frechet_distance": float(distance)}
 
 
-def jax_images(model: Path, prompts: list[str], noise: np.ndarray, **plan_args) -> tuple[np.ndarray, float]:
+def jax_images(options: sample.Options, noise: np.ndarray) -> tuple[np.ndarray, float]:
     """Images of this project's sampler, and seconds per image (compilation excluded)."""
-    result = sample.Sampler(sample.make_plan(model, **plan_args))(prompts, noise)
-    return result.images, result.run_seconds / len(prompts)
+    result = sample.load(options, sample.make_plan(options))(options.prompts, noise)
+    return result.images, result.run_seconds / len(options.prompts)
 
 
 def torch_images(export: Path, prompts: list[str], noise: np.ndarray, steps: int, guidance: float):
@@ -79,7 +79,7 @@ def torch_images(export: Path, prompts: list[str], noise: np.ndarray, steps: int
     start = time.perf_counter()
     with torch.no_grad():
         images = pipe(
-            prompts, latents=torch.from_numpy(sample.to_nchw(noise)), num_inference_steps=steps,
+            prompts, latents=torch.from_numpy(image_io.to_nchw(noise)), num_inference_steps=steps,
             guidance_scale=guidance, height=digits.RESOLUTION, width=digits.RESOLUTION, output_type="np",
         ).images  # fmt: skip
     return np.asarray(images, np.float32), (time.perf_counter() - start) / len(prompts)
@@ -112,18 +112,17 @@ def quality_table(
     noise, rows = None, []
     for name, framework, args in ways:
         if framework == "jax":
-            plan_args = {k: v for k, v in args.items() if k != "model"}
+            options = sample.Options(prompts=prompts, **args)
             if noise is None:
-                shape = sample.make_plan(args["model"], **plan_args).latent_shape
-                noise = sample.seed_noise(seed, len(prompts), shape)
-            images, seconds = jax_images(args["model"], prompts, noise, **plan_args)
+                noise = pipeline.seed_noise(seed, len(prompts), sample.make_plan(options).latent_shape)
+            images, seconds = jax_images(options, noise)
         else:
             images, seconds = torch_images(export, prompts, noise, EXPORT_STEPS, guidance)
         row = {"sampler": name, **score(images, labels, real_features), "seconds_per_image": seconds}
         rows.append(row)
         grid_path = out.parent / "quality" / (name.replace(" ", "_").replace(",", "") + ".png")
         shown = images.reshape(10, per_digit, *images.shape[1:])[:, : min(per_digit, 10)]  # a row per digit
-        generate.save_png(generate.grid(shown.reshape(-1, *images.shape[1:]), columns=shown.shape[1]), grid_path)
+        image_io.save_png(image_io.grid(shown.reshape(-1, *images.shape[1:]), columns=shown.shape[1]), grid_path)
         print(f"{name}: accuracy {row['accuracy']:.3f}, Frechet distance {row['frechet_distance']:.2f}", flush=True)
     return rows
 

@@ -5,8 +5,8 @@ under torch.manual_seed(0), converted with ``weights.state_dict_to_params``) wit
 ids and the same initial noise: text encoder (prompts and the empty prompt), 4 PeRFlow steps
 (diff_eps, K=4) with CFG 4.5, each a UNet pass on the conditional and unconditional halves, and
 the VAE decode.
-- this project: ``generate.make_generate`` as one jitted, ahead-of-time compiled function (the
-  function ``python -m perflow_jax.sample`` runs), bfloat16 compute;
+- this project: ``pipeline.Generator``, one jitted, ahead-of-time compiled function (the one
+  ``python -m perflow_jax.sample`` runs), bfloat16 compute;
 - diffusers: ``StableDiffusionPipeline`` with ``perflow_jax.torch.PeRFlowScheduler``, float16 on
   a GPU (the reference's setting; float32 on a CPU), given the same token ids' text embeddings
   by its own text encoder (``prompt`` strings through a tokenizer, as users call it).
@@ -30,7 +30,6 @@ import platform
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,14 +37,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch share
 
 import diffusers
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
 import perflow_jax.torch  # noqa: F401  (PeRFlowScheduler)
 from bench.common import error_string, time_calls
-from perflow_jax import generate, models, step, weights
+from perflow_jax import models, pipeline, sharding, weights
 from perflow_jax.demo.tokenizer import write_tiny_clip_tokenizer
 from perflow_jax.models import reference_configs
 from tests.parity import relative_error
@@ -79,32 +77,26 @@ def torch_pipeline(configs: dict, tokenizer_dir: Path) -> diffusers.StableDiffus
     )  # fmt: skip
 
 
-def jax_generate(pipe, dtype, resolution: int):
-    """(jitted generate, its parameters): this project's function over the pipeline's weights."""
-    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+def jax_generate(pipe, dtype: str, resolution: int) -> pipeline.Generator:
+    """This project's one jitted generate over the diffusers pipeline's weights, computing in ``dtype``."""
     modules, params = {}, {}
-    for name, network in parts.items():
+    for name in ("unet", "vae", "text_encoder"):
+        network = getattr(pipe, name)
         config = network.config.to_dict() if hasattr(network.config, "to_dict") else dict(network.config)
-        modules[name] = models.from_config(type(network).__name__, config, dtype=dtype)
+        modules[name] = models.from_config(type(network).__name__, config, dtype=weights.DTYPES[dtype])
         state = {k: v.float().numpy() for k, v in network.state_dict().items()}
         params[name] = weights.cast_params(
-            weights.state_dict_to_params(state, modules[name].abstract_params(), name=name),
-            "bfloat16" if dtype == jnp.bfloat16 else "float32",
+            weights.state_dict_to_params(state, modules[name].abstract_params(), name=name), dtype
         )
-    networks = step.Networks(
-        student=modules["unet"], teacher=modules["unet"], text_encoder=modules["text_encoder"], text_encoder_2=None,
-        alphas_cumprod=pipe.scheduler.alphas_cumprod.numpy(), scaling_factor=float(pipe.vae.config.scaling_factor),
-        resolution=resolution,
-    )  # fmt: skip
-    settings = generate.GenerateSettings(num_steps=STEPS, guidance=GUIDANCE, parameterization="diff_eps")
-    inner = generate.make_generate(networks, modules["vae"], settings)
-
-    def prompts_to_images(unet, text, vae, ids, null_ids, noise):
-        null_cond = step.encode_text(networks, text, null_ids)
-        return inner(unet, text, vae, ids, null_cond, noise)
-
-    device_params = jax.device_put((params["unet"], {"text_encoder": params["text_encoder"]}, params["vae"]))
-    return jax.jit(prompts_to_images), device_params
+    text = pipeline.TextEncoders(modules["text_encoder"], resolution=resolution)
+    jax_pipe = pipeline.Pipeline(modules["unet"], text, modules["vae"], pipe.scheduler.alphas_cumprod.numpy())
+    settings = pipeline.GenerateSettings(num_steps=STEPS, guidance=GUIDANCE, parameterization="diff_eps")
+    mesh = sharding.make_mesh((-1, 1))
+    placed = sharding.place(
+        {"unet": params["unet"], "text": {"text_encoder": params["text_encoder"]}, "vae": params["vae"]},
+        sharding.replicated(mesh),
+    )
+    return pipeline.Generator(jax_pipe, settings, placed, lambda prompts: {"input_ids": ids_of(pipe, prompts)}, mesh)
 
 
 def ids_of(pipe, prompts: list[str]) -> np.ndarray:
@@ -129,38 +121,36 @@ def run(args, results: dict, save) -> bool:
         return lambda: pipe(prompts, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                             height=resolution, width=resolution, output_type="np").images  # fmt: skip
 
-    def jax_call(fn, params, batch: int):
-        ids = {"input_ids": jnp.asarray(ids_of(pipe, [PROMPT] * batch))}
-        null_ids = {"input_ids": jnp.asarray(ids_of(pipe, [""]))}
-        noise = jnp.asarray(noise_of(batch).transpose(0, 2, 3, 1))
-        start = time.perf_counter()
-        compiled = fn.lower(*params, ids, null_ids, noise).compile()
-        return time.perf_counter() - start, lambda: compiled(*params, ids, null_ids, noise)
+    def jax_call(generator: pipeline.Generator, batch: int):
+        """(compile seconds, a call of the compiled generate on placed inputs, returning the images)."""
+        args = generator.inputs([PROMPT] * batch, noise_of(batch).transpose(0, 2, 3, 1))
+        compiled, compile_s = generator.compiled(args)
+        return compile_s, lambda: compiled(*args)[0]
 
     # 1. float32 parity at batch 1, on this device, TF32 off on both sides.
     pipe.to(device, torch.float32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    fn32, params32 = jax_generate(pipe, jnp.float32, resolution)
+    generator32 = jax_generate(pipe, "float32", resolution)
     with jax.default_matmul_precision("highest"):
-        _, call32 = jax_call(fn32, params32, 1)
+        _, call32 = jax_call(generator32, 1)
         error = relative_error(np.asarray(call32()), torch_call(1)())
     torch.backends.cudnn.allow_tf32 = True
     results["parity_float32_relative_error"] = error
     ok = error < 1e-4  # float32 networks agree to ~1e-6 (tests/parity.py); 4 steps, CFG and the VAE add little
     print(f"float32 parity, final images: relative error {error:.2e}", flush=True)
-    del fn32, params32
+    del generator32
     save()
 
     # 2. timings: JAX bfloat16, diffusers float16 (float32 on a CPU).
     torch_dtype = torch.float16 if device == "cuda" else torch.float32
     pipe.to(device, torch_dtype)
-    fn, params = jax_generate(pipe, jnp.bfloat16, resolution)
+    generator = jax_generate(pipe, "bfloat16", resolution)
     wait_torch = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
     for batch in args.batches:
         for name in ("jax", "diffusers"):
             key = f"{name}_batch{batch}"
             try:
-                compile_s, call = jax_call(fn, params, batch) if name == "jax" else (0.0, torch_call(batch))
+                compile_s, call = jax_call(generator, batch) if name == "jax" else (0.0, torch_call(batch))
                 wait = jax.block_until_ready if name == "jax" else wait_torch
                 timing = time_calls(call, wait, iters=args.iters, warmup=2)
                 results[key] = {"compile_s": compile_s, **timing, "images_per_s": batch / (timing["median_ms"] / 1e3)}

@@ -73,8 +73,9 @@ def export_to_torch(
         )
     components = weights.read_model_index(Path(base)) if base else None
     start = time.perf_counter()
-    trained = pipeline.load_trained(model, step=step, which=which, networks=())
-    if trained.parameterization is None:
+    trained = pipeline.load_trained(model, step=step, weights=which, networks=())
+    described = trained.description
+    if described.perflow is None:
         raise ExportError(
             f"{model} is a Stable Diffusion folder, not a PeRFlow student (its scheduler is "
             f"{trained.model.scheduler_config.get('_class_name')}): give a training WORKDIR, or a folder "
@@ -83,11 +84,11 @@ def export_to_torch(
     student, unet_config = trained.model.params["unet"], _diffusers_config(trained.model.configs["unet"])
     if base:
         _check_same_architecture(unet_config, Path(base))
-    teacher_dir = trained.teacher or (Path(base) if base else None)
+    teacher_dir = described.folder if described.workdir else (Path(base) if base else None)
     teacher = pipeline.load_model(teacher_dir, networks=("unet",)) if teacher_dir else None
     if teacher is not None and _diffusers_config(teacher.configs["unet"]) != unet_config:
         raise ExportError(f"the teacher in {teacher_dir} is not the student's architecture: no delta can be taken")
-    what = f"checkpoint {trained.step} ({which} weights)" if trained.step is not None else "the student"
+    what = f"checkpoint {described.step} ({which} weights)" if described.workdir else "the student"
     log(f"read {what} of {model} in {time.perf_counter() - start:.1f} s")
 
     staging = weights.staging_folder(out)
@@ -100,8 +101,8 @@ def export_to_torch(
         else:
             log(f"no {DELTA_FILE}: {model} names no teacher; pass --base TEACHER_DIR to write one")
         noise_schedule = (teacher or trained.model).scheduler_config
-        _write_scheduler(staging / "scheduler", noise_schedule, trained.parameterization, trained.num_windows)
-        log(f"scheduler/ (PeRFlowScheduler: {trained.parameterization}, {trained.num_windows} windows)")
+        _write_scheduler(staging / "scheduler", noise_schedule, *described.perflow)
+        log(f"scheduler/ (PeRFlowScheduler: {described.perflow[0]}, {described.perflow[1]} windows)")
         if base:
             _write_pipeline(staging, Path(base), components)
             log(f"pipeline parts from {base}: {', '.join(n for n in components if n not in ('unet', 'scheduler'))}")

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from perflow_jax import solver, step
+from perflow_jax import pipeline, solver, step
 
 # Dense bfloat16 peak FLOP/s per chip, by jax's device_kind, for the MFU column.
 PEAK_FLOPS = {
@@ -48,7 +48,7 @@ def cost_flops(stage) -> float | None:
 
 def train_step_flops(
     lowered_step: jax.stages.Lowered,
-    networks: step.Networks,
+    components: step.Components,
     settings: step.PeRFlowSettings,
     params: Any,
     frozen: dict[str, Any],
@@ -64,7 +64,7 @@ def train_step_flops(
 
     Args:
       lowered_step: ``jax.jit(step.train_step...).lower(state, batch, rng, frozen)``.
-      networks, settings: those of the step.
+      components, settings: those of the step.
       params, frozen, batch: the step's student parameters and arguments (arrays or ShapeDtypeStructs).
       accumulation_steps: the step's ``accumulation_steps``.
     Returns:
@@ -75,28 +75,35 @@ def train_step_flops(
         return None
     abstract = functools.partial(jax.tree.map, lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype))
     params, frozen, batch = abstract(params), abstract(frozen), abstract(batch)
-    draw = functools.partial(step.draw_examples, networks=networks, settings=settings)
+    draw = functools.partial(step.draw_examples, components=components, settings=settings)
     examples = jax.eval_shape(lambda batch: draw(jax.random.key(0), batch), batch)
     split = jax.eval_shape(functools.partial(step.microbatches, n=accumulation_steps), examples)
     microbatch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), split)
     if accumulation_steps > 1:
-        gradients = functools.partial(step.reflow_gradients, networks=networks, settings=settings)
+        gradients = functools.partial(step.reflow_gradients, components=components, settings=settings)
         body = cost_flops(jax.jit(gradients).lower(params, microbatch, frozen))
         if body is None:
             return None
         whole += (accumulation_steps - 1) * body
     if settings.solver_steps == 1:
         return whole
-    cond = jax.eval_shape(functools.partial(step.encode_text, networks), frozen, microbatch)
+    cond = jax.eval_shape(components.text.encode, frozen, microbatch)
     z = jax.ShapeDtypeStruct(microbatch["x0"].shape, jnp.float32)
     window = jax.ShapeDtypeStruct(microbatch["t"].shape, jnp.int32)
 
     def one_solver_step(teacher, z, window, cond):
         return solver.solve_window(
-            step.unet_apply(networks.teacher, teacher), z, window, cond, cond, networks.alphas_cumprod,
-            num_windows=settings.num_windows, num_steps=1, guidance=settings.teacher_guidance,
+            pipeline.unet_apply(components.teacher, teacher),
+            z,
+            window,
+            cond,
+            cond,
+            components.alphas_cumprod,
+            num_windows=settings.num_windows,
+            num_steps=1,
+            guidance=settings.teacher_guidance,
             prediction_type=settings.teacher_prediction_type,
-        )  # fmt: skip
+        )
 
     solver_step = cost_flops(jax.jit(one_solver_step).lower(frozen["teacher"], z, window, cond))
     if solver_step is None:

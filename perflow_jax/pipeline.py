@@ -1,19 +1,28 @@
-"""A loaded Stable Diffusion model: its networks' configs and parameters, tokenizers and scheduler config.
+"""A Stable Diffusion model on the devices: loading, text encoding, the UNet as a function, and generation.
 
 ``load_model`` reads a converted folder (``python -m perflow_jax.convert``; no torch needed) or a
-diffusers folder (converted in memory on the way).
+diffusers folder; ``load_trained`` a training run's student; ``describe`` reads only their config
+files. ``Generator`` is the one jitted prompts -> images function (text encoders, the PeRFlow
+sampler or the teacher's DDIM with classifier-free guidance, VAE decode) that sampling, the
+training run's grids and the benchmarks call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax import models, schedule, weights
+from perflow_jax import models, sampler, schedule, sharding, solver
+from perflow_jax import weights as weights_io
 
 TOKENIZER_FIELDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
 
@@ -64,25 +73,27 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
     from transformers import CLIPTokenizer
 
     path = Path(path)
-    if (path / weights.CONVERTED_MANIFEST).is_file():
-        manifest = json.loads((path / weights.CONVERTED_MANIFEST).read_text())
-        names = [n for n in weights.PIPELINE_NETWORKS if n in manifest["components"] and n in (networks or n)]
+    if (path / weights_io.CONVERTED_MANIFEST).is_file():
+        manifest = json.loads((path / weights_io.CONVERTED_MANIFEST).read_text())
+        names = [n for n in weights_io.PIPELINE_NETWORKS if n in manifest["components"] and n in (networks or n)]
         classes, configs, params = {}, {}, {}
         for name in names:
-            classes[name], configs[name], params[name] = weights.read_component(path, name)
+            classes[name], configs[name], params[name] = weights_io.read_component(path, name)
     elif (path / "model_index.json").is_file():
-        components = weights.read_model_index(path)
-        classes = {n: components[n] for n in weights.PIPELINE_NETWORKS if n in components and n in (networks or n)}
+        components = weights_io.read_model_index(path)
+        classes = {n: components[n] for n in weights_io.PIPELINE_NETWORKS if n in components and n in (networks or n)}
         configs = {n: json.loads((path / n / "config.json").read_text()) for n in classes}
         params = {
-            n: weights.state_dict_to_params(
-                weights.read_state_dict(path / n), models.from_config(classes[n], configs[n]).abstract_params(), name=n
+            n: weights_io.state_dict_to_params(
+                weights_io.read_state_dict(path / n),
+                models.from_config(classes[n], configs[n]).abstract_params(),
+                name=n,
             )
             for n in classes
         }
     else:
-        raise weights.WeightsFileError(
-            f"{path} is neither a converted model folder ({weights.CONVERTED_MANIFEST}) nor a diffusers folder "
+        raise weights_io.WeightsFileError(
+            f"{path} is neither a converted model folder ({weights_io.CONVERTED_MANIFEST}) nor a diffusers folder "
             "(model_index.json): give the --out folder of python -m perflow_jax.convert, or a diffusers download"
         )
     tokenizers = {
@@ -100,27 +111,6 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
 
 PERFLOW_SCHEDULER = "PeRFlowScheduler"
 DEFAULT_LATENT_SIZE = 64  # diffusers' UNet2DConditionModel default sample_size (512 px with SD's VAE)
-
-
-@dataclasses.dataclass
-class Trained:
-    """A student UNet with the pipeline parts it runs with.
-
-    model: the pipeline; ``model.params["unet"]`` are the student's parameters.
-    parameterization, num_windows: how the student's output is read ("velocity", "ddim_eps",
-      "diff_eps") and its K; None for a plain Stable Diffusion folder (a teacher, DDIM only).
-    step: the checkpoint's training step (None for a folder).
-    teacher: the folder of the run's teacher (``config.model.path``; None for a folder).
-    resolution: the image size in pixels the student was trained at (a folder: the UNet's
-      ``sample_size``, default 64, times the VAE's downsampling).
-    """
-
-    model: Model
-    parameterization: str | None
-    num_windows: int | None
-    step: int | None
-    teacher: Path | None
-    resolution: int
 
 
 # The teacher's noise schedule, copied into the PeRFlow scheduler's config; diffusers' defaults
@@ -159,37 +149,393 @@ def perflow_scheduler_settings(scheduler_config: dict[str, Any]) -> tuple[str, i
     return scheduler_config["prediction_type"], int(scheduler_config["num_time_windows"])
 
 
+@dataclasses.dataclass(frozen=True)
+class Description:
+    """What a model path holds, from its config files alone (no weights read).
+
+    path: the path given. folder: the pipeline folder whose VAE, text encoders, tokenizers and
+    scheduler go with the UNet (a WORKDIR's teacher, ``config.model.path``; else ``path``).
+    step: a WORKDIR's checkpoint step (None for a folder). perflow: (parameterization, K) of a
+    PeRFlow student; None for a plain Stable Diffusion folder (a teacher, DDIM only).
+    resolution: the image size in pixels the student was trained at (a folder: the UNet's
+    ``sample_size``, default 64, times the VAE's downsampling factor).
+    """
+
+    path: Path
+    folder: Path
+    step: int | None
+    perflow: tuple[str, int] | None
+    resolution: int
+
+    @property
+    def workdir(self) -> bool:
+        return self.step is not None
+
+
+def describe(path: str | Path, *, step: int | None = None) -> Description:
+    """The Description of a training WORKDIR (checkpoint ``step``, default the newest) or a model folder."""
+    from perflow_jax import checkpoint
+
+    path = Path(path)
+    if checkpoint.is_workdir(path):
+        step, config = checkpoint.run_config(path, step=step)
+        folder = Path(config["model"]["path"])
+        if not is_model_folder(folder):
+            raise weights_io.WeightsFileError(
+                f"{path} was trained from {folder} (config.model.path), which holds no model now: "
+                "put the teacher folder back there"
+            )
+        perflow = (config["perflow"]["parameterization"], int(config["perflow"]["num_windows"]))
+        return Description(path, folder, step, perflow, int(config["data"]["resolution"]))
+    if step is not None:
+        raise weights_io.WeightsFileError(
+            f"--step {step} names a training checkpoint, but {path} is a model folder, not a training run's "
+            "WORKDIR: leave --step out, or give the WORKDIR"
+        )
+    if not is_model_folder(path):
+        raise weights_io.WeightsFileError(
+            f"{path} is neither a training run's WORKDIR (checkpoints/) nor a model folder (vae/, unet/ and "
+            "scheduler/ configs, converted or diffusers): give one of those"
+        )
+    perflow = perflow_scheduler_settings(read_json(path / "scheduler" / "scheduler_config.json"))
+    vae = models.vae.VAEConfig.from_dict(read_json(path / "vae" / "config.json"))
+    latent_size = read_json(path / "unet" / "config.json").get("sample_size") or DEFAULT_LATENT_SIZE
+    return Description(path, path, None, perflow, int(latent_size) * vae.downsampling_factor)
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` has the VAE, UNet and scheduler configs of a converted or diffusers model."""
+    return all(
+        (folder / name).is_file() for name in ("vae/config.json", "unet/config.json", "scheduler/scheduler_config.json")
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object."""
+    return json.loads(path.read_text())
+
+
+@dataclasses.dataclass
+class Trained:
+    """A student UNet with the pipeline parts it runs with.
+
+    model: the pipeline; ``model.params["unet"]`` are the student's parameters (a plain Stable
+    Diffusion folder's UNet: the teacher). description: what ``describe`` says of the path.
+    """
+
+    model: Model
+    description: Description
+
+
 def load_trained(
-    path: str | Path, *, step: int | None = None, which: str = "ema", networks: tuple[str, ...] | None = None
+    path: str | Path, *, step: int | None = None, weights: str = "ema", networks: tuple[str, ...] | None = None
 ) -> Trained:
     """A training run's folder (WORKDIR), a converted folder or a diffusers folder, as a Trained.
 
-    For a WORKDIR the student is checkpoint ``step`` (default the newest), ``which`` weights: "ema"
-    or "student"; the other networks come from the run's teacher folder. ``networks``: the networks
+    For a WORKDIR the student is checkpoint ``step`` (default the newest), ``weights``: "ema" or
+    "student"; the other networks come from the run's teacher folder. ``networks``: the networks
     besides the UNet to load (default all).
     """
     from perflow_jax import checkpoint
 
-    path = Path(path)
+    description = describe(path, step=step)
     others = None if networks is None else tuple(n for n in networks if n != "unet")
-    if checkpoint.is_workdir(path):
-        step, student, config = checkpoint.trained_unet(path, step=step, weights=which)
-        teacher = Path(config["model"]["path"])
-        everything = tuple(n for n in weights.PIPELINE_NETWORKS if n != "unet")
-        model = load_model(teacher, networks=others if others is not None else everything)
-        unet_config = json.loads((teacher / "unet" / "config.json").read_text())
-        model.classes["unet"], model.configs["unet"] = unet_config["_class_name"], unet_config
-        model.params["unet"] = student
-        perflow = config["perflow"]
-        return Trained(model, perflow["parameterization"], int(perflow["num_windows"]), step, teacher,
-                       int(config["data"]["resolution"]))  # fmt: skip
-    if step is not None:
-        raise weights.WeightsFileError(
-            f"--step {step} names a training checkpoint, but {path} is a model folder, not a training run's WORKDIR"
+    if not description.workdir:
+        return Trained(load_model(path, networks=None if others is None else ("unet", *others)), description)
+    _, student, _ = checkpoint.trained_unet(path, step=description.step, weights=weights)
+    everything = tuple(n for n in weights_io.PIPELINE_NETWORKS if n != "unet")
+    model = load_model(description.folder, networks=everything if others is None else others)
+    unet_config = read_json(description.folder / "unet" / "config.json")
+    model.classes["unet"], model.configs["unet"] = unet_config["_class_name"], unet_config
+    model.params["unet"] = student
+    return Trained(model, description)
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks as functions, and generation
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextEncoders:
+    """The frozen CLIP text encoder(s) and the UNet condition they make (static under jit).
+
+    SD1.x / SD2.x: one encoder, its last hidden state. SDXL (``text_encoder_2`` set): both
+    encoders' penultimate hidden states side by side, the second's projected pooled output, and
+    the size ids (original size, crop top-left, target size = ``resolution``) of each example.
+    """
+
+    text_encoder: nn.Module
+    text_encoder_2: nn.Module | None = None
+    resolution: int = 512
+
+    def encode(self, params: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """{"encoder_hidden_states"} (+ "text_embeds", "time_ids" for SDXL) from ``batch``'s token ids.
+
+        params: {"text_encoder": ..., and for SDXL "text_encoder_2": ...} (more entries are fine).
+        batch: "input_ids" [B, 77] int32; for SDXL also "input_ids_2", and "original_size",
+        "crop_top_left" [B, 2].
+        """
+        first = self.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])
+        if self.text_encoder_2 is None:
+            return {"encoder_hidden_states": first.last_hidden_state}
+        second = self.text_encoder_2.apply({"params": params["text_encoder_2"]}, batch["input_ids_2"])
+        target = jnp.full((batch["input_ids"].shape[0], 2), self.resolution, jnp.int32)
+        time_ids = jnp.concatenate([batch["original_size"], batch["crop_top_left"], target], axis=-1)
+        return {
+            "encoder_hidden_states": jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1),
+            "text_embeds": second.text_embeds,
+            "time_ids": time_ids.astype(jnp.float32),
+        }
+
+    def size_ids(self, count: int) -> dict[str, jax.Array]:
+        """SDXL's size ids of ``count`` uncropped images at the target resolution (nothing for SD1.x / 2.x)."""
+        if self.text_encoder_2 is None:
+            return {}
+        return {
+            "original_size": jnp.full((count, 2), self.resolution, jnp.int32),
+            "crop_top_left": jnp.zeros((count, 2), jnp.int32),
+        }
+
+
+def unet_apply(module: nn.Module, params: Any) -> solver.Apply:
+    """The UNet as the pure functions want it: ``apply(z, timesteps, cond)`` with cond from ``TextEncoders.encode``."""
+
+    def apply(z, timesteps, cond):
+        return module.apply(
+            {"params": params},
+            z,
+            timesteps,
+            cond["encoder_hidden_states"],
+            cond.get("text_embeds"),
+            cond.get("time_ids"),
         )
-    model = load_model(path, networks=None if others is None else ("unet", *others))
-    parameterization, num_windows = perflow_scheduler_settings(model.scheduler_config) or (None, None)
-    vae_config = model.configs.get("vae") or json.loads((path / "vae" / "config.json").read_text())
-    latent_size = model.configs["unet"].get("sample_size") or DEFAULT_LATENT_SIZE
-    resolution = int(latent_size) * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    return Trained(model, parameterization, num_windows, None, None, resolution)
+
+    return apply
+
+
+METHODS = ("perflow", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSettings:
+    """How images are drawn (static under jit).
+
+    method: "perflow" (the student, ``sampler.sample``) or "ddim" (the teacher's DDIM,
+      ``solver.ddim_sample``, as diffusers' DDIMScheduler with "trailing" spacing runs it).
+    num_steps: N, UNet evaluations per image (each on twice the batch when guidance != 1).
+    guidance: the CFG scale w against the negative (by default empty) prompt; 1 runs the UNet on the prompts only.
+    parameterization: the student's output, "velocity", "ddim_eps" or "diff_eps" (method "perflow").
+    num_windows: K, the student's time windows (method "perflow"); N >= K.
+    prediction_type: the teacher's output, "epsilon" or "v_prediction" (method "ddim").
+    """
+
+    method: str = "perflow"
+    num_steps: int = 4
+    guidance: float = 4.5
+    parameterization: str = "diff_eps"
+    num_windows: int = 4
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown sampling method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.method == "perflow":
+            schedule.check_parameterization(self.parameterization)
+            sampler.sampler_timesteps(self.num_steps, self.num_windows)  # raises if N < K
+        else:
+            if self.prediction_type not in solver.PREDICTION_TYPES:
+                raise ValueError(
+                    f"unknown teacher prediction_type {self.prediction_type!r}: use one of "
+                    f"{', '.join(solver.PREDICTION_TYPES)} (the teacher's scheduler_config.json says which)"
+                )
+            if not 1 <= self.num_steps <= schedule.NUM_TRAIN_TIMESTEPS:
+                raise ValueError(
+                    f"{self.num_steps} DDIM steps: use 1 to {schedule.NUM_TRAIN_TIMESTEPS} (one per training timestep)"
+                )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """A model's networks as Flax modules, with the teacher's noise schedule (static under jit)."""
+
+    unet: nn.Module
+    text: TextEncoders
+    vae: nn.Module
+    alphas_cumprod: np.ndarray
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(h, w, c) of the latents of height x width images: one image's noise."""
+        factor = self.vae.config.downsampling_factor
+        for name, size in (("height", height), ("width", width)):
+            if size % factor:
+                raise ValueError(f"{name} {size} is not a multiple of the VAE's downsampling factor {factor}")
+        return (height // factor, width // factor, self.vae.config.latent_channels)
+
+
+def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``generate(params, ids, null_ids, noise) -> (images, latents)``, jittable as a whole.
+
+    params: {"unet": the student's (method "perflow") or the teacher's ("ddim") parameters,
+      "text": {"text_encoder": ..., ("text_encoder_2": ...)}, "vae": ...}.
+    ids: ``Model.tokenize(prompts)``, "input_ids" [N, 77] int32 (and "input_ids_2" for SDXL;
+      SDXL's size ids default to ``TextEncoders.size_ids``). null_ids: the same for the one negative
+      prompt ([1, 77]), the unconditional branch of classifier-free guidance (unused at guidance 1).
+    noise: [N, h, w, c] the initial latents z ~ N(0, I) (``Pipeline.latent_shape``).
+    Returns images [N, f h, f w, 3] float32 in [0, 1] (f the VAE's downsampling factor) and the
+    final latents [N, h, w, c] float32 before the VAE decode (scaled by its scaling_factor).
+    """
+
+    def generate(params, ids, null_ids, noise):
+        n = noise.shape[0]
+        if ids["input_ids"].shape[0] != n:
+            raise ValueError(f"{ids['input_ids'].shape[0]} prompts but noise for {n} images: give one noise per prompt")
+        if pipe.text.text_encoder_2 is not None and "input_ids_2" not in ids:
+            raise ValueError("this is an SDXL model: ids need input_ids_2 as well; pass Model.tokenize(prompts)")
+        cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(n), **ids})
+        null_cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(1), **null_ids})
+        null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), null_cond)
+        apply = unet_apply(pipe.unet, params["unet"])
+        if settings.method == "perflow":
+            z = sampler.sample(
+                apply,
+                noise,
+                cond,
+                null_cond,
+                pipe.alphas_cumprod,
+                num_steps=settings.num_steps,
+                num_windows=settings.num_windows,
+                parameterization=settings.parameterization,
+                guidance=settings.guidance,
+            )
+        else:
+            z = solver.ddim_sample(
+                apply,
+                noise,
+                cond,
+                null_cond,
+                pipe.alphas_cumprod,
+                num_steps=settings.num_steps,
+                prediction_type=settings.prediction_type,
+                guidance=settings.guidance,
+            )
+        decoded = pipe.vae.apply({"params": params["vae"]}, z / pipe.vae.config.scaling_factor, method="decode")
+        return jnp.clip((decoded.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0), z
+
+    return generate
+
+
+def seed_noise(seed: int, count: int, shape: Sequence[int]) -> np.ndarray:
+    """[count, h, w, c] float32: image j's noise is normal(fold_in(key(seed), j), shape), whatever ``count``."""
+    key = jax.random.key(seed)
+    draw = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), tuple(shape), jnp.float32))
+    return np.asarray(jax.jit(draw)(jnp.arange(count)))
+
+
+@dataclasses.dataclass
+class Output:
+    """One call's results. images: [B, H, W, 3] float32 in [0, 1]. latents: [B, h, w, c] float32, the
+    final latents before the VAE decode (times scaling_factor). compile_seconds: 0 when this batch size
+    was compiled before. run_seconds: the compiled function's run, inputs on the devices."""
+
+    images: np.ndarray
+    latents: np.ndarray
+    compile_seconds: float
+    run_seconds: float
+
+
+class Generator:
+    """A Pipeline's parameters on the devices and its one jitted prompts -> images function.
+
+    ``params`` ({"unet", "text", "vae"}, see ``make_generate``) are global arrays placed as the
+    caller chose (replicated by ``load_generator``; a training run passes its sharded ones). The
+    batch is split over all devices of ``mesh``, padded to a multiple of their count (the padding
+    dropped from the results). One compilation per padded batch size.
+    """
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        settings: GenerateSettings,
+        params: dict[str, Any],
+        tokenize: Callable[[list[str]], dict[str, np.ndarray]],
+        mesh: jax.sharding.Mesh,
+        negative_prompt: str = "",
+    ):
+        self.pipe, self.settings, self.params, self.tokenize, self.mesh = pipe, settings, params, tokenize, mesh
+        self.null_ids = sharding.place(tokenize([negative_prompt]), sharding.replicated(mesh))
+        self._jitted = jax.jit(make_generate(pipe, settings), out_shardings=sharding.replicated(mesh))
+        self._compiled: dict[int, Any] = {}
+
+    def inputs(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None) -> tuple:
+        """The compiled function's arguments: ``prompts`` (one per image) and ``noise`` [B, h, w, c], padded
+        and placed; ``unet_params`` in place of ``params["unet"]`` (e.g. a training run's EMA)."""
+        count = len(prompts)
+        if np.shape(noise)[0] != count:
+            raise ValueError(f"noise for {np.shape(noise)[0]} images but {count} prompts: give one noise per prompt")
+        padded = -(-count // self.mesh.size) * self.mesh.size
+        ids = {k: _pad(v, padded, "edge") for k, v in self.tokenize(list(prompts)).items()}
+        noise = _pad(np.asarray(noise, np.float32), padded, "constant")
+        params = self.params if unet_params is None else {**self.params, "unet": unet_params}
+        batch = sharding.batch_sharding(self.mesh)
+        return params, sharding.place(ids, batch), self.null_ids, sharding.place(noise, batch)
+
+    def compiled(self, args: tuple) -> tuple[Any, float]:
+        """(the function compiled for ``args``' batch size, seconds spent compiling it now: 0 if cached)."""
+        padded = args[-1].shape[0]
+        if padded in self._compiled:
+            return self._compiled[padded], 0.0
+        start = time.perf_counter()
+        self._compiled[padded] = self._jitted.lower(*args).compile()
+        return self._compiled[padded], time.perf_counter() - start
+
+    def __call__(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None) -> Output:
+        """Images of ``prompts`` (one per image) from ``noise`` [B, h, w, c] (channels-last)."""
+        args = self.inputs(prompts, noise, unet_params)
+        function, compile_seconds = self.compiled(args)
+        start = time.perf_counter()
+        images, latents = jax.block_until_ready(function(*args))
+        run_seconds = time.perf_counter() - start
+        count = len(prompts)
+        return Output(np.asarray(images)[:count], np.asarray(latents)[:count], compile_seconds, run_seconds)
+
+
+def _pad(x: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """``x`` [B, ...] padded along the batch to ``size`` rows (copies of the last, or zeros)."""
+    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1), mode=mode)
+
+
+def load_generator(
+    description: Description,
+    settings: GenerateSettings,
+    *,
+    weights: str = "ema",
+    height: int,
+    dtype: str = "float32",
+    negative_prompt: str = "",
+) -> Generator:
+    """A Generator of the described model, computing in ``dtype``, its parameters replicated on every device.
+
+    The UNet is a WORKDIR's student (its ``weights``, "ema" or "student") for the PeRFlow sampler;
+    otherwise the folder's (a PeRFlow folder's student, or the teacher for DDIM). SDXL's size ids say ``height``.
+    """
+    if description.workdir and settings.method == "perflow":
+        model = load_trained(description.path, step=description.step, weights=weights).model
+    else:
+        model = load_model(description.folder)
+    compute = weights_io.DTYPES[dtype]
+    text_names = [n for n in ("text_encoder", "text_encoder_2") if n in model.classes]
+    encoders = [model.module(n, dtype=compute, attention_backend="auto") for n in text_names]
+    pipe = Pipeline(
+        unet=model.module("unet", dtype=compute, attention_backend="auto"),
+        text=TextEncoders(*encoders, resolution=height),
+        vae=model.module("vae", dtype=compute),
+        alphas_cumprod=model.alphas_cumprod(),
+    )
+    mesh = sharding.make_mesh((-1, 1))
+    params = {
+        "unet": model.params["unet"],
+        "text": {n: model.params[n] for n in text_names},
+        "vae": model.params["vae"],
+    }
+    params = sharding.place(weights_io.cast_params(params, dtype), sharding.replicated(mesh))
+    return Generator(pipe, settings, params, model.tokenize, mesh, negative_prompt)

@@ -103,3 +103,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def place(tree: Any, placement: jax.sharding.Sharding) -> Any:
+    """Host arrays (the same on every process) as global arrays placed by ``placement``."""
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), placement, lambda index: x[index]), tree)

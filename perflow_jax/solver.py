@@ -1,4 +1,5 @@
-"""The frozen teacher's probability-flow solve across one time window: DDIM (eta = 0), S steps.
+"""The frozen teacher's probability-flow solve with DDIM (eta = 0): across one time window in S steps, and
+from noise to data in N steps (the teacher's own few-step samples, the baseline a student is judged by).
 
 Each example solves its own window k, from z_s at t_s to z_e at t_e, evaluating the teacher at
 the static timestep table ``teacher_timesteps(K, S)[k]`` (PERFLOW_SPEC.md, "One training
@@ -112,3 +113,55 @@ def solve_window(
         return ddim_step(z, output, a, a_prev, prediction_type)
 
     return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_steps, step, z))
+
+
+def ddim_timesteps(num_steps: int) -> np.ndarray:
+    """[N] int32 timesteps, noisiest first, spaced as diffusers' "trailing": round(arange(1000, 0, -1000/N)) - 1.
+
+    N = 4: [999, 749, 499, 249]; N = 3: [999, 666, 332].
+    """
+    step_ratio = NUM_TRAIN_TIMESTEPS / num_steps
+    return (np.round(np.arange(NUM_TRAIN_TIMESTEPS, 0, -step_ratio)) - 1).astype(np.int32)
+
+
+def ddim_sample(
+    apply: Apply,
+    noise: jax.Array,
+    cond: Any,
+    null_cond: Any,
+    ab: jax.Array,
+    *,
+    num_steps: int,
+    prediction_type: str,
+    guidance: float = 1.0,
+) -> jax.Array:
+    """The teacher's DDIM (eta = 0) from ``noise`` [B, ...] in ``num_steps`` steps (``lax.scan``).
+
+    As diffusers' DDIMScheduler with trailing spacing and set_alpha_to_one=False: step i goes
+    from alpha ab[tau_i] to ab[tau_i - 1000 // N], or ab[0] when that is negative (the last step).
+    When 1000 / N is not a whole number this previous timestep is not always the next tau
+    (N = 3: 666 steps to ab[333], then the model runs at 332), as in diffusers.
+
+    Args:
+      apply: the teacher, ``apply(z [B, ...], timesteps [B] float32, cond) -> eps or v [B, ...]``.
+      noise: [B, ...] the initial latents z ~ N(0, I) (DDIM's initial sigma is 1).
+      cond, null_cond: pytrees with batch-first leaves; ``null_cond`` is used only if guidance != 1.
+      ab: [1000] float32 the teacher's alphas_cumprod.
+      num_steps: N (static). prediction_type: "epsilon" or "v_prediction". guidance: CFG scale (static).
+    Returns:
+      [B, ...] the final latents, in noise's float dtype (at least float32).
+    """
+    timesteps = ddim_timesteps(num_steps)
+    previous = timesteps - NUM_TRAIN_TIMESTEPS // num_steps
+    ab = jnp.asarray(ab)
+    a = ab[timesteps]
+    a_prev = jnp.where(previous >= 0, ab[np.maximum(previous, 0)], ab[0])
+    z = noise.astype(jnp.promote_types(noise.dtype, jnp.float32))
+
+    def body(z, tau_a_aprev):
+        tau, a, a_prev = (jnp.broadcast_to(x, (z.shape[0],)) for x in tau_a_aprev)
+        output = guided(apply, z, tau.astype(jnp.float32), cond, null_cond, guidance).astype(z.dtype)
+        return ddim_step(z, output, a.astype(z.dtype), a_prev.astype(z.dtype), prediction_type), None
+
+    z, _ = jax.lax.scan(body, z, (jnp.asarray(timesteps), a, a_prev))
+    return z

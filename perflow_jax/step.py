@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from perflow_jax import loss, schedule
+from perflow_jax import loss, pipeline, schedule
 
 
 class TrainState(struct.PyTreeNode):
@@ -49,23 +49,17 @@ class PeRFlowSettings:
     ema_max_decay: float = 0.9999
 
 
-@dataclasses.dataclass(frozen=True)
-class Networks:
-    """The Flax modules of one model and the constants the step needs (static under jit).
-
-    ``text_encoder_2`` is set for SDXL; then the UNet also gets pooled text and size ids.
-    """
+@dataclasses.dataclass(frozen=True, eq=False)
+class Components:
+    """What the step is built from (static under jit): the student and frozen teacher UNets (the same
+    network in their own dtypes), the frozen text encoders, the teacher's noise schedule and the
+    VAE's latent scale."""
 
     student: nn.Module
     teacher: nn.Module
-    text_encoder: nn.Module
-    text_encoder_2: nn.Module | None
+    text: pipeline.TextEncoders
     alphas_cumprod: np.ndarray
     scaling_factor: float
-    resolution: int
-
-    def __hash__(self):
-        return id(self)
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
@@ -99,41 +93,8 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), ema_params=params)
 
 
-def encode_text(networks: Networks, text_params: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The UNet's condition from token ids: {"encoder_hidden_states"} (+ "text_embeds", "time_ids" for SDXL).
-
-    SD1.x / SD2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
-    states side by side, the second's projected pooled output, and the size ids (original size,
-    crop top-left, target size) of each example.
-    """
-    first = networks.text_encoder.apply({"params": text_params["text_encoder"]}, batch["input_ids"])
-    if networks.text_encoder_2 is None:
-        return {"encoder_hidden_states": first.last_hidden_state}
-    second = networks.text_encoder_2.apply({"params": text_params["text_encoder_2"]}, batch["input_ids_2"])
-    target = jnp.full((batch["input_ids"].shape[0], 2), networks.resolution, jnp.int32)
-    return {
-        "encoder_hidden_states": jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1),
-        "text_embeds": second.text_embeds,
-        "time_ids": jnp.concatenate([batch["original_size"], batch["crop_top_left"], target], axis=-1).astype(
-            jnp.float32
-        ),
-    }
-
-
-def unet_apply(module: nn.Module, params: Any):
-    """The UNet as the pure functions want it: ``apply(z, timesteps, cond)`` with cond from ``encode_text``."""
-
-    def apply(z, timesteps, cond):
-        return module.apply(
-            {"params": params}, z, timesteps, cond["encoder_hidden_states"], cond.get("text_embeds"),
-            cond.get("time_ids"),
-        )  # fmt: skip
-
-    return apply
-
-
 def draw_examples(
-    rng: jax.Array, batch: dict[str, jax.Array], *, networks: Networks, settings: PeRFlowSettings
+    rng: jax.Array, batch: dict[str, jax.Array], *, components: Components, settings: PeRFlowSettings
 ) -> dict[str, jax.Array]:
     """The batch with each example's random draws: latent x0, noise eps, time t, text dropout.
 
@@ -149,7 +110,7 @@ def draw_examples(
     k_latent, k_eps, k_time, k_drop = jax.random.split(rng, 4)
     batch_size = batch["mean"].shape[0]
     mean, logvar = batch["mean"].astype(jnp.float32), batch["logvar"].astype(jnp.float32)
-    x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * networks.scaling_factor
+    x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * components.scaling_factor
     examples = {k: v for k, v in batch.items() if k not in ("mean", "logvar")}
     examples.update(
         x0=x0,
@@ -161,19 +122,29 @@ def draw_examples(
 
 
 def reflow_problem(
-    examples: dict[str, jax.Array], frozen: dict[str, Any], *, networks: Networks, settings: PeRFlowSettings
+    examples: dict[str, jax.Array], frozen: dict[str, Any], *, components: Components, settings: PeRFlowSettings
 ) -> loss.Reflow:
     """What the student is trained on for ``examples`` (``draw_examples``): frozen text encoding,
     dropout to the empty prompt and the teacher's window solve (``loss.reflow_targets``)."""
     batch_size = examples["x0"].shape[0]
-    cond = encode_text(networks, frozen, examples)
+    cond = components.text.encode(frozen, examples)
     null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size,) + x.shape[1:]), frozen["null_cond"])
     return loss.reflow_targets(
-        unet_apply(networks.teacher, frozen["teacher"]), examples["x0"], examples["eps"], examples["t"], cond,
-        null_cond, examples["drop"], jnp.asarray(networks.alphas_cumprod), parameterization=settings.parameterization,
-        num_windows=settings.num_windows, num_steps=settings.solver_steps, guidance=settings.teacher_guidance,
-        prediction_type=settings.teacher_prediction_type, zero_snr=settings.zero_snr,
-    )  # fmt: skip
+        pipeline.unet_apply(components.teacher, frozen["teacher"]),
+        examples["x0"],
+        examples["eps"],
+        examples["t"],
+        cond,
+        null_cond,
+        examples["drop"],
+        jnp.asarray(components.alphas_cumprod),
+        parameterization=settings.parameterization,
+        num_windows=settings.num_windows,
+        num_steps=settings.solver_steps,
+        guidance=settings.teacher_guidance,
+        prediction_type=settings.teacher_prediction_type,
+        zero_snr=settings.zero_snr,
+    )
 
 
 def reflow_gradients(
@@ -181,21 +152,24 @@ def reflow_gradients(
     examples: dict[str, jax.Array],
     frozen: dict[str, Any],
     *,
-    networks: Networks,
+    components: Components,
     settings: PeRFlowSettings,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of the reflow loss of ``examples`` (``draw_examples``) for the student ``params``.
 
     Returns (gradients like params, metrics: loss, window_loss_sum [K], window_count [K]).
     """
-    reflow = reflow_problem(examples, frozen, networks=networks, settings=settings)
+    reflow = reflow_problem(examples, frozen, components=components, settings=settings)
 
     def loss_fn(params):
-        prediction = unet_apply(networks.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+        prediction = pipeline.unet_apply(components.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
         return loss.reflow_loss(
-            prediction, reflow, num_windows=settings.num_windows, distance=settings.distance,
+            prediction,
+            reflow,
+            num_windows=settings.num_windows,
+            distance=settings.distance,
             weighting=settings.weighting,
-        )  # fmt: skip
+        )
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, metrics
@@ -218,7 +192,7 @@ def accumulated_gradients(
     examples: dict[str, jax.Array],
     frozen: dict[str, Any],
     *,
-    networks: Networks,
+    components: Components,
     settings: PeRFlowSettings,
     accumulation_steps: int,
 ) -> tuple[Any, dict[str, jax.Array]]:
@@ -228,7 +202,7 @@ def accumulated_gradients(
     size (bench/RESULTS.md). The microbatches are equal in size, so the batch's mean loss and
     gradient are the means of theirs; the per-window sums add up.
     """
-    gradients = functools.partial(reflow_gradients, frozen=frozen, networks=networks, settings=settings)
+    gradients = functools.partial(reflow_gradients, frozen=frozen, components=components, settings=settings)
     split = microbatches(examples, accumulation_steps)
 
     def add(total, microbatch):
@@ -247,7 +221,7 @@ def train_step(
     rng: jax.Array,
     frozen: dict[str, Any],
     *,
-    networks: Networks,
+    components: Components,
     settings: PeRFlowSettings,
     optimizer: optax.GradientTransformation,
     accumulation_steps: int = 1,
@@ -260,21 +234,25 @@ def train_step(
         input_ids_2, original_size, crop_top_left).
       rng: this step's key (fold the step into the run's key outside).
       frozen: {"teacher": UNet params (bfloat16), "text_encoder": ..., ("text_encoder_2": ...),
-        "null_cond": the empty prompt's condition for one example (``encode_text`` of its ids)}.
+        "null_cond": the empty prompt's condition for one example (``TextEncoders.encode`` of its ids)}.
       accumulation_steps: compute the gradient in this many microbatches of B / accumulation_steps
         examples, one after another (fewer activations alive at once; the same update up to
         float32 rounding).
     Returns:
       (new state, metrics: loss, window_loss_sum [K], window_count [K], grad_norm).
     """
-    examples = draw_examples(rng, batch, networks=networks, settings=settings)
+    examples = draw_examples(rng, batch, components=components, settings=settings)
     if accumulation_steps == 1:
-        grads, metrics = reflow_gradients(state.params, examples, frozen, networks=networks, settings=settings)
+        grads, metrics = reflow_gradients(state.params, examples, frozen, components=components, settings=settings)
     else:
         grads, metrics = accumulated_gradients(
-            state.params, examples, frozen, networks=networks, settings=settings,
+            state.params,
+            examples,
+            frozen,
+            components=components,
+            settings=settings,
             accumulation_steps=accumulation_steps,
-        )  # fmt: skip
+        )
     metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads, optimizer=optimizer, settings=settings), metrics
 

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from perflow_jax import checkpoint, data, flops, generate, pipeline, recipe, sharding, step, weights
+from perflow_jax import checkpoint, data, flops, image_io, pipeline, recipe, sharding, step, weights
 
 # Keys a resumed run may change: how long it runs, what it reports, and how the step is computed
 # (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
@@ -39,7 +39,6 @@ RESUMABLE_KEYS = (
     "train.num_steps", "log.", "checkpoint.", "model.attention_backend", "model.remat",
     "train.gradient_accumulation_steps",
 )  # fmt: skip
-
 
 
 class TrainingError(RuntimeError):
@@ -182,42 +181,54 @@ def _drop_rows_after(path: Path, step_number: int) -> None:
 class Samples:
     """Grids of the fixed prompts: the teacher's few-step DDIM at step 0, the EMA student every eval.
 
-    Saved as WORKDIR/samples/teacher_ddim.png and step_XXXXXX.png, and to TensorBoard.
+    Both through ``pipeline.Generator`` over the run's device parameters (frozen teacher and text
+    encoders, the EMA student). Saved as WORKDIR/samples/teacher_ddim.png and step_XXXXXX.png, and
+    to TensorBoard.
     """
 
-    def __init__(self, config, workdir: Path, networks: step.Networks, model: pipeline.Model, mesh, reporter):
+    def __init__(
+        self, config, workdir: Path, components: step.Components, model: pipeline.Model, frozen, mesh, reporter
+    ):
         self.folder = workdir / "samples"
         self.reporter = reporter
         vae = model.module("vae")
-        replicated = sharding.replicated(mesh)
-        self.vae_params = jax.device_put(weights.cast_params(model.params["vae"], "float32"), replicated)
-        prompts = list(config.log.sample_prompts)
-        self.ids = {k: jnp.asarray(v) for k, v in model.tokenize(prompts).items()}
-        shape = generate.latent_shape(vae, config.data.resolution)
-        self.noise = jax.random.normal(jax.random.key(config.log.sample_seed), (len(prompts), *shape))
+        params = {
+            "unet": frozen["teacher"],
+            "text": {n: frozen[n] for n in ("text_encoder", "text_encoder_2") if n in frozen},
+            "vae": sharding.place(weights.cast_params(model.params["vae"], "float32"), sharding.replicated(mesh)),
+        }
         common = {"num_steps": config.log.sample_steps, "guidance": config.log.sample_guidance}
-        student = generate.GenerateSettings(
-            method="perflow", parameterization=config.perflow.parameterization,
-            num_windows=config.perflow.num_windows, **common,
-        )  # fmt: skip
-        teacher = generate.GenerateSettings(method="ddim", prediction_type=model.prediction_type(), **common)
-        self._student = jax.jit(generate.make_generate(networks, vae, student), out_shardings=replicated)
-        self._teacher = jax.jit(generate.make_generate(networks, vae, teacher), out_shardings=replicated)
+        student = pipeline.GenerateSettings(
+            method="perflow",
+            parameterization=config.perflow.parameterization,
+            num_windows=config.perflow.num_windows,
+            **common,
+        )
+        teacher = pipeline.GenerateSettings(method="ddim", prediction_type=model.prediction_type(), **common)
 
-    def teacher(self, frozen: dict[str, Any]) -> None:
-        images = self._teacher(frozen["teacher"], frozen, self.vae_params, self.ids, frozen["null_cond"], self.noise)
-        self._save("teacher_ddim", 0, images)
+        def generator(unet, settings):
+            pipe = pipeline.Pipeline(unet, components.text, vae, components.alphas_cumprod)
+            return pipeline.Generator(pipe, settings, params, model.tokenize, mesh)
 
-    def student(self, step_number: int, ema_params: Any, frozen: dict[str, Any]) -> None:
-        images = self._student(ema_params, frozen, self.vae_params, self.ids, frozen["null_cond"], self.noise)
+        self._student = generator(components.student, student)
+        self._teacher = generator(components.teacher, teacher)
+        self.prompts = list(config.log.sample_prompts)
+        shape = self._teacher.pipe.latent_shape(config.data.resolution, config.data.resolution)
+        self.noise = np.asarray(jax.random.normal(jax.random.key(config.log.sample_seed), (len(self.prompts), *shape)))
+
+    def teacher(self) -> None:
+        self._save("teacher_ddim", 0, self._teacher(self.prompts, self.noise).images)
+
+    def student(self, step_number: int, ema_params: Any) -> None:
+        images = self._student(self.prompts, self.noise, unet_params=ema_params).images
         self._save(f"step_{step_number:06d}", step_number, images)
 
-    def _save(self, name: str, step_number: int, images: jax.Array) -> None:
+    def _save(self, name: str, step_number: int, images: np.ndarray) -> None:
         if jax.process_index() != 0:
             return
-        picture = generate.grid(np.asarray(images))
+        picture = image_io.grid(images)
         self.folder.mkdir(exist_ok=True)
-        generate.save_png(picture, self.folder / f"{name}.png")
+        image_io.save_png(picture, self.folder / f"{name}.png")
         self.reporter.image(step_number, "samples/teacher_ddim" if name == "teacher_ddim" else "samples/ema", picture)
 
 
@@ -284,16 +295,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = sharding.make_mesh(config.mesh.shape)
     compute, frozen_dtype = weights.DTYPES[config.model.compute_dtype], weights.DTYPES[config.model.teacher_dtype]
     backend = config.model.attention_backend
-    networks = step.Networks(
+    text = pipeline.TextEncoders(
+        *(model.module(n, dtype=frozen_dtype, attention_backend=backend) for n in text_names),
+        resolution=config.data.resolution,
+    )
+    components = step.Components(
         student=model.module("unet", dtype=compute, attention_backend=backend, remat=config.model.remat),
         teacher=model.module("unet", dtype=frozen_dtype, attention_backend=backend),
-        text_encoder=model.module("text_encoder", dtype=frozen_dtype, attention_backend=backend),
-        text_encoder_2=model.module("text_encoder_2", dtype=frozen_dtype, attention_backend=backend)
-        if model.sdxl
-        else None,
+        text=text,
         alphas_cumprod=model.alphas_cumprod(),
         scaling_factor=float(manifest["scaling_factor"]),
-        resolution=config.data.resolution,
     )
 
     # Frozen parameters (teacher, text encoders) in the teacher dtype, sharded like the student.
@@ -304,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     null_ids = {k: jnp.asarray(v) for k, v in model.tokenize([""]).items()}
     if model.sdxl:
         null_ids.update(original_size=jnp.full((1, 2), config.data.resolution), crop_top_left=jnp.zeros((1, 2)))
-    encode = jax.jit(functools.partial(step.encode_text, networks), out_shardings=sharding.replicated(mesh))
+    encode = jax.jit(text.encode, out_shardings=sharding.replicated(mesh))
     frozen["null_cond"] = encode(frozen, null_ids)
     frozen_shardings["null_cond"] = jax.tree.map(lambda _: sharding.replicated(mesh), frozen["null_cond"])
 
@@ -331,28 +342,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     batch_shardings = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        functools.partial(step.train_step, networks=networks, settings=recipe.settings(config),
+        functools.partial(step.train_step, components=components, settings=recipe.settings(config),
                           optimizer=optimizer, accumulation_steps=config.train.gradient_accumulation_steps),
         in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh), frozen_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )  # fmt: skip
     return _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step,
-                 learning_rate, networks, model)  # fmt: skip
+                 learning_rate, components, model)  # fmt: skip
 
 
 def _loop(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step, learning_rate,
-          networks, model):  # fmt: skip
+          components, model):  # fmt: skip
     """The training loop: steps, checks, reports, samples and checkpoints until done or stopped."""
     with Stop(mesh) as stop:
         return _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step,
-                      learning_rate, networks, model, stop)  # fmt: skip
+                      learning_rate, components, model, stop)  # fmt: skip
 
 
 def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoints, first_step, learning_rate,
-           networks, model, stop):  # fmt: skip
+           components, model, stop):  # fmt: skip
     reporter = Reporter(workdir, first_step)
-    sampler = Samples(config, workdir, networks, model, mesh, reporter)
+    sampler = Samples(config, workdir, components, model, frozen, mesh, reporter)
     base_key = jax.random.key(config.train.seed)
     total = config.train.num_steps
     pending: list[tuple[int, dict]] = []  # (step, metrics) not yet brought to the host
@@ -360,7 +371,7 @@ def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoin
     clock = (time.perf_counter(), first_step)
     try:
         if first_step == 0:
-            sampler.teacher(frozen)
+            sampler.teacher()
         for step_number in range(first_step, total):
             batch = data.global_batch(next(iterator), mesh)
             rng = jax.random.fold_in(base_key, step_number)
@@ -369,7 +380,7 @@ def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoin
                 lowered = train_step.lower(state, batch, rng, frozen)
                 compiled = lowered.compile()
                 flops_per_step = flops.train_step_flops(
-                    lowered, networks, recipe.settings(config), state.params, frozen, batch,
+                    lowered, components, recipe.settings(config), state.params, frozen, batch,
                     config.train.gradient_accumulation_steps,
                 )  # fmt: skip
                 print(f"compiled the training step in {time.perf_counter() - start:.1f} s", flush=True)
@@ -387,7 +398,7 @@ def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoin
                 pending.clear()
                 checkpoints.save(done, state, iterator, config.to_dict())
             if done % config.log.eval_every_steps == 0 or done == total:
-                sampler.student(done, state.ema_params, frozen)
+                sampler.student(done, state.ema_params)
             if stopping:
                 print(f"stopped at step {done} on request; the checkpoint of step {done} resumes the run", flush=True)
                 break

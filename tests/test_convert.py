@@ -141,7 +141,7 @@ def test_with_a_delta_the_folder_is_a_perflow_student_for_the_sampler(sd, tmp_pa
     convert(source, tmp_path / "out", perflow_delta=tmp_path / "delta_weights.safetensors",
             perflow_parameterization="ddim_eps", perflow_windows=3, log=quiet)  # fmt: skip
     trained = load_trained(tmp_path / "out", networks=())
-    assert (trained.parameterization, trained.num_windows) == ("ddim_eps", 3)
+    assert trained.description.perflow == ("ddim_eps", 3)
     config = json.loads((tmp_path / "out/scheduler/scheduler_config.json").read_text())
     teacher = json.loads((source / "scheduler/scheduler_config.json").read_text())
     assert (config["beta_start"], config["beta_end"], config["beta_schedule"]) == (

@@ -103,12 +103,13 @@ def test_the_pytorch_export_scores_as_the_jax_student(table):
 
 def test_sample_on_the_demo_student_is_seeded_and_honours_init_noise(demo, tmp_path):
     prompts = [digits.caption(d) for d in range(10)]
-    first = sample.sample(demo / "work", prompts, tmp_path / "a.png", guidance=1.0, seed=3,
-                          save_noise=tmp_path / "noise.npy", log=quiet)  # fmt: skip
-    again = sample.sample(demo / "work", prompts, tmp_path / "b.png", guidance=1.0, seed=3, log=quiet)
-    other = sample.sample(demo / "work", prompts, tmp_path / "c.png", guidance=1.0, seed=4, log=quiet)
-    given = sample.sample(demo / "work", prompts, tmp_path / "d.png", guidance=1.0, init_noise=tmp_path / "noise.npy",
-                          log=quiet)  # fmt: skip
+    def run(name, **options):
+        return sample.sample(sample.Options(demo / "work", prompts, tmp_path / name, guidance=1.0, **options), quiet)
+
+    first = run("a.png", seed=3, save_noise=tmp_path / "noise.npy")
+    again = run("b.png", seed=3)
+    other = run("c.png", seed=4)
+    given = run("d.png", init_noise=tmp_path / "noise.npy")
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(given.images, first.images)
     assert np.abs(other.images - first.images).mean() > 0.01
@@ -116,4 +117,4 @@ def test_sample_on_the_demo_student_is_seeded_and_honours_init_noise(demo, tmp_p
 
 def test_fewer_steps_than_the_demo_students_windows_are_refused(demo, tmp_path):
     with pytest.raises(ValueError, match="every window needs at least one step, so use 4 or more"):
-        sample.sample(demo / "work", ["a handwritten digit one"], tmp_path / "x.png", steps=2, log=quiet)
+        sample.sample(sample.Options(demo / "work", ["a handwritten digit one"], tmp_path / "x.png", steps=2), quiet)

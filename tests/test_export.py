@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from perflow_jax import checkpoint, export, pipeline, sampler, step, weights
+from perflow_jax import checkpoint, export, pipeline, sampler, weights
 from perflow_jax.convert import convert
 from perflow_jax.export import ExportError, export_to_torch
 from tests.parity import relative_error
@@ -215,8 +215,9 @@ def test_diffusers_pipeline_with_the_export_reaches_the_jax_samplers_latents(run
     assert pipe.scheduler.config.prediction_type == parameterization
 
     trained = pipeline.load_trained(tmp_path / "out", networks=())
+    num_windows = trained.description.perflow[1]
     unet = trained.model.module("unet")
-    apply = step.unet_apply(unet, trained.model.params["unet"])
+    apply = pipeline.unet_apply(unet, trained.model.params["unet"])
     ab = trained.model.alphas_cumprod()
     tokens = pipe.tokenizer(["a photo number 3", "a red car", ""], padding="max_length", max_length=77,
                             return_tensors="pt").input_ids  # fmt: skip
@@ -235,7 +236,7 @@ def test_diffusers_pipeline_with_the_export_reaches_the_jax_samplers_latents(run
                 apply, jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)),
                 {"encoder_hidden_states": jnp.asarray(prompts.numpy())},
                 {"encoder_hidden_states": jnp.asarray(negative.numpy())}, ab, num_steps=num_steps,
-                num_windows=trained.num_windows, parameterization=trained.parameterization, guidance=guidance,
+                num_windows=num_windows, parameterization=parameterization, guidance=guidance,
             )  # fmt: skip
             got = np.asarray(latents).transpose(0, 3, 1, 2)
             error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
@@ -255,7 +256,8 @@ def test_sdxl_export_with_base_samples_in_diffusers_as_in_jax(tmp_path):
     assert json.loads((tmp_path / "out/model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
 
     trained = pipeline.load_trained(tmp_path / "out", networks=())
-    apply = step.unet_apply(trained.model.module("unet"), trained.model.params["unet"])
+    parameterization, num_windows = trained.description.perflow
+    apply = pipeline.unet_apply(trained.model.module("unet"), trained.model.params["unet"])
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=["a photo number 3", "a red car"], device="cpu", num_images_per_prompt=1,
@@ -278,7 +280,7 @@ def test_sdxl_export_with_base_samples_in_diffusers_as_in_jax(tmp_path):
         latents = sampler.sample(
             apply, jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)), cond(embeds, pooled),
             cond(negative, negative_pooled), trained.model.alphas_cumprod(), num_steps=4,
-            num_windows=trained.num_windows, parameterization=trained.parameterization, guidance=guidance,
+            num_windows=num_windows, parameterization=parameterization, guidance=guidance,
         )  # fmt: skip
         error = relative_error(np.asarray(latents).transpose(0, 3, 1, 2), expected)
         print(f"SDXL ddim_eps N=4 w={guidance}: relative error {error:.2e}")

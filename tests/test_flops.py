@@ -16,15 +16,15 @@ def unrolled_fori_loop(lower, upper, body, init):
 
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 def test_the_step_count_equals_the_count_of_the_step_with_its_solver_loop_unrolled(guidance, monkeypatch):
-    networks, frozen, state, batch, optimizer = tiny_setup(batch_size=4)
+    components, frozen, state, batch, optimizer = tiny_setup(batch_size=4)
     settings = step.PeRFlowSettings(solver_steps=5, teacher_guidance=guidance)
 
     def lowered_step():
-        train_step = functools.partial(step.train_step, networks=networks, settings=settings, optimizer=optimizer)
+        train_step = functools.partial(step.train_step, components=components, settings=settings, optimizer=optimizer)
         return jax.jit(train_step).lower(state, batch, jax.random.key(0), frozen)
 
     looped = lowered_step()
-    counted = flops.train_step_flops(looped, networks, settings, state.params, frozen, batch)
+    counted = flops.train_step_flops(looped, components, settings, state.params, frozen, batch)
     monkeypatch.setattr(jax.lax, "fori_loop", unrolled_fori_loop)
     unrolled = flops.cost_flops(lowered_step())
     # The premise: XLA counts the loop's body once, and the teacher's passes are most of the step.
@@ -37,24 +37,25 @@ def test_the_step_count_equals_the_count_of_the_step_with_its_solver_loop_unroll
 
 
 def test_a_one_step_solver_needs_no_correction():
-    networks, frozen, state, batch, optimizer = tiny_setup(batch_size=4)
+    components, frozen, state, batch, optimizer = tiny_setup(batch_size=4)
     settings = step.PeRFlowSettings(solver_steps=1)
-    train_step = functools.partial(step.train_step, networks=networks, settings=settings, optimizer=optimizer)
+    train_step = functools.partial(step.train_step, components=components, settings=settings, optimizer=optimizer)
     lowered = jax.jit(train_step).lower(state, batch, jax.random.key(0), frozen)
-    assert flops.train_step_flops(lowered, networks, settings, state.params, frozen, batch) == flops.cost_flops(lowered)
+    counted = flops.train_step_flops(lowered, components, settings, state.params, frozen, batch)
+    assert counted == flops.cost_flops(lowered)
 
 
 def test_gradient_accumulation_leaves_the_count_of_a_step_unchanged():
     """The microbatch loop is counted once by XLA; the count adds the other microbatches."""
-    networks, frozen, state, batch, optimizer = tiny_setup(batch_size=8)
+    components, frozen, state, batch, optimizer = tiny_setup(batch_size=8)
     settings = step.PeRFlowSettings(solver_steps=3)
 
     def counted(n):
         train_step = functools.partial(
-            step.train_step, networks=networks, settings=settings, optimizer=optimizer, accumulation_steps=n
+            step.train_step, components=components, settings=settings, optimizer=optimizer, accumulation_steps=n
         )
         lowered = jax.jit(train_step).lower(state, batch, jax.random.key(0), frozen)
-        return flops.train_step_flops(lowered, networks, settings, state.params, frozen, batch, n), lowered
+        return flops.train_step_flops(lowered, components, settings, state.params, frozen, batch, n), lowered
 
     (whole, _), (accumulated, lowered) = counted(1), counted(4)
     assert flops.cost_flops(lowered) < 0.5 * whole  # the premise: XLA counts one microbatch of four

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from perflow_jax import generate, step
-from perflow_jax.generate import GenerateSettings
+from perflow_jax import image_io, pipeline, solver
 from perflow_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.models.vae import AutoencoderKL, VAEConfig
+from perflow_jax.pipeline import GenerateSettings, Pipeline, TextEncoders
 from perflow_jax.schedule import alphas_cumprod_from_config
 from tests.test_step import TEXT, UNET
 from tests.test_vae import TINY as TINY_VAE
@@ -56,6 +56,7 @@ class LinearVAE:
     """A VAE stand-in whose decode is ``gain`` times the first three latent channels."""
 
     gain: float
+    config: VAEConfig = VAEConfig(latent_channels=4, scaling_factor=0.18215)
 
     def apply(self, variables, latents, method):
         assert method == "decode"
@@ -81,35 +82,36 @@ def random_params(module, seed):
     return jax.tree_util.tree_map_with_path(draw, module.abstract_params())
 
 
-def tiny_networks(**changes):
-    """The Networks of a tiny SD model: test_step's tiny UNet and text encoder, SD's noise schedule."""
-    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET))
-    networks = step.Networks(
-        student=unet, teacher=unet, text_encoder=CLIPTextModel(TEXT), text_encoder_2=None,
-        alphas_cumprod=alphas_cumprod_from_config(SD_SCHEDULER), scaling_factor=0.18215, resolution=32,
-    )  # fmt: skip
-    return dataclasses.replace(networks, **changes)
+def tiny_pipeline(**changes):
+    """A tiny SD model's Pipeline: test_step's tiny UNet and text encoder, a tiny VAE, SD's noise schedule."""
+    pipe = Pipeline(
+        unet=UNet2DConditionModel(UNetConfig.from_dict(UNET)),
+        text=TextEncoders(CLIPTextModel(TEXT), resolution=32),
+        vae=AutoencoderKL(VAEConfig.from_dict(TINY_VAE)),
+        alphas_cumprod=alphas_cumprod_from_config(SD_SCHEDULER),
+    )
+    return dataclasses.replace(pipe, **changes)
+
+
+NULL_IDS = {"input_ids": jnp.array([[0, 2, 1, 1, 1, 1, 1, 1]])}  # the empty prompt's
 
 
 @functools.cache
 def tiny():
-    """A tiny random SD model (UNet, text encoder, VAE), prompts' ids, the empty prompt's condition, noise."""
-    networks = tiny_networks()
-    vae = AutoencoderKL(VAEConfig.from_dict(TINY_VAE))
-    params = {"unet": random_params(networks.student, 1), "vae": random_params(vae, 2)}
-    params["text"] = {"text_encoder": random_params(networks.text_encoder, 3)}
+    """A tiny random SD model (its Pipeline and parameters), prompts' ids and noise."""
+    pipe = tiny_pipeline()
+    params = {"unet": random_params(pipe.unet, 1), "vae": random_params(pipe.vae, 2)}
+    params["text"] = {"text_encoder": random_params(pipe.text.text_encoder, 3)}
     ids = {"input_ids": jnp.asarray(np.random.default_rng(4).integers(3, 100, (NUM_PROMPTS, 8))).at[:, -1].set(2)}
-    encode = jax.jit(functools.partial(step.encode_text, networks))
-    null_cond = encode(params["text"], {"input_ids": jnp.array([[0, 2, 1, 1, 1, 1, 1, 1]])})
-    noise = jax.random.normal(jax.random.key(6), (NUM_PROMPTS, *generate.latent_shape(vae, networks.resolution)))
-    return networks, vae, params, ids, null_cond, noise
+    noise = jax.random.normal(jax.random.key(6), (NUM_PROMPTS, *pipe.latent_shape(32, 32)))
+    return pipe, params, ids, noise
 
 
-def compiled(networks, vae, settings):
-    """jax.jit(generate), called on the tiny model's parameters, prompts, empty prompt and noise."""
-    _, _, params, ids, null_cond, noise = tiny()
-    fn = jax.jit(generate.make_generate(networks, vae, settings))
-    return lambda: fn(params["unet"], params["text"], params["vae"], ids, null_cond, noise)
+def compiled(pipe, settings):
+    """jax.jit(generate)'s images, called on the tiny model's parameters, prompts, empty prompt and noise."""
+    _, params, ids, noise = tiny()
+    fn = jax.jit(pipeline.make_generate(pipe, settings))
+    return lambda: fn(params, ids, NULL_IDS, noise)[0]
 
 
 @pytest.mark.parametrize(
@@ -121,8 +123,8 @@ def compiled(networks, vae, settings):
     ids=["perflow", "ddim"],
 )
 def test_generate_compiles_and_gives_the_same_images_for_the_same_noise(settings):
-    networks, vae, *_ = tiny()
-    run = compiled(networks, vae, settings)
+    pipe, *_ = tiny()
+    run = compiled(pipe, settings)
     images = run()
     assert images.shape == (NUM_PROMPTS, 32, 32, 3) and images.dtype == jnp.float32
     assert np.isfinite(images).all() and 0.0 <= float(images.min()) and float(images.max()) <= 1.0
@@ -132,11 +134,11 @@ def test_generate_compiles_and_gives_the_same_images_for_the_same_noise(settings
 
 def test_a_zero_velocity_student_gives_the_decoded_noise():
     """Euler steps with v = 0 leave z_1 = noise unchanged: the images are VAE.decode(noise / scaling_factor)."""
-    networks, vae, params, _, _, noise = tiny()
+    pipe, params, _, noise = tiny()
     settings = GenerateSettings(method="perflow", num_steps=4, guidance=4.5, parameterization="velocity")
-    images = compiled(dataclasses.replace(networks, student=ZeroUNet()), vae, settings)()
-    decoded = jax.jit(functools.partial(vae.apply, method="decode"))(
-        {"params": params["vae"]}, noise / networks.scaling_factor
+    images = compiled(dataclasses.replace(pipe, unet=ZeroUNet()), settings)()
+    decoded = jax.jit(functools.partial(pipe.vae.apply, method="decode"))(
+        {"params": params["vae"]}, noise / pipe.vae.config.scaling_factor
     )
     expected = np.clip((np.asarray(decoded) + 1) / 2, 0, 1)
     assert 0.5 < np.mean((expected > 0) & (expected < 1))  # most pixels are not clipped: the check sees them
@@ -146,59 +148,62 @@ def test_a_zero_velocity_student_gives_the_decoded_noise():
 
 def test_ddim_with_a_zero_eps_teacher_scales_the_noise_by_sqrt_ab0_over_ab999():
     """eps = 0 makes each DDIM step z <- sqrt(a_prev / a) z; with 4 steps a_prev is the next a, ending at ab[0]."""
-    networks, _, _, _, _, noise = tiny()
+    pipe, _, _, noise = tiny()
     vae = LinearVAE(gain=0.002)
     settings = GenerateSettings(method="ddim", num_steps=4, guidance=7.5, prediction_type="epsilon")
-    # student=None: the DDIM grid runs the teacher only.
-    images = compiled(dataclasses.replace(networks, student=None, teacher=ZeroUNet()), vae, settings)()
-    ab = networks.alphas_cumprod.astype(np.float64)
+    images = compiled(dataclasses.replace(pipe, unet=ZeroUNet(), vae=vae), settings)()
+    ab = pipe.alphas_cumprod.astype(np.float64)
     z = np.asarray(noise, np.float64) * np.sqrt(ab[0] / ab[999])
-    expected = (vae.gain * z[..., :3] / networks.scaling_factor + 1) / 2
+    expected = (vae.gain * z[..., :3] / vae.config.scaling_factor + 1) / 2
     assert 0 < expected.min() and expected.max() < 1
     np.testing.assert_allclose(images, expected, rtol=1e-6)  # float32: 4 steps of a few roundings each
 
 
 def test_guidance_pushes_the_student_away_from_the_empty_prompt():
     """A velocity that is constant in time moves z by -v over t = 1 -> 0, with v = u + w (c - u)."""
-    networks, _, params, ids, null_cond, noise = tiny()
+    pipe, params, ids, noise = tiny()
     vae = LinearVAE(gain=0.01)
     w = 3.0
     settings = GenerateSettings(method="perflow", num_steps=4, guidance=w, parameterization="velocity")
-    images = compiled(dataclasses.replace(networks, student=TextUNet()), vae, settings)()
-    cond = jax.jit(functools.partial(step.encode_text, networks))(params["text"], ids)
-    c = np.asarray(text_feature(cond["encoder_hidden_states"]))
-    u = np.asarray(text_feature(null_cond["encoder_hidden_states"]))
+    images = compiled(dataclasses.replace(pipe, unet=TextUNet(), vae=vae), settings)()
+    encode = jax.jit(pipe.text.encode)
+    c = np.asarray(text_feature(encode(params["text"], ids)["encoder_hidden_states"]))
+    u = np.asarray(text_feature(encode(params["text"], NULL_IDS)["encoder_hidden_states"]))
     assert np.abs(c - u).min() > 0.01
     z = np.asarray(noise) - (u + w * (c - u))[:, None, None, None]
-    expected = (vae.gain * z[..., :3] / networks.scaling_factor + 1) / 2
+    expected = (vae.gain * z[..., :3] / vae.config.scaling_factor + 1) / 2
     assert 0 < expected.min() and expected.max() < 1
     np.testing.assert_allclose(images, expected, rtol=1e-5)  # float32 text encoder and four Euler steps
 
 
 def test_sdxl_size_ids_default_to_the_training_resolution_without_crop():
     """SDXL: the UNet gets time_ids (original h, w, crop top, left, target h, w); here v = the first three / 100."""
-    _, _, _, ids, _, noise = tiny()
+    pipe, _, ids, noise = tiny()
     second = CLIPTextModelWithProjection(dataclasses.replace(TEXT, projection_dim=8))
-    networks = tiny_networks(student=SizeIdsUNet(), teacher=None, text_encoder_2=second)
-    text = {"text_encoder": random_params(networks.text_encoder, 3), "text_encoder_2": random_params(second, 4)}
-    fn = jax.jit(
-        generate.make_generate(
-            networks, LinearVAE(gain=0.01), GenerateSettings(guidance=1.0, parameterization="velocity")
-        )
-    )
+    vae = LinearVAE(gain=0.01)
+    text = TextEncoders(pipe.text.text_encoder, second, resolution=32)
+    pipe = dataclasses.replace(pipe, unet=SizeIdsUNet(), text=text, vae=vae)
+    params = {
+        "unet": None,
+        "text": {"text_encoder": random_params(text.text_encoder, 3), "text_encoder_2": random_params(second, 4)},
+        "vae": None,
+    }
+    fn = jax.jit(pipeline.make_generate(pipe, GenerateSettings(guidance=1.0, parameterization="velocity")))
     sdxl_ids = {"input_ids": ids["input_ids"], "input_ids_2": ids["input_ids"]}
+    null_ids = {"input_ids": NULL_IDS["input_ids"], "input_ids_2": NULL_IDS["input_ids"]}
 
-    def latents(images):  # LinearVAE inverted: the first three channels of z_0
-        return (2 * np.asarray(images, np.float64) - 1) * networks.scaling_factor / 0.01
+    def latents(ids):  # LinearVAE inverted: the first three channels of z_0
+        images = fn(params, ids, null_ids, noise)[0]
+        return (2 * np.asarray(images, np.float64) - 1) * vae.config.scaling_factor / vae.gain
 
-    z = latents(fn(None, text, None, sdxl_ids, None, noise))  # no null_cond: guidance 1 does not use it
+    z = latents(sdxl_ids)
     np.testing.assert_allclose(z, np.asarray(noise)[..., :3] - [0.32, 0.32, 0.0], atol=1e-4)
     cropped = {
         **sdxl_ids,
         "original_size": jnp.full((NUM_PROMPTS, 2), 64),
         "crop_top_left": jnp.full((NUM_PROMPTS, 2), 8),
     }
-    z = latents(fn(None, text, None, cropped, None, noise))
+    z = latents(cropped)
     np.testing.assert_allclose(z, np.asarray(noise)[..., :3] - [0.64, 0.64, 0.08], atol=1e-4)
 
 
@@ -218,7 +223,7 @@ def test_ddim_sample_is_diffusers_ddim_scheduler_with_trailing_spacing(num_steps
     z = torch.from_numpy(noise)
     for tau in scheduler.timesteps:
         z = scheduler.step(teacher(z, tau.float().expand(2)), tau, z).prev_sample
-    ours = generate.ddim_sample(
+    ours = solver.ddim_sample(
         lambda z, timesteps, cond: teacher(z, timesteps), jnp.asarray(noise), None, None,
         scheduler.alphas_cumprod.numpy(), num_steps=num_steps, prediction_type=prediction_type,
     )  # fmt: skip
@@ -226,8 +231,8 @@ def test_ddim_sample_is_diffusers_ddim_scheduler_with_trailing_spacing(num_steps
 
 
 def test_ddim_timesteps_are_trailing():
-    np.testing.assert_array_equal(generate.ddim_timesteps(4), [999, 749, 499, 249])
-    np.testing.assert_array_equal(generate.ddim_timesteps(3), [999, 666, 332])
+    np.testing.assert_array_equal(solver.ddim_timesteps(4), [999, 749, 499, 249])
+    np.testing.assert_array_equal(solver.ddim_timesteps(3), [999, 666, 332])
 
 
 @pytest.mark.parametrize(
@@ -244,15 +249,15 @@ def test_settings_are_checked_when_made(changes, message):
 
 
 def test_a_noise_per_prompt_is_required():
-    networks, vae, params, ids, null_cond, noise = tiny()
-    fn = generate.make_generate(networks, vae, GenerateSettings())
+    pipe, params, ids, noise = tiny()
+    fn = pipeline.make_generate(pipe, GenerateSettings())
     with pytest.raises(ValueError, match="3 prompts but noise for 2 images"):
-        fn(params["unet"], params["text"], params["vae"], ids, null_cond, noise[:2])
+        fn(params, ids, NULL_IDS, noise[:2])
 
 
 def test_grid_fills_rows_of_ceil_sqrt_n_columns():
     images = np.random.default_rng(0).uniform(size=(5, 4, 4, 3)).astype(np.float32)
-    picture = generate.grid(images)
+    picture = image_io.grid(images)
     assert picture.shape == (8, 12, 3) and picture.dtype == np.uint8
     for i in range(5):
         row, column = divmod(i, 3)
@@ -262,11 +267,11 @@ def test_grid_fills_rows_of_ceil_sqrt_n_columns():
 
 
 def test_grid_takes_the_number_of_columns():
-    assert generate.grid(np.zeros((5, 4, 6, 3)), columns=2).shape == (12, 12, 3)
+    assert image_io.grid(np.zeros((5, 4, 6, 3)), columns=2).shape == (12, 12, 3)
 
 
 def test_save_png_writes_what_pil_reads_back(tmp_path):
     picture = np.random.default_rng(1).integers(0, 256, (8, 12, 3), dtype=np.uint8)
     path = tmp_path / "samples" / "step_000000.png"
-    generate.save_png(picture, path)
+    image_io.save_png(picture, path)
     np.testing.assert_array_equal(np.asarray(Image.open(path)), picture)

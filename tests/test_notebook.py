@@ -17,12 +17,12 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from perflow_jax import generate
+from perflow_jax import image_io
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab_demo.ipynb"
 DIGITS, SIZE = 10, 32  # the ten captions of perflow_jax/demo/prompts.txt, 32 px images
-GRID_COLUMNS = 4  # generate.grid's default for 10 images: ceil(sqrt(10)) columns, 3 rows
+GRID_COLUMNS = 4  # image_io.grid's default for 10 images: ceil(sqrt(10)) columns, 3 rows
 PROBE = """\
 np.save("probe_student.npy", student.images)
 np.save("probe_teacher.npy", teacher.images)
@@ -91,7 +91,7 @@ def test_student_grid_png_holds_the_ten_4_step_digits(run):
     assert student.shape == (DIGITS, SIZE, SIZE, 3)
     png = np.asarray(Image.open(workdir / "perflow_4_steps.png"))
     assert png.shape == (3 * SIZE, GRID_COLUMNS * SIZE, 3)
-    np.testing.assert_array_equal(png, generate.grid(student))
+    np.testing.assert_array_equal(png, image_io.grid(student))
 
 
 def test_student_images_are_neither_blank_nor_all_alike(run):
@@ -110,5 +110,5 @@ def test_comparison_png_puts_the_student_above_the_teachers_ddim(run):
     assert teacher.shape == (DIGITS, SIZE, SIZE, 3)
     png = np.asarray(Image.open(workdir / "comparison.png"))
     assert png.shape == (2 * SIZE, DIGITS * SIZE, 3)
-    np.testing.assert_array_equal(png[:SIZE], generate.grid(student, columns=DIGITS))
-    np.testing.assert_array_equal(png[SIZE:], generate.grid(teacher, columns=DIGITS))
+    np.testing.assert_array_equal(png[:SIZE], image_io.grid(student, columns=DIGITS))
+    np.testing.assert_array_equal(png[SIZE:], image_io.grid(teacher, columns=DIGITS))

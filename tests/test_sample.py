@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from perflow_jax import generate, pipeline, step
+from perflow_jax import image_io, pipeline
 from perflow_jax import sample as sample_module
-from perflow_jax.sample import SampleError, main, make_plan, sample, seed_noise, to_nchw, to_nhwc
+from perflow_jax.image_io import to_nchw, to_nhwc
+from perflow_jax.pipeline import seed_noise
+from perflow_jax.sample import Options, SampleError, main, make_plan, sample
 from tests.pipelines import tiny_model_and_data, tiny_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +67,13 @@ def folders(tmp_path_factory):
 
 def run(folders, tmp_path, name, **options):
     """sample() on the WORKDIR with the module's prompts and size; ``options`` override."""
-    arguments = {"num_images": NUM_IMAGES, "height": HEIGHT, "width": WIDTH, "log": quiet, **options}
-    return sample(folders[0], PROMPTS, tmp_path / name / "grid.png", **arguments)
+    arguments = {"num_images": NUM_IMAGES, "height": HEIGHT, "width": WIDTH, **options}
+    return sample(Options(folders[0], PROMPTS, tmp_path / name / "grid.png", **arguments), log=quiet)
+
+
+def plan(model, **options):
+    """make_plan of ``model`` with ``options``."""
+    return make_plan(Options(model, **options))
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +114,20 @@ def test_init_noise_images_equal_generate_called_directly_with_that_noise(folder
     from_file = run(folders, tmp_path, "e", init_noise=tmp_path / "noise.npy")
     trained = pipeline.load_trained(folders[0])
     model = trained.model
-    unet, vae, text_encoder = model.module("unet"), model.module("vae"), model.module("text_encoder")
-    networks = step.Networks(unet, unet, text_encoder, None, model.alphas_cumprod(), vae.config.scaling_factor, 32)
-    settings = generate.GenerateSettings(num_steps=4, guidance=4.5, parameterization=trained.parameterization,
-                                         num_windows=trained.num_windows)  # fmt: skip
-    text = {"text_encoder": model.params["text_encoder"]}
-    null_cond = step.encode_text(networks, text, model.tokenize([""]))
+    text = pipeline.TextEncoders(model.module("text_encoder"), resolution=32)
+    pipe = pipeline.Pipeline(model.module("unet"), text, model.module("vae"), model.alphas_cumprod())
+    parameterization, num_windows = trained.description.perflow
+    settings = pipeline.GenerateSettings(
+        num_steps=4, guidance=4.5, parameterization=parameterization, num_windows=num_windows
+    )
+    params = {
+        "unet": model.params["unet"],
+        "text": {"text_encoder": model.params["text_encoder"]},
+        "vae": model.params["vae"],
+    }
     ids = model.tokenize([p for p in PROMPTS for _ in range(NUM_IMAGES)])
-    direct = jax.jit(generate.make_generate(networks, vae, settings))(
-        model.params["unet"], text, model.params["vae"], ids, null_cond, np.transpose(noise, (0, 2, 3, 1))
+    direct, _ = jax.jit(pipeline.make_generate(pipe, settings))(
+        params, ids, model.tokenize([""]), np.transpose(noise, (0, 2, 3, 1))
     )
     np.testing.assert_allclose(from_file.images, np.asarray(direct), atol=FLOAT32_RECOMPILED_ATOL)
 
@@ -135,7 +147,7 @@ def test_saved_latents_are_the_final_latents_that_decode_to_the_images(folders, 
 def test_the_grid_holds_every_image_in_generate_grids_layout_at_the_asked_size(seeded):
     picture = np.asarray(Image.open(seeded[1] / "grid.png"))
     assert picture.shape == (2 * HEIGHT, 2 * WIDTH, 3)  # 4 images: ceil(sqrt(4)) = 2 columns, 2 rows
-    np.testing.assert_array_equal(picture, generate.grid(seeded[0].images))
+    np.testing.assert_array_equal(picture, image_io.grid(seeded[0].images))
 
 
 def test_singles_writes_one_png_per_image(seeded):
@@ -237,41 +249,41 @@ def write_perflow_folder(folders, tmp_path) -> Path:
 )
 def test_bad_options_for_a_workdir_are_refused_with_the_reason(folders, options, message):
     with pytest.raises(ValueError, match=message):
-        make_plan(folders[0], **options)
+        plan(folders[0], **options)
 
 
 def test_weights_with_a_model_folder_is_refused(folders):
     with pytest.raises(
         SampleError, match="--weights ema chooses a training run's EMA or student weights, but .* is a model folder"
     ):
-        make_plan(folders[1], weights="ema")
+        plan(folders[1], weights="ema")
 
 
 def test_step_with_a_model_folder_is_refused(folders):
     with pytest.raises(SampleError, match="--step 2 names a training checkpoint, but .* is a model folder"):
-        make_plan(folders[1], step=2)
+        plan(folders[1], step=2)
 
 
 def test_a_stable_diffusion_folder_without_teacher_ddim_names_the_fix(folders):
     with pytest.raises(
         SampleError, match="scheduler is DDPMScheduler, not a PeRFlow student: sample it with --teacher-ddim"
     ):
-        make_plan(folders[1])
+        plan(folders[1])
 
 
 def test_teacher_ddim_of_a_perflow_folder_is_refused(folders, tmp_path):
     folder = write_perflow_folder(folders, tmp_path)
-    assert make_plan(folder).settings.parameterization == "diff_eps"
+    assert plan(folder).settings.parameterization == "diff_eps"
     with pytest.raises(SampleError, match="holds a PeRFlow student .* --teacher-ddim needs the teacher's folder"):
-        make_plan(folder, teacher_ddim=4)
+        plan(folder, teacher_ddim=4)
 
 
-def no_loading(plan):
+def no_loading(options, plan):
     raise AssertionError("the model was loaded before the arguments were checked")
 
 
 def test_init_noise_of_the_wrong_shape_names_the_expected_one(folders, tmp_path, monkeypatch):
-    monkeypatch.setattr(sample_module, "Sampler", no_loading)
+    monkeypatch.setattr(sample_module, "load", no_loading)
     np.save(tmp_path / "noise.npy", np.zeros((4, 8, 12, 4), np.float32))  # channels-last by mistake
     with pytest.raises(SampleError, match=r"holds float32 \(4, 8, 12, 4\); expected float32 \(4, 4, 8, 12\)"):
         run(folders, tmp_path, "x", init_noise=tmp_path / "noise.npy")
@@ -296,7 +308,7 @@ def test_neither_prompt_nor_prompts_is_refused(tmp_path, capsys):
 
 
 def test_num_images_below_one_is_refused(folders, tmp_path, monkeypatch):
-    monkeypatch.setattr(sample_module, "Sampler", no_loading)
+    monkeypatch.setattr(sample_module, "load", no_loading)
     with pytest.raises(SampleError, match="--num-images 0: give at least 1"):
         run(folders, tmp_path, "x", num_images=0)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perflow_jax import step
+from perflow_jax import pipeline, step
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.schedule import alphas_cumprod_from_config
@@ -29,14 +29,17 @@ def tiny_setup(batch_size=8, seed=0):
     key_unet, key_text, key_data = jax.random.split(jax.random.key(seed), 3)
     unet_params = unet.init(key_unet, *unet.dummy_inputs(text_len=8))["params"]
     text_params = text.init(key_text, jnp.zeros((1, 8), jnp.int32))["params"]
-    networks = step.Networks(
-        student=unet, teacher=unet, text_encoder=text, text_encoder_2=None,
-        alphas_cumprod=alphas_cumprod_from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                                   "beta_end": 0.012}),
-        scaling_factor=0.18215, resolution=32,
-    )  # fmt: skip
+    components = step.Components(
+        student=unet,
+        teacher=unet,
+        text=pipeline.TextEncoders(text, resolution=32),
+        alphas_cumprod=alphas_cumprod_from_config(
+            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+        ),
+        scaling_factor=0.18215,
+    )
     frozen = {"teacher": unet_params, "text_encoder": text_params}
-    frozen["null_cond"] = step.encode_text(networks, frozen, {"input_ids": jnp.array([[0, 2, 1, 1, 1, 1, 1, 1]])})
+    frozen["null_cond"] = components.text.encode(frozen, {"input_ids": jnp.array([[0, 2, 1, 1, 1, 1, 1, 1]])})
     k_mean, k_ids = jax.random.split(key_data)
     batch = {
         "mean": jax.random.normal(k_mean, (batch_size, 8, 8, 4)).astype(jnp.float16),
@@ -44,7 +47,7 @@ def tiny_setup(batch_size=8, seed=0):
         "input_ids": jax.random.randint(k_ids, (batch_size, 8), 3, 100).at[:, -1].set(2),
     }
     optimizer = step.make_optimizer(LR)
-    return networks, frozen, step.create_train_state(unet_params, optimizer), batch, optimizer
+    return components, frozen, step.create_train_state(unet_params, optimizer), batch, optimizer
 
 
 def test_ema_warm_up_is_the_references():
@@ -54,9 +57,9 @@ def test_ema_warm_up_is_the_references():
 
 
 def test_one_step_updates_student_optimizer_and_ema():
-    networks, frozen, state, batch, optimizer = tiny_setup()
+    components, frozen, state, batch, optimizer = tiny_setup()
     settings = step.PeRFlowSettings()
-    run = jax.jit(lambda s, b, r: step.train_step(s, b, r, frozen, networks=networks, settings=settings,
+    run = jax.jit(lambda s, b, r: step.train_step(s, b, r, frozen, components=components, settings=settings,
                                                   optimizer=optimizer))  # fmt: skip
     new, metrics = run(state, batch, jax.random.key(1))
     assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
@@ -71,11 +74,11 @@ def test_one_step_updates_student_optimizer_and_ema():
 
 def test_the_teacher_at_the_student_init_makes_a_small_eps_loss_for_ddim_eps():
     """Sanity of the plumbing: a student equal to its teacher is already close for ddim_eps."""
-    networks, frozen, state, batch, optimizer = tiny_setup()
+    components, frozen, state, batch, optimizer = tiny_setup()
 
     def losses(parameterization):
         settings = step.PeRFlowSettings(parameterization=parameterization)
-        run = jax.jit(lambda s, b, r: step.train_step(s, b, r, frozen, networks=networks, settings=settings,
+        run = jax.jit(lambda s, b, r: step.train_step(s, b, r, frozen, components=components, settings=settings,
                                                       optimizer=optimizer))  # fmt: skip
         return run(state, batch, jax.random.key(2))[1]
 
@@ -91,12 +94,12 @@ def test_microbatch_j_holds_the_examples_whose_index_is_j_modulo_n():
 
 
 def test_gradients_accumulated_over_microbatches_equal_the_gradients_of_the_whole_batch(n=4):
-    networks, frozen, state, batch, _ = tiny_setup()
+    components, frozen, state, batch, _ = tiny_setup()
     settings = step.PeRFlowSettings()
-    examples = step.draw_examples(jax.random.key(4), batch, networks=networks, settings=settings)
-    whole = jax.jit(functools.partial(step.reflow_gradients, networks=networks, settings=settings))
+    examples = step.draw_examples(jax.random.key(4), batch, components=components, settings=settings)
+    whole = jax.jit(functools.partial(step.reflow_gradients, components=components, settings=settings))
     accumulated = jax.jit(
-        functools.partial(step.accumulated_gradients, networks=networks, settings=settings, accumulation_steps=n)
+        functools.partial(step.accumulated_gradients, components=components, settings=settings, accumulation_steps=n)
     )
     (grads, metrics), (acc_grads, acc_metrics) = (
         whole(state.params, examples, frozen),
@@ -112,12 +115,12 @@ def test_gradients_accumulated_over_microbatches_equal_the_gradients_of_the_whol
 
 
 def test_a_step_with_accumulation_draws_the_same_examples_and_makes_the_same_update():
-    networks, frozen, state, batch, optimizer = tiny_setup()
+    components, frozen, state, batch, optimizer = tiny_setup()
     settings = step.PeRFlowSettings()
 
     def run(n):
         train_step = functools.partial(
-            step.train_step, networks=networks, settings=settings, optimizer=optimizer, accumulation_steps=n
+            step.train_step, components=components, settings=settings, optimizer=optimizer, accumulation_steps=n
         )
         return jax.jit(train_step)(state, batch, jax.random.key(5), frozen)
 
@@ -135,10 +138,10 @@ import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from perflow_jax import sharding, step
 from tests.test_step import tiny_setup
-networks, frozen, state, batch, optimizer = tiny_setup()
+components, frozen, state, batch, optimizer = tiny_setup()
 settings = step.PeRFlowSettings()
 def run(s, b, r, f):
-    return step.train_step(s, b, r, f, networks=networks, settings=settings, optimizer=optimizer)
+    return step.train_step(s, b, r, f, components=components, settings=settings, optimizer=optimizer)
 rng = jax.random.key(3)
 single = jax.jit(run)(state, batch, rng, frozen)
 results = {}
@@ -181,12 +184,12 @@ COLLECTIVES_SCRIPT = """
 import functools, re, jax
 from perflow_jax import sharding, step
 from tests.test_step import tiny_setup
-networks, frozen, state, batch, optimizer = tiny_setup(batch_size=16)
+components, frozen, state, batch, optimizer = tiny_setup(batch_size=16)
 mesh = sharding.make_mesh((8, 1))
 state_shardings = sharding.parameter_shardings(state, mesh)
 in_shardings = (state_shardings, {k: sharding.batch_sharding(mesh) for k in batch}, sharding.replicated(mesh),
                 sharding.parameter_shardings(frozen, mesh))
-run = functools.partial(step.train_step, networks=networks, settings=step.PeRFlowSettings(), optimizer=optimizer,
+run = functools.partial(step.train_step, components=components, settings=step.PeRFlowSettings(), optimizer=optimizer,
                         accumulation_steps=2)
 jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=(state_shardings, sharding.replicated(mesh)))
 text = jitted.lower(state, batch, jax.random.key(0), frozen).compile().as_text()

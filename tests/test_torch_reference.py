@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from bench import torch_reference
-from perflow_jax import loss, step, weights
+from perflow_jax import loss, pipeline, step, weights
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.schedule import alphas_cumprod_from_config
@@ -79,27 +79,30 @@ def both():
     }
 
     # JAX: the step, and the reflow problem it solves (the same function the step calls).
-    networks = step.Networks(
-        student=unet, teacher=unet, text_encoder=text, text_encoder_2=None,
-        alphas_cumprod=alphas_cumprod_from_config(SCHEDULER), scaling_factor=SCALING_FACTOR, resolution=8 * SIZE,
-    )  # fmt: skip
+    components = step.Components(
+        student=unet,
+        teacher=unet,
+        text=pipeline.TextEncoders(text, resolution=8 * SIZE),
+        alphas_cumprod=alphas_cumprod_from_config(SCHEDULER),
+        scaling_factor=SCALING_FACTOR,
+    )
     optimizer = step.make_optimizer(LR)
 
     @jax.jit
     def run(params, text_params, batch, null_ids, rng):
         frozen = {"teacher": params, "text_encoder": text_params}
-        frozen["null_cond"] = step.encode_text(networks, frozen, {"input_ids": null_ids[:1]})
+        frozen["null_cond"] = components.text.encode(frozen, {"input_ids": null_ids[:1]})
         state = step.create_train_state(params, optimizer)
         new_state, metrics = step.train_step(
-            state, batch, rng, frozen, networks=networks, settings=SETTINGS, optimizer=optimizer
+            state, batch, rng, frozen, components=components, settings=SETTINGS, optimizer=optimizer
         )
         x0, eps, u, drop = jax_draws(rng, batch)
         t = 1.0 - jnp.floor(u * SETTINGS.discrete_timesteps) / SETTINGS.discrete_timesteps
-        cond = step.encode_text(networks, frozen, batch)
+        cond = components.text.encode(frozen, batch)
         null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (BATCH,) + x.shape[1:]), frozen["null_cond"])
         reflow = loss.reflow_targets(
-            step.unet_apply(unet, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
-            jnp.asarray(networks.alphas_cumprod), parameterization=SETTINGS.parameterization,
+            pipeline.unet_apply(unet, frozen["teacher"]), x0, eps, t, cond, null_cond, drop,
+            jnp.asarray(components.alphas_cumprod), parameterization=SETTINGS.parameterization,
             num_windows=SETTINGS.num_windows, num_steps=SETTINGS.solver_steps,
         )  # fmt: skip
         return new_state, metrics, (x0, eps, u, drop), reflow

@@ -38,6 +38,11 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
+    @property
+    def downsampling_factor(self) -> int:
+        """f: an H x W image has (H / f) x (W / f) latents (8 for Stable Diffusion's VAE)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> VAEConfig:
         """From a diffusers ``vae/config.json`` dict (diffusers' defaults fill absent keys)."""
@@ -185,6 +190,6 @@ class AutoencoderKL(nn.Module):
 
     def abstract_params(self) -> dict:
         """The parameter tree as jax.ShapeDtypeStruct leaves (no memory, no compute)."""
-        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        factor = self.config.downsampling_factor
         images = jnp.zeros((1, 8 * factor, 8 * factor, self.config.in_channels))
         return jax.eval_shape(lambda: self.init(jax.random.key(0), images))["params"]
