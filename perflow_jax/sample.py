@@ -1,11 +1,6 @@
 """``python -m perflow_jax.sample``: images from prompts with a PeRFlow student, or its teacher's DDIM.
 
-    python -m perflow_jax.sample --model PATH (--prompt TEXT | --prompts FILE) --out grid.png
-        [--steps 4] [--guidance W] [--negative-prompt TEXT] [--seed S] [--num-images N]
-        [--height H] [--width W] [--weights ema|student] [--step N] [--teacher-ddim STEPS]
-        [--init-noise NPY] [--save-noise NPY] [--save-latents NPY] [--singles] [--dtype float32|bfloat16]
-
-PATH is a training run's WORKDIR (its newest checkpoint's EMA weights unless --step or --weights
+--model is a training run's WORKDIR (its newest checkpoint's EMA weights unless --step or --weights
 say otherwise; the VAE, text encoders and tokenizers come from the run's teacher folder), or a
 model folder (converted or diffusers) whose scheduler is the PeRFlowScheduler: an export of this
 project or the authors' release. ``--teacher-ddim STEPS`` samples the teacher instead (a WORKDIR's
@@ -282,16 +277,7 @@ def _write(o: Options, noise: np.ndarray, result: pipeline.Output, log: Callable
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m perflow_jax.sample",
-        description="Sample images from prompts with a PeRFlow student (or its teacher's DDIM) and write a grid PNG.",
-        epilog=(
-            "Noise files (--init-noise, --save-noise) and --save-latents are .npy float32 in diffusers' layout "
-            "[images, c, h, w] (h, w = height, width / the VAE factor, 8 for SD), images ordered prompt by prompt: "
-            "an --init-noise file can be given unchanged to a diffusers pipeline's latents= argument (with "
-            "num_images_per_prompt=N). --save-noise writes the initial noise used; --save-latents the final latents "
-            "before the VAE decode (scaled, as diffusers' output_type='latent'). Without --init-noise, image j's "
-            "noise is jax.random.normal(jax.random.fold_in(jax.random.key(SEED), j), (h, w, c))."
-        ),
+        prog="python -m perflow_jax.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--model",
