@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax import models, sampler, schedule, sharding, solver
+from perflow_jax import checkpoint, models, sampler, schedule, sharding, solver
 from perflow_jax import weights as weights_io
 
 TOKENIZER_FIELDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
@@ -74,7 +74,7 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
 
     path = Path(path)
     if (path / weights_io.CONVERTED_MANIFEST).is_file():
-        manifest = json.loads((path / weights_io.CONVERTED_MANIFEST).read_text())
+        manifest = read_json(path / weights_io.CONVERTED_MANIFEST)
         names = [n for n in weights_io.PIPELINE_NETWORKS if n in manifest["components"] and n in (networks or n)]
         classes, configs, params = {}, {}, {}
         for name in names:
@@ -82,7 +82,7 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
     elif (path / "model_index.json").is_file():
         components = weights_io.read_model_index(path)
         classes = {n: components[n] for n in weights_io.PIPELINE_NETWORKS if n in components and n in (networks or n)}
-        configs = {n: json.loads((path / n / "config.json").read_text()) for n in classes}
+        configs = {n: read_json(path / n / "config.json") for n in classes}
         params = {
             n: weights_io.state_dict_to_params(
                 weights_io.read_state_dict(path / n),
@@ -101,7 +101,7 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
         for folder, field in TOKENIZER_FIELDS.items()
         if (path / folder).is_dir()
     }
-    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     return Model(path, classes, configs, params, tokenizers, scheduler_config)
 
 
@@ -174,8 +174,6 @@ class Description:
 
 def describe(path: str | Path, *, step: int | None = None) -> Description:
     """The Description of a training WORKDIR (checkpoint ``step``, default the newest) or a model folder."""
-    from perflow_jax import checkpoint
-
     path = Path(path)
     if checkpoint.is_workdir(path):
         step, config = checkpoint.run_config(path, step=step)
@@ -236,8 +234,6 @@ def load_trained(
     "student"; the other networks come from the run's teacher folder. ``networks``: the networks
     besides the UNet to load (default all).
     """
-    from perflow_jax import checkpoint
-
     description = describe(path, step=step)
     others = None if networks is None else tuple(n for n in networks if n != "unet")
     if not description.workdir:
