@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import io
 import tokenize
 from pathlib import Path
@@ -32,10 +31,7 @@ RECIPES = {
 
 
 def load(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return recipe.config_module(CONFIGS / f"{name}.py").get_config()
 
 
 def runnable(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:
