@@ -1,9 +1,9 @@
 r"""PeRFlow distillation of Stable Diffusion XL (1024 px, two text encoders): the authors' released recipe.
 
 The SD1.5 recipe (configs/sd15.py) with the values PERFLOW_SPEC.md's "Released recipes" table
-changes in its SDXL column; where that column is blank the SD1.5 value is kept. Kept and also
-the SDXL recipe's: bfloat16 teacher and student activations, l2 with no weighting (the authors'
-SDXL script also offers "rcp_win"), 4 sampler steps (released: 4 to 6).
+changes in its SDXL column; where that column is blank the SD1.5 value is kept. SD1.5 values that
+are also SDXL's: bfloat16 teacher and activations (the SDXL column's precision), l2 loss with no
+weighting (the authors' SDXL script also offers "rcp_win"), 4 sampler steps (released: 4 to 6).
 
     python -m perflow_jax.train --config configs/sdxl.py --workdir DIR \
         --config.model.path=SDXL_DIR --config.data.path=DATA_DIR
