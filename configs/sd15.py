@@ -4,6 +4,7 @@ r"""PeRFlow distillation of Stable Diffusion 1.5: the authors' released recipe (
         --config.model.path=SD15_DIR --config.data.path=DATA_DIR
 
 Values marked "recipe" are the authors' released settings; the rest are this project's defaults.
+The other configs (sd21.py, sdxl.py, demo.py, tiny.py) are this one plus commented overrides.
 """
 
 import ml_collections

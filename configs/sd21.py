@@ -1,85 +1,26 @@
 r"""PeRFlow distillation of Stable Diffusion 2.1 (768 px, v-prediction teacher): the authors' released recipe.
 
-PERFLOW_SPEC.md, "Released recipes"; where its SD2.1 column is blank the SD1.5 value is kept.
+The SD1.5 recipe (configs/sd15.py) with the values PERFLOW_SPEC.md's "Released recipes" table
+changes in its SD2.1 column; where that column is blank the SD1.5 value is kept.
 
     python -m perflow_jax.train --config configs/sd21.py --workdir DIR \
         --config.model.path=SD21_DIR --config.data.path=DATA_DIR
-
-Values marked "recipe" are the authors' released settings; the rest are this project's defaults.
 """
+
+from pathlib import Path
 
 import ml_collections
 
+from perflow_jax import recipe
+
+sd15 = recipe.config_module(Path(__file__).with_name("sd15.py"))
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-
-    config.model = ml_collections.ConfigDict()  # the teacher (and the student's initialisation)
-    config.model.path = ""  # converted folder (python -m perflow_jax.convert) or diffusers folder; required
-    config.model.student_init = ""  # "": start the student from the teacher; else another converted or diffusers folder
-    config.model.compute_dtype = "bfloat16"  # student's activations and matmuls (master weights stay float32)
-    config.model.teacher_dtype = "bfloat16"  # frozen teacher, VAE, text encoder stored in it (recipe: fp16)
-    config.model.attention_backend = "auto"  # cuDNN on GPU, splash on TPU for long sequences, XLA otherwise
-    config.model.remat = "none"  # recompute block activations in the backward pass: "none" | "full" | "dots"
-
-    config.perflow = ml_collections.ConfigDict()  # the algorithm (step.PeRFlowSettings)
-    config.perflow.parameterization = "velocity"  # recipe: the student predicts the window velocity
-    config.perflow.num_windows = 4  # recipe: K, the number of time windows
-    config.perflow.solver_steps = 8  # recipe: S, the teacher's DDIM steps per window
-    config.perflow.teacher_guidance = 1.0  # recipe: cfg_sync, one teacher pass on the student's (dropped) text
-    config.perflow.teacher_prediction_type = "v_prediction"  # recipe: SD2.1 (768) predicts v
-    config.perflow.discrete_timesteps = 1000  # recipe: M, training times t = 1 - floor(u M) / M
-    config.perflow.text_dropout = 0.1  # recipe: probability of training on the empty prompt (for CFG)
-    config.perflow.distance = "l2"  # recipe: mean squared error
-    config.perflow.weighting = "none"  # recipe: every time weighted equally
-    config.perflow.zero_snr = False  # recipe: z_s at t = 1 is forward-diffused, not pure noise
-    config.perflow.ema_max_decay = 0.9999  # recipe: EMA decay min(0.9999, (1 + n) / (10 + n))
-
-    config.data = ml_collections.ConfigDict()  # prepared training data
-    config.data.path = ""  # folder from python -m perflow_jax.prepare_data; required
-    config.data.resolution = 768  # recipe: image size in pixels; must equal the prepared data's
-    config.data.seed = 0  # shuffling seed of the data order
-    config.data.worker_count = 4  # child processes decoding records (0: in the main process)
-
-    config.optim = ml_collections.ConfigDict()  # AdamW after global-norm clipping
-    config.optim.lr = 8e-5  # recipe: peak learning rate
-    config.optim.b1 = 0.9  # recipe: AdamW beta1
-    config.optim.b2 = 0.999  # recipe: AdamW beta2
-    config.optim.eps = 1e-8  # recipe: AdamW epsilon
-    config.optim.weight_decay = 1e-2  # recipe: AdamW decoupled weight decay
-    config.optim.grad_clip = 1.0  # recipe: clip gradients to this global norm
-    config.optim.schedule = "constant"  # recipe: constant learning rate ("constant" | "cosine")
-    config.optim.warmup_steps = 0  # recipe: no warm-up (linear from 0 to lr over this many steps)
-
-    config.train = ml_collections.ConfigDict()  # the run
-    config.train.global_batch_size = 1024  # examples per step over all devices (SD1.5's reported batch)
-    config.train.gradient_accumulation_steps = 1  # each device's share at once; raise it where memory runs out
-    config.train.num_steps = 10_000  # optimizer steps; the SD1.5 reference converged in about 4k at batch 1024
-    config.train.seed = 0  # seed of the noise, times and text dropout
-
-    config.mesh = ml_collections.ConfigDict()  # device mesh ('data', 'fsdp')
-    config.mesh.shape = (-1, 1)  # data parallel over all devices; (1, -1) shards the state (16 GB chips)
-
-    config.checkpoint = ml_collections.ConfigDict()  # Orbax checkpoints in WORKDIR/checkpoints
-    config.checkpoint.every_steps = 1000  # save every this many steps (and at the end)
-    config.checkpoint.keep = 3  # keep the last this many checkpoints
-
-    config.log = ml_collections.ConfigDict()  # console, TensorBoard, metrics.jsonl and sample grids
-    config.log.every_steps = 50  # a console line and scalars every this many steps
-    config.log.eval_every_steps = 1000  # a sample grid of the EMA weights every this many steps
-    config.log.sample_prompts = (  # the grid's prompts, one image each
-        "a photo of a cat sitting on a wooden table",
-        "a portrait photo of an old man with a beard, studio light",
-        "a red sports car on a mountain road at sunset",
-        "a bowl of fruit on a kitchen counter, morning light",
-        "a snowy mountain landscape with a lake and pine trees",
-        "a lighthouse on a rocky coast during a storm",
-        "an oil painting of a city street in the rain",
-        "a corgi running on a beach, high quality photo",
-    )
-    config.log.sample_steps = 8  # released SD2.1 demo setting: 8 sampler steps
-    config.log.sample_guidance = 7.5  # released SD2.1 demo setting: CFG scale 7.5 at 8 steps
-    config.log.sample_seed = 0  # seed of the grid's initial noise (the same every eval)
-
-    config.tpu_pod = False  # call jax.distributed.initialize() for a multi-host TPU slice
+    config = sd15.get_config()
+    config.perflow.parameterization = "velocity"  # recipe, SD2.1 column: the student predicts the window velocity
+    config.perflow.teacher_prediction_type = "v_prediction"  # SD2.1 (768)'s UNet predicts v
+    config.data.resolution = 768  # recipe, SD2.1 column: image size in pixels
+    config.log.sample_steps = 8  # the authors' released SD2.1 demo: 8 sampler steps
+    config.log.sample_guidance = 7.5  # the authors' released SD2.1 demo: CFG scale 7.5 at 8 steps
     return config

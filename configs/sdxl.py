@@ -1,85 +1,34 @@
 r"""PeRFlow distillation of Stable Diffusion XL (1024 px, two text encoders): the authors' released recipe.
 
-PERFLOW_SPEC.md, "Released recipes"; where its SDXL column is blank the SD1.5 value is kept.
+The SD1.5 recipe (configs/sd15.py) with the values PERFLOW_SPEC.md's "Released recipes" table
+changes in its SDXL column; where that column is blank the SD1.5 value is kept. SD1.5 values that
+are also SDXL's: bfloat16 teacher and activations (the SDXL column's precision), l2 loss with no
+weighting (the authors' SDXL script also offers "rcp_win"), 4 sampler steps (released: 4 to 6).
 
     python -m perflow_jax.train --config configs/sdxl.py --workdir DIR \
         --config.model.path=SDXL_DIR --config.data.path=DATA_DIR
-
-Values marked "recipe" are the authors' released settings; the rest are this project's defaults.
 """
+
+from pathlib import Path
 
 import ml_collections
 
+from perflow_jax import recipe
+
+sd15 = recipe.config_module(Path(__file__).with_name("sd15.py"))
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-
-    config.model = ml_collections.ConfigDict()  # the teacher (and the student's initialisation)
-    config.model.path = ""  # converted folder (python -m perflow_jax.convert) or diffusers folder; required
-    config.model.student_init = ""  # "": start the student from the teacher; else another converted or diffusers folder
-    config.model.compute_dtype = "bfloat16"  # recipe: bf16 activations and matmuls (master weights float32)
-    config.model.teacher_dtype = "bfloat16"  # recipe: frozen teacher, VAE, both text encoders in bf16
-    config.model.attention_backend = "auto"  # cuDNN on GPU, splash on TPU for long sequences, XLA otherwise
+    config = sd15.get_config()
     config.model.remat = "full"  # recipe (gradient checkpointing): keep only block inputs for the backward
-
-    config.perflow = ml_collections.ConfigDict()  # the algorithm (step.PeRFlowSettings)
-    config.perflow.parameterization = "ddim_eps"  # recipe: the student predicts the ddim_eps noise
-    config.perflow.num_windows = 4  # recipe: K, the number of time windows
-    config.perflow.solver_steps = 10  # recipe: S, the teacher's DDIM steps per window
-    config.perflow.teacher_guidance = 7.5  # recipe: the teacher solves with CFG scale 7.5 (two passes)
-    config.perflow.teacher_prediction_type = "epsilon"  # SDXL's UNet predicts the noise
-    config.perflow.discrete_timesteps = 200  # recipe: M, training times t = 1 - floor(u M) / M
-    config.perflow.text_dropout = 0.1  # recipe: probability of training on the empty prompt (for CFG)
-    config.perflow.distance = "l2"  # recipe: mean squared error
-    config.perflow.weighting = "none"  # every time weighted equally (the table names none; "rcp_win" exists)
-    config.perflow.zero_snr = False  # recipe: z_s at t = 1 is forward-diffused, not pure noise
-    config.perflow.ema_max_decay = 0.9999  # recipe: EMA decay min(0.9999, (1 + n) / (10 + n))
-
-    config.data = ml_collections.ConfigDict()  # prepared training data
-    config.data.path = ""  # folder from python -m perflow_jax.prepare_data; required
-    config.data.resolution = 1024  # recipe: image size in pixels; must equal the prepared data's
-    config.data.seed = 0  # shuffling seed of the data order
-    config.data.worker_count = 4  # child processes decoding records (0: in the main process)
-
-    config.optim = ml_collections.ConfigDict()  # AdamW after global-norm clipping
-    config.optim.lr = 1e-4  # recipe: peak learning rate
-    config.optim.b1 = 0.9  # recipe: AdamW beta1
-    config.optim.b2 = 0.999  # recipe: AdamW beta2
-    config.optim.eps = 1e-8  # recipe: AdamW epsilon
-    config.optim.weight_decay = 1e-2  # recipe: AdamW decoupled weight decay
-    config.optim.grad_clip = 1.0  # recipe: clip gradients to this global norm
-    config.optim.schedule = "constant"  # recipe: constant learning rate ("constant" | "cosine")
-    config.optim.warmup_steps = 0  # recipe: no warm-up (linear from 0 to lr over this many steps)
-
-    config.train = ml_collections.ConfigDict()  # the run
-    config.train.global_batch_size = 256  # examples per step over all devices (recipe: 8 x 2 per GPU on 16 GPUs)
-    config.train.gradient_accumulation_steps = 2  # recipe: each device's share in 2 microbatches, one after another
-    config.train.num_steps = 10_000  # optimizer steps; the reference converged in about 4k at batch 1024
-    config.train.seed = 0  # seed of the noise, times and text dropout
-
-    config.mesh = ml_collections.ConfigDict()  # device mesh ('data', 'fsdp')
+    config.perflow.parameterization = "ddim_eps"  # recipe, SDXL column: the student predicts the ddim_eps noise
+    config.perflow.solver_steps = 10  # recipe, SDXL column: S, the teacher's DDIM steps per window
+    config.perflow.teacher_guidance = 7.5  # recipe, SDXL column: the teacher solves with CFG 7.5 (two passes)
+    config.perflow.discrete_timesteps = 200  # recipe, SDXL column: M
+    config.data.resolution = 1024  # recipe, SDXL column: image size in pixels
+    config.optim.lr = 1e-4  # recipe, SDXL column: peak learning rate
+    config.train.global_batch_size = 256  # recipe, SDXL column: 8 x 2 per GPU on 16 GPUs
+    config.train.gradient_accumulation_steps = 2  # recipe, SDXL column: each device's share in 2 microbatches
     config.mesh.shape = (1, -1)  # state sharded over all devices (student, Adam and EMA: ~41 GB in float32)
-
-    config.checkpoint = ml_collections.ConfigDict()  # Orbax checkpoints in WORKDIR/checkpoints
-    config.checkpoint.every_steps = 1000  # save every this many steps (and at the end)
-    config.checkpoint.keep = 3  # keep the last this many checkpoints
-
-    config.log = ml_collections.ConfigDict()  # console, TensorBoard, metrics.jsonl and sample grids
-    config.log.every_steps = 50  # a console line and scalars every this many steps
-    config.log.eval_every_steps = 1000  # a sample grid of the EMA weights every this many steps
-    config.log.sample_prompts = (  # the grid's prompts, one image each
-        "a photo of a cat sitting on a wooden table",
-        "a portrait photo of an old man with a beard, studio light",
-        "a red sports car on a mountain road at sunset",
-        "a bowl of fruit on a kitchen counter, morning light",
-        "a snowy mountain landscape with a lake and pine trees",
-        "a lighthouse on a rocky coast during a storm",
-        "an oil painting of a city street in the rain",
-        "a corgi running on a beach, high quality photo",
-    )
-    config.log.sample_steps = 4  # released inference setting: 4 to 6 sampler steps
-    config.log.sample_guidance = 2.0  # released inference setting: CFG scale 2.0 (1.5 to 2.5)
-    config.log.sample_seed = 0  # seed of the grid's initial noise (the same every eval)
-
-    config.tpu_pod = False  # call jax.distributed.initialize() for a multi-host TPU slice
+    config.log.sample_guidance = 2.0  # the authors' released inference setting: CFG scale 2.0 (1.5 to 2.5)
     return config

@@ -4,14 +4,18 @@
 ``validate_against(config, ...)`` checks it against the loaded model, the prepared data and the
 devices. Both raise one ``ConfigError`` listing every problem found, each saying what is wrong
 and what would be right. ``settings`` and ``optimizer`` turn the config into the step's
-``PeRFlowSettings`` and its optax optimizer.
+``PeRFlowSettings`` and its optax optimizer. ``config_module`` loads a configs/*.py file, as a
+variant's file loads the base recipe it overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import types
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -41,6 +45,18 @@ def _choice(problems: list[str], key: str, value: Any, valid: Sequence[str]) -> 
 def _raise(problems: list[str]) -> None:
     if problems:
         raise ConfigError(problems)
+
+
+def config_module(path: str | os.PathLike) -> types.ModuleType:
+    """The module of the config file at ``path`` (call its ``get_config()``).
+
+    configs/ is no package: config_flags loads its files by path, from any working directory, so a
+    variant (configs/sd21.py) loads the base recipe it overrides (configs/sd15.py) by path too.
+    """
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
