@@ -12,7 +12,7 @@ import transformers
 from perflow_jax.models import reference_configs
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, eos_positions
 from perflow_jax.weights import WeightsMismatchError, state_dict_to_params
-from tests.parity import FLOAT32_NETWORK_RTOL, relative_error, torch_state_dict
+from tests.helpers.parity import FLOAT32_NETWORK_RTOL, relative_error, torch_state_dict
 
 BOS, EOT = 49406, 49407  # CLIP tokenizer's start- and end-of-text ids
 ADDED_TOKEN = 49409  # a token added after the vocabulary, id above EOT

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import io
 import tokenize
-from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -16,8 +14,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from perflow_jax import recipe, step
+from tests.helpers.recipes import CONFIGS, load
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_NAMES = ("sd15", "sd21", "sdxl", "tiny", "demo")
 
 # PERFLOW_SPEC.md, "Released recipes".
@@ -29,13 +27,6 @@ RECIPES = {
     "sdxl": dict(resolution=1024, parameterization="ddim_eps", K=4, S=10, guidance=7.5, M=200, lr=1e-4,
                  prediction_type="epsilon"),
 }  # fmt: skip
-
-
-def load(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def runnable(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:

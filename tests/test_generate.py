@@ -17,10 +17,9 @@ from perflow_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.models.vae import AutoencoderKL, VAEConfig
 from perflow_jax.schedule import alphas_cumprod_from_config
-from tests.test_step import TEXT, UNET
-from tests.test_vae import TINY as TINY_VAE
+from tests.helpers.networks import QUICK_TEXT, QUICK_UNET, TINY_VAE
+from tests.helpers.schedules import SD_SCHEDULER
 
-SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 NUM_PROMPTS = 3
 
 
@@ -82,10 +81,10 @@ def random_params(module, seed):
 
 
 def tiny_networks(**changes):
-    """The Networks of a tiny SD model: test_step's tiny UNet and text encoder, SD's noise schedule."""
-    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET))
+    """The Networks of a tiny SD model: the quick-to-compile UNet and text encoder, SD's noise schedule."""
+    unet = UNet2DConditionModel(UNetConfig.from_dict(QUICK_UNET))
     networks = step.Networks(
-        student=unet, teacher=unet, text_encoder=CLIPTextModel(TEXT), text_encoder_2=None,
+        student=unet, teacher=unet, text_encoder=CLIPTextModel(QUICK_TEXT), text_encoder_2=None,
         alphas_cumprod=alphas_cumprod_from_config(SD_SCHEDULER), scaling_factor=0.18215, resolution=32,
     )  # fmt: skip
     return dataclasses.replace(networks, **changes)
@@ -178,7 +177,7 @@ def test_guidance_pushes_the_student_away_from_the_empty_prompt():
 def test_sdxl_size_ids_default_to_the_training_resolution_without_crop():
     """SDXL: the UNet gets time_ids (original h, w, crop top, left, target h, w); here v = the first three / 100."""
     _, _, _, ids, _, noise = tiny()
-    second = CLIPTextModelWithProjection(dataclasses.replace(TEXT, projection_dim=8))
+    second = CLIPTextModelWithProjection(dataclasses.replace(QUICK_TEXT, projection_dim=8))
     networks = tiny_networks(student=SizeIdsUNet(), teacher=None, text_encoder_2=second)
     text = {"text_encoder": random_params(networks.text_encoder, 3), "text_encoder_2": random_params(second, 4)}
     fn = jax.jit(
