@@ -46,11 +46,11 @@ from bench.common import error_string, time_calls
 from perflow_jax import models, pipeline, sharding, weights
 from perflow_jax.demo.tokenizer import write_tiny_clip_tokenizer
 from perflow_jax.models import reference_configs
-from tests.parity import relative_error
+from tests.helpers.parity import relative_error
 
 STEPS, GUIDANCE = 4, 4.5
 PROMPT = "a photo of a cat"
-TINY = {  # SD1.x's layout at toy widths (tests/test_unet.py, tests/test_vae.py, tests/pipelines.py)
+TINY = {  # SD1.x's layout at toy widths (tests/helpers/networks.py)
     "unet": dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=4,
                  norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
@@ -136,7 +136,7 @@ def run(args, results: dict, save) -> bool:
         error = relative_error(np.asarray(call32()), torch_call(1)())
     torch.backends.cudnn.allow_tf32 = True
     results["parity_float32_relative_error"] = error
-    ok = error < 1e-4  # float32 networks agree to ~1e-6 (tests/parity.py); 4 steps, CFG and the VAE add little
+    ok = error < 1e-4  # float32 networks agree to ~1e-6 (tests/helpers/parity.py); 4 steps, CFG and the VAE add little
     print(f"float32 parity, final images: relative error {error:.2e}", flush=True)
     del generator32
     save()

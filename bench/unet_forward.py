@@ -56,12 +56,12 @@ from perflow_jax.flops import cost_flops
 from perflow_jax.models import reference_configs
 from perflow_jax.models.attention import _auto_backend, dot_product_attention
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.parity import nchw_to_nhwc, nhwc_to_nchw, relative_error
+from tests.helpers.parity import nchw_to_nhwc, nhwc_to_nchw, relative_error
 
 JAX_BACKENDS = ("xla", "auto", "cudnn")
 TEXT_LEN = 77
 PARITY_BATCH = 2
-# float32 networks agree with PyTorch to ~1e-6 (tests/parity.py); bfloat16 keeps 8 significant
+# float32 networks agree with PyTorch to ~1e-6 (tests/helpers/parity.py); bfloat16 keeps 8 significant
 # bits, and a few dozen layers accumulate ~1e-2 against float32 (tests/test_unet.py).
 FLOAT32_TOL = 1e-4
 BFLOAT16_TOL = 5e-2
@@ -69,7 +69,7 @@ BFLOAT16_TOL = 5e-2
 SD15_FLOPS_PER_SAMPLE = 803e9
 # Dense bfloat16 datasheet peaks, by jax.devices()[0].device_kind.
 PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
-# tests/test_unet.py TINY["sd1"]: SD1.x's layout at toy widths.
+# tests/helpers/networks.py TINY_UNETS["sd1"]: SD1.x's layout at toy widths.
 TINY_UNET = dict(
     block_out_channels=(32, 64),
     layers_per_block=2,
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             "diffusers": diffusers.__version__,
             "numpy": np.__version__,
         },
-        "unet": "tiny (tests/test_unet.py TINY['sd1'])" if args.tiny else "SD1.5",
+        "unet": "tiny (tests/helpers/networks.py TINY_UNETS['sd1'])" if args.tiny else "SD1.5",
         "batch": args.batch,
         "size": args.size,
         "text_len": TEXT_LEN,

@@ -12,7 +12,8 @@ import transformers
 from perflow_jax.models import reference_configs
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, eos_positions
 from perflow_jax.weights import WeightsMismatchError, state_dict_to_params
-from tests.parity import FLOAT32_NETWORK_RTOL, relative_error, torch_state_dict
+from tests.helpers.networks import TINY_TEXT
+from tests.helpers.parity import FLOAT32_NETWORK_RTOL, relative_error, torch_state_dict
 
 BOS, EOT = 49406, 49407  # CLIP tokenizer's start- and end-of-text ids
 ADDED_TOKEN = 49409  # a token added after the vocabulary, id above EOT
@@ -47,19 +48,17 @@ TORCH_MODELS = {
 
 
 def tiny_config(hidden_act: str, eos_token_id: int, num_hidden_layers: int = 3) -> dict:
-    """A small CLIPTextConfig dict; a vocabulary with ADDED_TOKEN when eos is the real end-of-text id."""
+    """TINY_TEXT as a CLIPTextConfig dict with CLIP's token ids and vocabulary size; the vocabulary
+    holds ADDED_TOKEN when eos is the real end-of-text id."""
     return transformers.CLIPTextConfig(
-        vocab_size=49408 if eos_token_id == 2 else ADDED_TOKEN + 1,
-        hidden_size=32,
-        intermediate_size=64,
-        projection_dim=16,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act=hidden_act,
-        eos_token_id=eos_token_id,
-        bos_token_id=BOS,
-        pad_token_id=1,
+        **{
+            **TINY_TEXT,
+            "vocab_size": 49408 if eos_token_id == 2 else ADDED_TOKEN + 1,
+            "num_hidden_layers": num_hidden_layers,
+            "hidden_act": hidden_act,
+            "eos_token_id": eos_token_id,
+            "bos_token_id": BOS,
+        }
     ).to_dict()
 
 

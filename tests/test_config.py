@@ -6,7 +6,6 @@ import ast
 import dataclasses
 import io
 import tokenize
-from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -15,8 +14,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from perflow_jax import recipe, step
+from tests.helpers.recipes import CONFIGS, load
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_NAMES = ("sd15", "sd21", "sdxl", "tiny", "demo")
 VARIANTS = ("sd21", "sdxl", "tiny", "demo")  # configs/sd15.py plus overrides
 
@@ -29,10 +28,6 @@ RECIPES = {
     "sdxl": dict(resolution=1024, parameterization="ddim_eps", K=4, S=10, guidance=7.5, M=200, lr=1e-4,
                  prediction_type="epsilon"),
 }  # fmt: skip
-
-
-def load(name: str) -> ml_collections.ConfigDict:
-    return recipe.config_module(CONFIGS / f"{name}.py").get_config()
 
 
 def runnable(name: str = "tiny", **overrides) -> ml_collections.ConfigDict:

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from perflow_jax import weights
 from perflow_jax.convert import ConversionError, convert, main
 from perflow_jax.pipeline import load_trained
-from tests.parity import torch_state_dict
-from tests.pipelines import tiny_pipeline
+from tests.helpers.parity import torch_state_dict
+from tests.helpers.pipelines import quiet, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,10 +38,6 @@ def sdxl(tmp_path_factory):
     pipe = tiny_pipeline(folder / "sources", xl=True)
     pipe.save_pretrained(folder / "pipeline")
     return folder / "pipeline", pipe
-
-
-def quiet(_):
-    pass
 
 
 def assert_component_equals_torch(out: Path, name: str, torch_module, dtype=np.float32):

@@ -14,14 +14,11 @@ from perflow_jax.convert import convert
 from perflow_jax.demo import TEACHER, digits
 from perflow_jax.prepare_data import prepare
 from perflow_jax.train import train_and_evaluate
-from tests.test_config import load
+from tests.helpers.pipelines import quiet
+from tests.helpers.recipes import load
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_DIGIT = 10
-
-
-def quiet(_):
-    pass
 
 
 @pytest.fixture(scope="module")

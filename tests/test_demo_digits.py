@@ -13,8 +13,8 @@ import torch
 from perflow_jax import data, models, pipeline
 from perflow_jax.demo import TEACHER, classifier, digits
 from perflow_jax.prepare_data import PrepareError, prepare
-from tests.parity import FLOAT32_NETWORK_RTOL, nchw_to_nhwc, nhwc_to_nchw, relative_error
-from tests.test_prepare_data import read_examples
+from tests.helpers.data import read_examples
+from tests.helpers.parity import FLOAT32_NETWORK_RTOL, nchw_to_nhwc, nhwc_to_nchw, relative_error
 
 # ---------------------------------------------------------------------------------------------
 # Data

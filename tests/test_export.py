@@ -14,14 +14,10 @@ from safetensors.numpy import load_file
 from perflow_jax import checkpoint, export, pipeline, sampler, weights
 from perflow_jax.convert import convert
 from perflow_jax.export import ExportError, export_to_torch
-from tests.parity import relative_error
-from tests.pipelines import tiny_model_and_data, tiny_pipeline, tiny_workdir
+from tests.helpers.parity import relative_error
+from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_pipeline, tiny_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def quiet(_):
-    pass
 
 
 @pytest.fixture(scope="module")

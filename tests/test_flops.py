@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from perflow_jax import flops, step
-from tests.test_step import tiny_setup
+from tests.helpers.training import tiny_setup
 
 
 def unrolled_fori_loop(lower, upper, body, init):

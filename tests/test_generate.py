@@ -17,10 +17,9 @@ from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.models.vae import AutoencoderKL, VAEConfig
 from perflow_jax.pipeline import GenerateSettings, Pipeline, TextEncoders
 from perflow_jax.schedule import alphas_cumprod_from_config
-from tests.test_step import TEXT, UNET
-from tests.test_vae import TINY as TINY_VAE
+from tests.helpers.networks import QUICK_TEXT, QUICK_UNET, TINY_VAE
+from tests.helpers.schedules import SD_SCHEDULER
 
-SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 NUM_PROMPTS = 3
 
 
@@ -85,8 +84,8 @@ def random_params(module, seed):
 def tiny_pipeline(**changes):
     """A tiny SD model's Pipeline: test_step's tiny UNet and text encoder, a tiny VAE, SD's noise schedule."""
     pipe = Pipeline(
-        unet=UNet2DConditionModel(UNetConfig.from_dict(UNET)),
-        text=TextEncoders(CLIPTextModel(TEXT), resolution=32),
+        unet=UNet2DConditionModel(UNetConfig.from_dict(QUICK_UNET)),
+        text=TextEncoders(CLIPTextModel(QUICK_TEXT), resolution=32),
         vae=AutoencoderKL(VAEConfig.from_dict(TINY_VAE)),
         alphas_cumprod=alphas_cumprod_from_config(SD_SCHEDULER),
     )
@@ -179,7 +178,7 @@ def test_guidance_pushes_the_student_away_from_the_empty_prompt():
 def test_sdxl_size_ids_default_to_the_training_resolution_without_crop():
     """SDXL: the UNet gets time_ids (original h, w, crop top, left, target h, w); here v = the first three / 100."""
     pipe, _, ids, noise = tiny()
-    second = CLIPTextModelWithProjection(dataclasses.replace(TEXT, projection_dim=8))
+    second = CLIPTextModelWithProjection(dataclasses.replace(QUICK_TEXT, projection_dim=8))
     vae = LinearVAE(gain=0.01)
     text = TextEncoders(pipe.text.text_encoder, second, resolution=32)
     pipe = dataclasses.replace(pipe, unet=SizeIdsUNet(), text=text, vae=vae)

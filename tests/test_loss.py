@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from perflow_jax import loss, schedule, solver
-from tests.test_solver import sd_alphas
+from tests.helpers.schedules import sd_alphas
 
 
 def teacher(z, timesteps, cond):

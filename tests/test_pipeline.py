@@ -7,7 +7,7 @@ import pytest
 from perflow_jax import weights
 from perflow_jax.convert import convert
 from perflow_jax.pipeline import load_model
-from tests.pipelines import tiny_pipeline
+from tests.helpers.pipelines import tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from transformers import CLIPTokenizer
 from perflow_jax import data, models, weights
 from perflow_jax.convert import convert
 from perflow_jax.prepare_data import PrepareError, center_crop, prepare
-from tests.pipelines import tiny_pipeline
+from tests.helpers.data import image, read_examples
+from tests.helpers.pipelines import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32  # the tiny VAE downsamples by 4: 8x8 latents
@@ -28,10 +29,6 @@ def model(tmp_path_factory):
     tiny_pipeline(folder / "sources").save_pretrained(folder / "diffusers")
     convert(folder / "diffusers", folder / "converted", log=lambda _: None)
     return folder / "converted"
-
-
-def image(seed: int, height: int, width: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -55,19 +52,6 @@ def image_folder(tmp_path_factory):
     (folder / "small.txt").write_text("caption")
     image(22, 48, 48).save(folder / "uncaptioned.png")
     return folder
-
-
-def read_examples(out: Path) -> dict[str, dict]:
-    examples = {}
-    for path in data.shard_paths(out):
-        from array_record.python.array_record_module import ArrayRecordReader
-
-        reader = ArrayRecordReader(str(path))
-        for record in reader.read_all():
-            example = data.decode_record(record)
-            examples[example["key"]] = example
-        reader.close()
-    return examples
 
 
 def test_folder_source_counts_skips_by_reason(model, image_folder, tmp_path):

@@ -19,7 +19,7 @@ from perflow_jax import sample as sample_module
 from perflow_jax.image_io import to_nchw, to_nhwc
 from perflow_jax.pipeline import seed_noise
 from perflow_jax.sample import Options, SampleError, main, make_plan, sample
-from tests.pipelines import tiny_model_and_data, tiny_workdir
+from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo number 1", "a photo number 2"]
@@ -28,10 +28,6 @@ HEIGHT, WIDTH = 32, 48  # the tiny VAE's factor is 4: 8 x 12 latents
 # Two compilations of the same float32 program (here: another jit boundary, another device count)
 # may fuse and order sums differently; through a few tiny networks that moves values by ~1e-6 of their scale.
 FLOAT32_RECOMPILED_ATOL = 1e-5
-
-
-def quiet(_):
-    pass
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +54,7 @@ def compilation_cache(tmp_path_factory):
 def folders(tmp_path_factory):
     """(WORKDIR of a tiny PeRFlow run at step 2, its converted teacher, the teacher's diffusers folder).
 
-    The checkpoint is written as the training loop writes it, without training (tests.pipelines.tiny_workdir).
+    The checkpoint is written as the training loop writes it, without training (tests.helpers.pipelines.tiny_workdir).
     """
     root = tmp_path_factory.mktemp("sample")
     diffusers_dir, model, data_dir = tiny_model_and_data(root)

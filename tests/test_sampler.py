@@ -8,16 +8,7 @@ import numpy as np
 import pytest
 
 from perflow_jax import sampler, schedule, solver
-from tests.test_solver import sd_alphas
-
-# PERFLOW_SPEC.md "Sampler": the timesteps of N steps with K = 4 windows.
-SPEC_TIMESTEPS = [
-    (4, [1000, 750, 500, 250]),
-    (5, [1000, 875, 750, 500, 250]),
-    (6, [1000, 875, 750, 625, 500, 250]),
-    (8, [1000, 875, 750, 625, 500, 375, 250, 125]),
-    (12, [1000, 916, 833, 750, 666, 583, 500, 416, 333, 250, 166, 83]),
-]
+from tests.helpers.schedules import SPEC_TIMESTEPS, sd_alphas
 
 
 @pytest.mark.parametrize("steps, expected", SPEC_TIMESTEPS)

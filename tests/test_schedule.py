@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from perflow_jax import schedule
-
-SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+from tests.helpers.schedules import SD_SCHEDULER
 
 
 @pytest.fixture

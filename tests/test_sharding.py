@@ -1,31 +1,14 @@
 """Mesh construction and the parameter / batch sharding rule, on 8 simulated CPU devices."""
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import pytest
 from jax.sharding import PartitionSpec
 
 from perflow_jax import sharding
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_with_devices(code: str, devices: int = 8, env: dict | None = None) -> str:
-    """Run ``code`` in a fresh Python with ``devices`` simulated CPU devices; return its stdout."""
-    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, env=environment,
-        timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+from tests.helpers.processes import run_joined_processes, run_with_devices
 
 
 @pytest.mark.parametrize(
@@ -84,57 +67,6 @@ def test_parameters_and_batches_are_placed_by_the_rule():
     assert lines[0] == "P(None, None, None, 'fsdp') (3, 3, 4, 80)"
     assert lines[1] == "P() (77,)"
     assert lines[2] == str([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0])  # 2 examples per device
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_joined_processes(
-    command: list[str],
-    count: int,
-    *,
-    timeout: float,
-    env: dict | None = None,
-    sigterm_at: tuple[str, int] | None = None,
-) -> list[str]:
-    """Run ``command`` as ``count`` processes joined through the PERFLOW_* variables on a free local port.
-
-    ``sigterm_at`` = (prefix, i): send SIGTERM to process i once process 0 prints a line starting
-    with prefix. Asserts that every process exits 0; returns their standard outputs, process 0's first.
-    """
-    port = free_port()
-    processes = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={
-                **os.environ,
-                **(env or {}),
-                sharding.COORDINATOR_ENV: f"127.0.0.1:{port}",
-                sharding.NUM_PROCESSES_ENV: str(count),
-                sharding.PROCESS_ID_ENV: str(i),
-            },
-        )  # fmt: skip
-        for i in range(count)
-    ]
-    seen = ""
-    if sigterm_at is not None:
-        prefix, target = sigterm_at
-        for line in processes[0].stdout:
-            seen += line
-            if line.startswith(prefix):
-                processes[target].send_signal(signal.SIGTERM)
-                break
-    outputs = [p.communicate(timeout=timeout) for p in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
-    return [seen + outputs[0][0]] + [out for out, _ in outputs[1:]]
 
 
 def test_two_processes_join_through_the_environment_variables():

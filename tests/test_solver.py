@@ -6,11 +6,7 @@ import numpy as np
 import pytest
 
 from perflow_jax import schedule, solver
-from tests.test_schedule import SD_SCHEDULER
-
-
-def sd_alphas(dtype=jnp.float32):
-    return jnp.asarray(schedule.alphas_cumprod_from_config(SD_SCHEDULER), dtype)
+from tests.helpers.schedules import sd_alphas
 
 
 def test_teacher_table_k4_s8_is_the_references():

@@ -7,47 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perflow_jax import pipeline, step
-from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
-from perflow_jax.schedule import alphas_cumprod_from_config
-from tests.test_sharding import run_with_devices
-
-TEXT = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, max_position_embeddings=8, eos_token_id=2)  # fmt: skip
-UNET = dict(  # one level, so that compiling the step's gradient stays quick on the CPU
-    block_out_channels=(16,), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
-    norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
-)  # fmt: skip
-LR = 1e-3
-
-
-def tiny_setup(batch_size=8, seed=0):
-    """Networks, frozen parameters, a train state and a batch of a tiny SD model (random weights)."""
-    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET))
-    text = CLIPTextModel(TEXT)
-    key_unet, key_text, key_data = jax.random.split(jax.random.key(seed), 3)
-    unet_params = unet.init(key_unet, *unet.dummy_inputs(text_len=8))["params"]
-    text_params = text.init(key_text, jnp.zeros((1, 8), jnp.int32))["params"]
-    components = step.Components(
-        student=unet,
-        teacher=unet,
-        text=pipeline.TextEncoders(text, resolution=32),
-        alphas_cumprod=alphas_cumprod_from_config(
-            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-        ),
-        scaling_factor=0.18215,
-    )
-    frozen = {"teacher": unet_params, "text_encoder": text_params}
-    frozen["null_cond"] = components.text.encode(frozen, {"input_ids": jnp.array([[0, 2, 1, 1, 1, 1, 1, 1]])})
-    k_mean, k_ids = jax.random.split(key_data)
-    batch = {
-        "mean": jax.random.normal(k_mean, (batch_size, 8, 8, 4)).astype(jnp.float16),
-        "logvar": jnp.full((batch_size, 8, 8, 4), -4.0, jnp.float16),
-        "input_ids": jax.random.randint(k_ids, (batch_size, 8), 3, 100).at[:, -1].set(2),
-    }
-    optimizer = step.make_optimizer(LR)
-    return components, frozen, step.create_train_state(unet_params, optimizer), batch, optimizer
+from perflow_jax import step
+from tests.helpers.processes import run_with_devices
+from tests.helpers.training import LR, tiny_setup
 
 
 def test_ema_warm_up_is_the_references():
@@ -137,7 +99,7 @@ MESH_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from perflow_jax import sharding, step
-from tests.test_step import tiny_setup
+from tests.helpers.training import tiny_setup
 components, frozen, state, batch, optimizer = tiny_setup()
 settings = step.PeRFlowSettings()
 def run(s, b, r, f):
@@ -183,7 +145,7 @@ def test_the_step_on_every_mesh_equals_the_step_on_one_device():
 COLLECTIVES_SCRIPT = """
 import functools, re, jax
 from perflow_jax import sharding, step
-from tests.test_step import tiny_setup
+from tests.helpers.training import tiny_setup
 components, frozen, state, batch, optimizer = tiny_setup(batch_size=16)
 mesh = sharding.make_mesh((8, 1))
 state_shardings = sharding.parameter_shardings(state, mesh)

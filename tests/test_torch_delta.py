@@ -6,12 +6,12 @@ import torch
 from safetensors.torch import save_file
 
 from perflow_jax.torch import merge_delta_weights
-from tests.parity import random_module
-from tests.test_unet import TINY
+from tests.helpers.networks import TINY_UNETS
+from tests.helpers.parity import random_torch_unet
 
 
 def tiny_unet(seed: int = 0, **overrides) -> diffusers.UNet2DConditionModel:
-    return random_module(lambda: diffusers.UNet2DConditionModel(**{**TINY["sd1"], **overrides}), seed)
+    return random_torch_unet({**TINY_UNETS["sd1"], **overrides}, seed)
 
 
 def fine_tuned(teacher: diffusers.UNet2DConditionModel) -> diffusers.UNet2DConditionModel:

@@ -25,15 +25,13 @@ from perflow_jax import loss, pipeline, step, weights
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.schedule import alphas_cumprod_from_config
-from tests.parity import nhwc_to_nchw, random_module, relative_error, torch_state_dict
-from tests.pipelines import TEXT
-from tests.test_unet import TINY
+from tests.helpers.networks import TINY_TEXT, TINY_UNETS
+from tests.helpers.parity import nhwc_to_nchw, random_module, relative_error, torch_state_dict
+from tests.helpers.schedules import SD_SCHEDULER
 
-SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 SCALING_FACTOR = 0.18215
-# tests/test_unet.py's SD1.x layout at toy widths, one ResNet per level so that compiling the
-# step's gradient stays quick.
-UNET = {**TINY["sd1"], "layers_per_block": 1}
+# The tiny SD1.x UNet, one ResNet per level so that compiling the step's gradient stays quick.
+UNET = {**TINY_UNETS["sd1"], "layers_per_block": 1}
 BATCH, SIZE, TEXT_LEN = 8, 8, 77
 LR = 8e-5  # the SD1.5 recipe's
 # Dropout 0.5 instead of the recipe's 0.1, so that the batch of 8 has dropped and kept texts.
@@ -61,17 +59,17 @@ def jax_draws(rng, batch):
 def both():
     """One update on each side from the same weights and draws: {"jax": ..., "torch": ...}."""
     unet_torch = random_module(lambda: diffusers.UNet2DConditionModel(**UNET), seed=0)
-    text_torch = random_module(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)), seed=1)
+    text_torch = random_module(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT)), seed=1)
     unet = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_torch.config)))
-    text = CLIPTextModel(CLIPTextConfig.from_dict(TEXT))
+    text = CLIPTextModel(CLIPTextConfig.from_dict(TINY_TEXT))
     params = weights.state_dict_to_params(torch_state_dict(unet_torch), unet.abstract_params(), name="unet")
     text_params = weights.state_dict_to_params(torch_state_dict(text_torch), text.abstract_params(), name="text")
 
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, TEXT["vocab_size"] - 1, (BATCH, TEXT_LEN)).astype(np.int32)
-    ids[:, 0], ids[:, -1] = TEXT["bos_token_id"], TEXT["eos_token_id"]
-    null_ids = np.full((BATCH, TEXT_LEN), TEXT["eos_token_id"], np.int32)
-    null_ids[:, 0] = TEXT["bos_token_id"]
+    ids = rng.integers(3, TINY_TEXT["vocab_size"] - 1, (BATCH, TEXT_LEN)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = TINY_TEXT["bos_token_id"], TINY_TEXT["eos_token_id"]
+    null_ids = np.full((BATCH, TEXT_LEN), TINY_TEXT["eos_token_id"], np.int32)
+    null_ids[:, 0] = TINY_TEXT["bos_token_id"]
     batch = {
         "mean": rng.standard_normal((BATCH, SIZE, SIZE, 4)).astype(np.float16),
         "logvar": np.full((BATCH, SIZE, SIZE, 4), -4.0, np.float16),
@@ -83,7 +81,7 @@ def both():
         student=unet,
         teacher=unet,
         text=pipeline.TextEncoders(text, resolution=8 * SIZE),
-        alphas_cumprod=alphas_cumprod_from_config(SCHEDULER),
+        alphas_cumprod=alphas_cumprod_from_config(SD_SCHEDULER),
         scaling_factor=SCALING_FACTOR,
     )
     optimizer = step.make_optimizer(LR)
@@ -115,7 +113,7 @@ def both():
 
     # PyTorch: the reference from the same weights and draws.
     ref = torch_reference.ReferenceStep(
-        unet_torch, text_torch, None, SCHEDULER, SETTINGS, scaling_factor=SCALING_FACTOR, resolution=8 * SIZE,
+        unet_torch, text_torch, None, SD_SCHEDULER, SETTINGS, scaling_factor=SCALING_FACTOR, resolution=8 * SIZE,
         learning_rate=LR,
     )  # fmt: skip
     torch_batch = {"input_ids": torch.from_numpy(ids).long()}

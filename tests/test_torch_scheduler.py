@@ -11,9 +11,9 @@ import torch
 
 from perflow_jax import sampler, schedule
 from perflow_jax.torch import PeRFlowScheduler
-from tests.parity import relative_error
-from tests.pipelines import tiny_pipeline
-from tests.test_sampler import SPEC_TIMESTEPS
+from tests.helpers.parity import relative_error
+from tests.helpers.pipelines import tiny_pipeline
+from tests.helpers.schedules import SD_SCHEDULER, SPEC_TIMESTEPS
 
 
 @pytest.mark.parametrize("steps, expected", SPEC_TIMESTEPS)
@@ -40,7 +40,7 @@ def test_fewer_steps_than_windows_is_an_error_that_says_why():
 @pytest.mark.parametrize(
     "config",
     [
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        SD_SCHEDULER,
         {"beta_schedule": "linear"},
         {"beta_schedule": "squaredcos_cap_v2"},
     ],
@@ -75,9 +75,7 @@ def test_from_a_teacher_config_takes_its_betas_and_the_named_parameterization():
 
 
 def test_a_teacher_config_without_a_perflow_parameterization_is_an_error_that_says_what_to_pass():
-    sd15 = diffusers.DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon"
-    )
+    sd15 = diffusers.DDIMScheduler(**SD_SCHEDULER, prediction_type="epsilon")
     with pytest.raises(ValueError, match="prediction_type='epsilon' is not a PeRFlow parameterization.*from_config"):
         PeRFlowScheduler.from_config(sd15.config)
 

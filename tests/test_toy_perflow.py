@@ -17,10 +17,9 @@ import optax
 import pytest
 
 from perflow_jax import loss, sampler, schedule, solver
+from tests.helpers.schedules import sd_alphas
 
-AB = jnp.asarray(
-    schedule.alphas_cumprod_from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
-)
+AB = sd_alphas()
 NUM_WINDOWS, TEACHER_STEPS = 4, 8  # the SD1.5 recipe's K and S
 
 # 8 equal-weight isotropic Gaussians with means on a circle: the data's scale is that of unit noise.

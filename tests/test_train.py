@@ -14,8 +14,8 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from perflow_jax import checkpoint, data, sharding, train
-from tests.pipelines import tiny_model_and_data
-from tests.test_sharding import run_joined_processes
+from tests.helpers.pipelines import tiny_model_and_data
+from tests.helpers.processes import run_joined_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,59 +12,16 @@ import torch
 from perflow_jax import weights
 from perflow_jax.models import reference_configs
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.parity import (
+from tests.helpers.networks import TINY_UNETS
+from tests.helpers.parity import (
     FLOAT32_NETWORK_RTOL,
     DrainingStateDict,
     nchw_to_nhwc,
     nhwc_to_nchw,
-    random_module,
+    random_torch_unet,
     relative_error,
     torch_state_dict,
 )
-
-TINY = {
-    # SD1.x: integer head count, 1x1-conv projections, cross-attention in the first block.
-    "sd1": dict(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ),
-    # SD2.x: per-block head counts, linear projections, upcast attention.
-    "sd2": dict(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        cross_attention_dim=24,
-        attention_head_dim=(2, 4, 8),
-        use_linear_projection=True,
-        upcast_attention=True,
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ),
-    # SDXL: no attention in the first block, several transformer layers per block, text_time embedding.
-    "sdxl": dict(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        cross_attention_dim=48,
-        attention_head_dim=(2, 4, 8),
-        transformer_layers_per_block=(1, 2, 3),
-        use_linear_projection=True,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 16,
-    ),
-}
-
-
-def random_torch_unet(config: dict, seed: int = 0) -> diffusers.UNet2DConditionModel:
-    return random_module(lambda: diffusers.UNet2DConditionModel(**config), seed)
 
 
 def random_inputs(unet: diffusers.UNet2DConditionModel, batch: int, size: int, seed: int = 1) -> dict:
@@ -101,10 +58,10 @@ def converted(unet_torch, **module_kwargs):
     return model, params
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("arch", sorted(TINY_UNETS))
 @pytest.mark.parametrize("size", [16, 14])  # 14: odd sizes deeper down, where upsampling is not 2x
 def test_tiny_unet_matches_diffusers_in_float32(arch, size):
-    unet = random_torch_unet(TINY[arch])
+    unet = random_torch_unet(TINY_UNETS[arch])
     inputs = random_inputs(unet, batch=2, size=size)
     with torch.no_grad():
         expected = unet(**inputs).sample.numpy()
@@ -115,9 +72,9 @@ def test_tiny_unet_matches_diffusers_in_float32(arch, size):
     assert err < FLOAT32_NETWORK_RTOL
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("arch", sorted(TINY_UNETS))
 def test_unet_state_dict_round_trips_exactly(arch):
-    unet = random_torch_unet(TINY[arch])
+    unet = random_torch_unet(TINY_UNETS[arch])
     state = torch_state_dict(unet)
     _, params = converted(unet)
     back = weights.params_to_state_dict(params)
@@ -158,7 +115,7 @@ def test_remat_changes_neither_parameters_nor_outputs_nor_gradients():
 
 
 def test_bfloat16_compute_stays_close_to_float32():
-    unet = random_torch_unet(TINY["sd1"])
+    unet = random_torch_unet(TINY_UNETS["sd1"])
     inputs = flax_args(random_inputs(unet, batch=2, size=16))
     model32, params = converted(unet)
     model16 = UNet2DConditionModel(model32.config, dtype=jnp.bfloat16)
@@ -173,7 +130,7 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 
 def test_sdxl_unet_requires_text_embeds_and_time_ids():
-    model = UNet2DConditionModel(UNetConfig.from_dict(TINY["sdxl"]))
+    model = UNet2DConditionModel(UNetConfig.from_dict(TINY_UNETS["sdxl"]))
     sample, t, context, _, _ = model.dummy_inputs()
     with pytest.raises(ValueError, match="needs text_embeds and time_ids"):
         model.init(jax.random.key(0), sample, t, context)
@@ -195,8 +152,8 @@ def test_unsupported_unet_configs_are_rejected_by_name(change, message):
 
 
 def test_sdxl_weights_with_sd15_config_list_the_mismatches():
-    sdxl_like = random_torch_unet(TINY["sdxl"])
-    sd15_like = UNet2DConditionModel(UNetConfig.from_dict(TINY["sd2"]))
+    sdxl_like = random_torch_unet(TINY_UNETS["sdxl"])
+    sd15_like = UNet2DConditionModel(UNetConfig.from_dict(TINY_UNETS["sd2"]))
     with pytest.raises(weights.WeightsMismatchError) as info:
         weights.state_dict_to_params(torch_state_dict(sdxl_like), sd15_like.abstract_params(), name="unet")
     message = str(info.value)

@@ -11,7 +11,8 @@ import torch
 from perflow_jax import weights
 from perflow_jax.models import reference_configs
 from perflow_jax.models.vae import AutoencoderKL, VAEConfig
-from tests.parity import (
+from tests.helpers.networks import TINY_VAE
+from tests.helpers.parity import (
     FLOAT32_NETWORK_RTOL,
     DrainingStateDict,
     nchw_to_nhwc,
@@ -19,15 +20,6 @@ from tests.parity import (
     random_module,
     relative_error,
     torch_state_dict,
-)
-
-TINY = dict(
-    block_out_channels=(16, 32, 32),
-    layers_per_block=2,
-    norm_num_groups=8,
-    latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
 )
 
 
@@ -62,16 +54,16 @@ def check_parity(vae: diffusers.AutoencoderKL, state_dict, image_size: int, labe
 
 
 def test_tiny_vae_matches_diffusers_in_float32():
-    check_parity(random_torch_vae(TINY), torch_state_dict, image_size=32, label="tiny")
+    check_parity(random_torch_vae(TINY_VAE), torch_state_dict, image_size=32, label="tiny")
 
 
 def test_vae_without_quant_convs_and_mid_attention_matches_diffusers():
-    config = {**TINY, "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": False}
+    config = {**TINY_VAE, "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": False}
     check_parity(random_torch_vae(config), torch_state_dict, image_size=16, label="variant")
 
 
 def test_vae_state_dict_round_trips_exactly():
-    vae = random_torch_vae(TINY)
+    vae = random_torch_vae(TINY_VAE)
     state = torch_state_dict(vae)
     model = AutoencoderKL(VAEConfig.from_dict(dict(vae.config)))
     back = weights.params_to_state_dict(weights.state_dict_to_params(state, model.abstract_params()))
@@ -81,7 +73,7 @@ def test_vae_state_dict_round_trips_exactly():
 
 def test_legacy_attention_names_of_old_vae_checkpoints_are_read():
     """SD1.5's published VAE names the mid-block attention query/key/value/proj_attn."""
-    vae = random_torch_vae(TINY)
+    vae = random_torch_vae(TINY_VAE)
     state = torch_state_dict(vae)
     renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     legacy = {}

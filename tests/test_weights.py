@@ -10,8 +10,8 @@ import torch
 
 from perflow_jax import weights
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.parity import torch_state_dict
-from tests.test_unet import TINY, random_torch_unet
+from tests.helpers.networks import TINY_UNETS
+from tests.helpers.parity import random_torch_unet, torch_state_dict
 
 
 def test_leaf_rules_transpose_convolutions_and_dense_kernels():
@@ -52,7 +52,7 @@ def architecture(config) -> dict:
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("float32", torch.float32), ("float16", torch.float16)])
 def test_written_unet_folder_loads_in_diffusers_with_equal_tensors(tmp_path, dtype, torch_dtype):
-    unet = random_torch_unet(TINY["sdxl"])
+    unet = random_torch_unet(TINY_UNETS["sdxl"])
     model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet.config)))
     params = weights.state_dict_to_params(torch_state_dict(unet), model.abstract_params())
     weights.write_diffusers_unet(params, dict(unet.config), tmp_path / "unet", dtype=dtype)
@@ -67,7 +67,7 @@ def test_written_unet_folder_loads_in_diffusers_with_equal_tensors(tmp_path, dty
 
 
 def test_bfloat16_unet_folder_holds_the_rounded_weights(tmp_path):
-    unet = random_torch_unet(TINY["sd1"])
+    unet = random_torch_unet(TINY_UNETS["sd1"])
     state = torch_state_dict(unet)
     model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet.config)))
     weights.write_diffusers_unet(

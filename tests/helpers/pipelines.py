@@ -9,21 +9,14 @@ import torch
 import transformers
 
 from perflow_jax.demo.tokenizer import write_tiny_clip_tokenizer
-from tests.test_unet import TINY as TINY_UNETS
-from tests.test_vae import TINY as TINY_VAE
+from tests.helpers.data import image
+from tests.helpers.networks import TINY_TEXT, TINY_UNETS, TINY_VAE
+from tests.helpers.recipes import load
+from tests.helpers.schedules import SD_SCHEDULER
 
-TEXT = dict(
-    vocab_size=600,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    projection_dim=16,
-    eos_token_id=2,
-    bos_token_id=0,
-    pad_token_id=1,
-)
+
+def quiet(_):
+    """A ``log`` that prints nothing."""
 
 
 def tiny_pipeline(folder: Path, *, xl: bool = False, seed: int = 0) -> diffusers.DiffusionPipeline:
@@ -31,14 +24,12 @@ def tiny_pipeline(folder: Path, *, xl: bool = False, seed: int = 0) -> diffusers
     torch.manual_seed(seed)
     unet_config = dict(TINY_UNETS["sdxl" if xl else "sd1"])
     vocab = write_tiny_clip_tokenizer(folder / "_tokenizer_source")
-    text_config = transformers.CLIPTextConfig(**{**TEXT, "vocab_size": len(vocab)})
+    text_config = transformers.CLIPTextConfig(**{**TINY_TEXT, "vocab_size": len(vocab)})
     text_encoder = transformers.CLIPTextModel(text_config).eval()
-    scheduler = diffusers.DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
-    )
+    scheduler = diffusers.DDPMScheduler(**SD_SCHEDULER, clip_sample=False, steps_offset=1)
     vae = diffusers.AutoencoderKL(**TINY_VAE).eval()
     if not xl:
-        unet = diffusers.UNet2DConditionModel(**{**unet_config, "cross_attention_dim": TEXT["hidden_size"]})
+        unet = diffusers.UNet2DConditionModel(**{**unet_config, "cross_attention_dim": TINY_TEXT["hidden_size"]})
         return diffusers.StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -50,12 +41,12 @@ def tiny_pipeline(folder: Path, *, xl: bool = False, seed: int = 0) -> diffusers
             requires_safety_checker=False,
         )
     text_config_2 = transformers.CLIPTextConfig(
-        **{**TEXT, "vocab_size": len(vocab), "hidden_size": 16, "hidden_act": "gelu"}
+        **{**TINY_TEXT, "vocab_size": len(vocab), "hidden_size": 16, "hidden_act": "gelu"}
     )
     text_encoder_2 = transformers.CLIPTextModelWithProjection(text_config_2).eval()
     unet_config.update(
-        cross_attention_dim=TEXT["hidden_size"] + 16,
-        projection_class_embeddings_input_dim=6 * unet_config["addition_time_embed_dim"] + TEXT["projection_dim"],
+        cross_attention_dim=TINY_TEXT["hidden_size"] + 16,
+        projection_class_embeddings_input_dim=6 * unet_config["addition_time_embed_dim"] + TINY_TEXT["projection_dim"],
     )
     unet = diffusers.UNet2DConditionModel(**unet_config).eval()
     return diffusers.StableDiffusionXLPipeline(
@@ -77,10 +68,9 @@ def tiny_model_and_data(root: Path, *, count: int = 8, size: tuple[int, int] = (
     """
     from perflow_jax.convert import convert
     from perflow_jax.prepare_data import prepare
-    from tests.test_prepare_data import image
 
     tiny_pipeline(root / "sources").save_pretrained(root / "diffusers")
-    convert(root / "diffusers", root / "model", log=lambda _: None)
+    convert(root / "diffusers", root / "model", log=quiet)
     images = root / "images"
     images.mkdir()
     for i in range(count):
@@ -101,7 +91,6 @@ def tiny_workdir(workdir: Path, model: Path, data_dir: Path, *, steps: tuple[int
     import numpy as np
 
     from perflow_jax import checkpoint, data, pipeline, recipe, step
-    from tests.test_config import load
 
     config = load("tiny")
     config.model.path, config.data.path = str(model), str(data_dir)

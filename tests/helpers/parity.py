@@ -1,4 +1,4 @@
-"""Helpers for comparing a Flax twin with its PyTorch original."""
+"""Helpers for comparing a Flax twin with its PyTorch original, and random PyTorch originals to compare."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def random_module(build, seed: int = 0):
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return module
+
+
+def random_torch_unet(config: dict, seed: int = 0):
+    """A diffusers UNet2DConditionModel of ``config`` (its keyword arguments), made by ``random_module``."""
+    import diffusers
+
+    return random_module(lambda: diffusers.UNet2DConditionModel(**config), seed)
 
 
 def torch_state_dict(module) -> dict[str, np.ndarray]:

@@ -1,0 +1,75 @@
+"""Running code on several simulated CPU devices, or as several processes joined like a multi-host job."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from perflow_jax import sharding
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_with_devices(code: str, devices: int = 8, env: dict | None = None) -> str:
+    """Run ``code`` in a fresh Python with ``devices`` simulated CPU devices; return its stdout."""
+    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, env=environment,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_joined_processes(
+    command: list[str],
+    count: int,
+    *,
+    timeout: float,
+    env: dict | None = None,
+    sigterm_at: tuple[str, int] | None = None,
+) -> list[str]:
+    """Run ``command`` as ``count`` processes joined through the PERFLOW_* variables on a free local port.
+
+    ``sigterm_at`` = (prefix, i): send SIGTERM to process i once process 0 prints a line starting
+    with prefix. Asserts that every process exits 0; returns their standard outputs, process 0's first.
+    """
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                **(env or {}),
+                sharding.COORDINATOR_ENV: f"127.0.0.1:{port}",
+                sharding.NUM_PROCESSES_ENV: str(count),
+                sharding.PROCESS_ID_ENV: str(i),
+            },
+        )  # fmt: skip
+        for i in range(count)
+    ]
+    seen = ""
+    if sigterm_at is not None:
+        prefix, target = sigterm_at
+        for line in processes[0].stdout:
+            seen += line
+            if line.startswith(prefix):
+                processes[target].send_signal(signal.SIGTERM)
+                break
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    return [seen + outputs[0][0]] + [out for out, _ in outputs[1:]]
