@@ -103,3 +103,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's batch -> global arrays placed by `batch_sharding`.
+
+    Every process calls it with its own [batch_size, ...] arrays; the result is
+    [batch_size x process_count, ...], each device holding its consecutive slice, so the global batch
+    must divide by the number of devices in the mesh. Text fields stay on the host: leave them out.
+    """
+    placement = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(placement, value) for name, value in batch.items()}

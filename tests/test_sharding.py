@@ -86,6 +86,34 @@ def test_parameters_and_batches_are_placed_by_the_rule():
     assert lines[2] == str([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0])  # 2 examples per device
 
 
+def test_global_batch_splits_the_batch_over_data_and_fsdp_devices():
+    out = run_with_devices(
+        """
+        import numpy as np
+        from perflow_jax import sharding
+
+        mesh = sharding.make_mesh((4, 2))
+        local = {
+            "mean": np.arange(16 * 2 * 2 * 4, dtype=np.float16).reshape(16, 2, 2, 4),
+            "input_ids": np.arange(16 * 77, dtype=np.int32).reshape(16, 77),
+        }
+        batch = sharding.global_batch(local, mesh)
+        device_position = {d: i for i, d in enumerate(mesh.devices.flat)}  # 'data' major, then 'fsdp'
+        for name, value in batch.items():
+            assert value.shape == local[name].shape and value.dtype == local[name].dtype, name
+            np.testing.assert_array_equal(np.asarray(value), local[name])
+            assert len(value.addressable_shards) == 8
+            for shard in value.addressable_shards:
+                k = 2 * device_position[shard.device]
+                assert shard.index[0] == slice(k, k + 2), (name, shard.index)
+                np.testing.assert_array_equal(np.asarray(shard.data), local[name][k : k + 2])
+        print("ok")
+        """,
+        env={"JAX_PLATFORMS": "cpu"},
+    )
+    assert out.strip() == "ok"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
