@@ -1,7 +1,7 @@
 """Flax twin of diffusers' ``AutoencoderKL`` (the SD1.x / SD2.x / SDXL VAE).
 
 Images ``[B, H, W, 3]`` in [-1, 1] <-> latents ``[B, H/f, W/f, latent_channels]`` with
-f = 2 ** (len(block_out_channels) - 1). ``encode`` returns the posterior's moments (mean and
+f = ``downsampling_factor(config)``. ``encode`` returns the posterior's moments (mean and
 log-variance, clamped to [-30, 20] as diffusers does); training latents are
 ``(mean + exp(logvar / 2) * eps) * scaling_factor``.
 """
@@ -55,6 +55,16 @@ class VAEConfig:
         if "block_out_channels" in values:
             values["block_out_channels"] = tuple(values["block_out_channels"])
         return cls(**values)
+
+
+def downsampling_factor(config: VAEConfig | Mapping[str, Any]) -> int:
+    """f, the VAE's downsampling factor: an H x W image has (H / f) x (W / f) latents (8 for SD's VAE).
+
+    ``config``: a `VAEConfig` (a module's ``.config``) or a ``vae/config.json`` dict. Every
+    encoder block but the last halves the resolution.
+    """
+    blocks = config["block_out_channels"] if isinstance(config, Mapping) else config.block_out_channels
+    return 2 ** (len(blocks) - 1)
 
 
 class UNetMidBlock2D(nn.Module):
@@ -185,6 +195,6 @@ class AutoencoderKL(nn.Module):
 
     def abstract_params(self) -> dict:
         """The parameter tree as jax.ShapeDtypeStruct leaves (no memory, no compute)."""
-        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        factor = downsampling_factor(self.config)
         images = jnp.zeros((1, 8 * factor, 8 * factor, self.config.in_channels))
         return jax.eval_shape(lambda: self.init(jax.random.key(0), images))["params"]
