@@ -56,8 +56,8 @@ def convert(
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
     components = weights.read_model_index(source)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConversionError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    if not overwrite:
+        weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
     if delta is not None:
         schedule.check_parameterization(perflow_parameterization)

@@ -402,9 +402,8 @@ def _check_settings(out: Path, settings: Settings) -> None:
         if changed:
             details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
             raise PrepareError(f"{out} was prepared with other settings ({details}): use another --out to start afresh")
-    elif out.exists() and any(out.iterdir()):
-        raise PrepareError(f"{out} exists, is not empty and is not a prepared data folder: choose another --out")
     else:
+        weights.require_empty(out, PrepareError, "it is not a prepared data folder; choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps(now, indent=2) + "\n")
 

@@ -43,6 +43,7 @@ import transformers
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
+from perflow_jax import weights
 from perflow_jax.demo import digits
 from perflow_jax.demo.tokenizer import write_tiny_clip_tokenizer
 
@@ -214,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # One thread: the same sums in the same order on every machine (and 2 threads on 2 busy cores were slower).
     torch.set_num_threads(1)
-    if args.out.exists() and any(args.out.iterdir()):
-        print(f"error: {args.out} exists and is not empty: choose another --out or remove it", file=sys.stderr)
+    try:
+        weights.require_empty(args.out, ValueError, "choose another --out or remove it")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     losses = train_teacher(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
     print(", ".join(f"{key} {value:.4g}" for key, value in losses.items()) + f" -> {args.out}")
