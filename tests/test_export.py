@@ -66,7 +66,7 @@ def test_float16_export_is_the_cast_of_the_weights(run, tmp_path):
 
 def test_student_weights_and_an_older_step_are_exported_on_request(run, tmp_path):
     workdir, _, _ = run
-    export_to_torch(workdir, tmp_path / "out", step=1, which="student", dtype="float32", log=quiet)
+    export_to_torch(workdir, tmp_path / "out", step=1, weights="student", dtype="float32", log=quiet)
     _, student, _ = checkpoint.trained_unet(workdir, step=1, weights="student")
     loaded = torch_state(tmp_path / "out/unet")
     for key, value in weights.params_to_state_dict(student).items():
@@ -175,7 +175,7 @@ def test_a_plain_stable_diffusion_folder_is_refused(run, tmp_path):
 
 
 def test_step_or_weights_with_a_model_folder_are_refused(run, tmp_path):
-    assert_fails_cleanly(tmp_path / "out", "not a training run's WORKDIR", run[2], which="student")
+    assert_fails_cleanly(tmp_path / "out", "not a training run's WORKDIR", run[2], weights="student")
 
 
 def test_a_base_of_another_architecture_is_refused(run, tmp_path):
