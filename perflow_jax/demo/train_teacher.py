@@ -18,15 +18,15 @@ on the CPU, on the "train" split of ``perflow_jax.demo.digits`` (1198 digits, 32
 The result is a ``StableDiffusionPipeline`` folder (safetensors, DDIM scheduler config) that
 diffusers loads with ``from_pretrained`` and this project with ``perflow_jax.pipeline.load_model``.
 
-The committed folder ``perflow_jax/demo/digits_teacher`` was regenerated with
+The committed folder ``perflow_jax/demo/digits_teacher`` is the output of
 
     python -m perflow_jax.demo.train_teacher --out perflow_jax/demo/digits_teacher --seed 0
 
-(seed 0, the default 800 autoencoder steps at batch 32 and 2500 UNet steps at batch 64, one torch
-thread) in 1048 s (17.5 min; 725 s of CPU time) on 2 CPU cores shared with other jobs. It printed
-    vae_l1 0.01212, vae_kl 1328, scaling_factor 0.64, unet_eps_mse_running 0.05871
-(L1 on pixels in [-1, 1]; KL summed over a latent; the UNet's epsilon MSE as a running mean over the
-last ~100 steps, of the trained weights, not the EMA). A second run gave bitwise the same autoencoder.
+which takes about 17.5 min (725 s of CPU time) on 2 CPU cores, with one torch thread so that the
+sums run in the same order on every machine. Its final losses are
+vae_l1 0.01212, vae_kl 1328, scaling_factor 0.64, unet_eps_mse_running 0.05871 (L1 on pixels in
+[-1, 1]; KL summed over a latent; the UNet's epsilon MSE of the trained, not the EMA, weights as a
+running mean over about the last 100 steps).
 """
 
 from __future__ import annotations
