@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         "--perflow-delta", type=Path, help="PeRFlow delta_weights.safetensors to add to the UNet before saving"
     )
     parser.add_argument(
-        "--perflow-parameterization", default="diff_eps", choices=schedule.PARAMETERIZATIONS,
+        "--perflow-parameterization",
+        default="diff_eps",
+        choices=schedule.PARAMETERIZATIONS,
         help="what the delta's student predicts (default, and the released SD1.5 delta: diff_eps)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--perflow-windows", type=int, default=4, help="the delta's window count K (default and releases: 4)"
     )

@@ -21,9 +21,13 @@ def run_with_devices(code: str, devices: int = 8, env: dict | None = None) -> st
     """Run ``code`` in a fresh Python with ``devices`` simulated CPU devices; return its stdout."""
     environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, env=environment,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=environment,
         timeout=120,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -52,8 +56,11 @@ def test_mesh_fills_minus_one_and_names_the_axes():
         """
     )
     assert out.splitlines() == [
-        "{'data': 8, 'fsdp': 1}", "{'data': 4, 'fsdp': 2}", "{'data': 1, 'fsdp': 8}", "{'data': 2, 'fsdp': 4}",
-    ]  # fmt: skip
+        "{'data': 8, 'fsdp': 1}",
+        "{'data': 4, 'fsdp': 2}",
+        "{'data': 1, 'fsdp': 8}",
+        "{'data': 2, 'fsdp': 4}",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -148,7 +155,7 @@ def run_joined_processes(
                 sharding.NUM_PROCESSES_ENV: str(count),
                 sharding.PROCESS_ID_ENV: str(i),
             },
-        )  # fmt: skip
+        )
         for i in range(count)
     ]
     seen = ""
@@ -175,8 +182,12 @@ def test_two_processes_join_through_the_environment_variables():
         total = jax.jit(lambda x: x.sum())(jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local))
         print(jax.process_count(), jax.device_count(), float(total))
         """
-    outputs = run_joined_processes([sys.executable, "-c", textwrap.dedent(code)], 2, timeout=120,
-                                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # fmt: skip
+    outputs = run_joined_processes(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        2,
+        timeout=120,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
     for out in outputs:
         # 2 processes x 2 devices; the global batch holds process 0's zeros and process 1's ones.
         assert out.strip().splitlines()[-1] == "2 4 2.0"

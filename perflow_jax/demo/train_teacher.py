@@ -180,9 +180,12 @@ def train_teacher(out: Path, *, seed: int = 0, vae_steps: int = 800, unet_steps:
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_tiny_clip_tokenizer(Path(folder))
     text_config = transformers.CLIPTextConfig(
-        **TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        **TEXT,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     text_encoder = transformers.CLIPTextModel(text_config).eval().requires_grad_(False)
     states = prompt_states(tokenizer, text_encoder)
 
