@@ -56,8 +56,8 @@ def convert(
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
     components = weights.read_model_index(source)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConversionError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    if not overwrite:
+        weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
     if delta is not None:
         schedule.check_parameterization(perflow_parameterization)
@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         "--perflow-delta", type=Path, help="PeRFlow delta_weights.safetensors to add to the UNet before saving"
     )
     parser.add_argument(
-        "--perflow-parameterization", default="diff_eps", choices=schedule.PARAMETERIZATIONS,
+        "--perflow-parameterization",
+        default="diff_eps",
+        choices=schedule.PARAMETERIZATIONS,
         help="what the delta's student predicts (default, and the released SD1.5 delta: diff_eps)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--perflow-windows", type=int, default=4, help="the delta's window count K (default and releases: 4)"
     )

@@ -31,7 +31,6 @@ import grain
 import jax
 import numpy as np
 from flax import serialization
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -102,8 +101,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 # The grain input pipeline
 #
 # One host (JAX process) reads its own contiguous 1/process_count of the examples, shuffled within
-# that slice each epoch, and batches them; `global_batch` puts the hosts' batches together into
-# arrays sharded over the mesh.
+# that slice each epoch, and batches them; `perflow_jax.sharding.global_batch` puts the hosts'
+# batches together into arrays sharded over the mesh.
 
 
 TRAINING_FIELDS = ("mean", "logvar", "input_ids", "input_ids_2", "original_size", "crop_top_left")
@@ -138,9 +137,10 @@ def create_iterator(
     Each batch is ``{field: [batch_size, ...] array}`` with the dtypes of the records (mean, logvar:
     [batch_size, h, w, c] float16/float32; input_ids, input_ids_2: [batch_size, 77] int32; text
     fields: [batch_size] str). ``batch_size`` is the per-process batch: the global batch of a step is
-    batch_size x process_count (see `global_batch`). Process p of n reads the examples
-    [p * N // n, (p + 1) * N // n) of the folder's N, so every process sees N // n examples per epoch
-    (the last N % n are never read); ``seed`` reshuffles them each epoch, the same way on every run.
+    batch_size x process_count (see `perflow_jax.sharding.global_batch`). Process p of n reads the
+    examples [p * N // n, (p + 1) * N // n) of the folder's N, so every process sees N // n examples
+    per epoch (the last N % n are never read); ``seed`` reshuffles them each epoch, the same way on
+    every run.
     ``num_epochs=None`` repeats forever (batches run across epoch boundaries); a last partial batch
     is dropped. ``worker_count`` > 0 decodes in that many child processes.
 
@@ -187,16 +187,3 @@ def create_iterator(
         shard_options=shard_options,
     )
     return iter(loader)
-
-
-def global_batch(
-    batch: dict[str, np.ndarray], mesh: Mesh, axes: tuple[str, ...] = ("data", "fsdp")
-) -> dict[str, jax.Array]:
-    """This process's batch -> global arrays whose batch dimension is split over the mesh ``axes``.
-
-    Every process calls it with its own [batch_size, ...] arrays; the result is
-    [batch_size x process_count, ...], each device holding its consecutive slice, so the global batch
-    must divide by the product of the ``axes`` sizes. Text fields stay on the host: leave them out.
-    """
-    sharding = NamedSharding(mesh, PartitionSpec(axes))
-    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in batch.items()}

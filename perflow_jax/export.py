@@ -38,7 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import checkpoint, pipeline, weights
+from perflow_jax import checkpoint, pipeline
+from perflow_jax.weights import (
+    DTYPES,
+    WeightsFileError,
+    params_to_state_dict,
+    read_model_index,
+    replace_folder,
+    require_empty,
+    staging_folder,
+    write_diffusers_unet,
+)
 
 # Where diffusers finds the scheduler class named in model_index.json (the module that defines it).
 SCHEDULER_LIBRARY = "perflow_jax.torch.scheduler"
@@ -54,7 +64,7 @@ def export_to_torch(
     out: str | Path,
     *,
     step: int | None = None,
-    which: str = "ema",
+    weights: str = "ema",
     dtype: str = "float16",
     base: str | Path | None = None,
     overwrite: bool = False,
@@ -62,18 +72,18 @@ def export_to_torch(
 ) -> Path:
     """Write the diffusers export of ``model`` to ``out`` (see the module docstring); returns ``out``."""
     model, out = Path(model), Path(out)
-    if dtype not in weights.DTYPES:
-        raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(weights.DTYPES)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
-    if not checkpoint.is_workdir(model) and (step is not None or which != "ema"):
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    if not overwrite:
+        require_empty(out, ExportError, "choose another --out or pass --overwrite")
+    if not checkpoint.is_workdir(model) and (step is not None or weights != "ema"):
         raise ExportError(
             f"--step and --weights choose a training checkpoint, but {model} is a model folder, not a training "
             "run's WORKDIR (one with checkpoints/)"
         )
-    components = weights.read_model_index(Path(base)) if base else None
+    components = read_model_index(Path(base)) if base else None
     start = time.perf_counter()
-    trained = pipeline.load_trained(model, step=step, weights=which, networks=())
+    trained = pipeline.load_trained(model, step=step, weights=weights, networks=())
     described = trained.description
     if described.perflow is None:
         raise ExportError(
@@ -88,12 +98,12 @@ def export_to_torch(
     teacher = pipeline.load_model(teacher_dir, networks=("unet",)) if teacher_dir else None
     if teacher is not None and _diffusers_config(teacher.configs["unet"]) != unet_config:
         raise ExportError(f"the teacher in {teacher_dir} is not the student's architecture: no delta can be taken")
-    what = f"checkpoint {described.step} ({which} weights)" if described.workdir else "the student"
+    what = f"checkpoint {described.step} ({weights} weights)" if described.workdir else "the student"
     log(f"read {what} of {model} in {time.perf_counter() - start:.1f} s")
 
-    staging = weights.staging_folder(out)
+    staging = staging_folder(out)
     try:
-        weights.write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
+        write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
         log(f"unet/ ({dtype})")
         if teacher is not None:
             _write_delta(student, teacher.params["unet"], staging / DELTA_FILE)
@@ -106,7 +116,7 @@ def export_to_torch(
         if base:
             _write_pipeline(staging, Path(base), components)
             log(f"pipeline parts from {base}: {', '.join(n for n in components if n not in ('unet', 'scheduler'))}")
-        weights.replace_folder(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -133,7 +143,7 @@ def _write_delta(student: Any, teacher: Any, path: Path) -> None:
     """student - teacher, float32, for every UNet key (diffusers' names), as one flat safetensors file."""
     from safetensors.numpy import save_file
 
-    student_state, teacher_state = weights.params_to_state_dict(student), weights.params_to_state_dict(teacher)
+    student_state, teacher_state = params_to_state_dict(student), params_to_state_dict(teacher)
     delta = {
         key: np.asarray(value, np.float32) - np.asarray(teacher_state[key], np.float32)
         for key, value in student_state.items()
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype",
         default="float16",
-        choices=tuple(weights.DTYPES),
+        choices=tuple(DTYPES),
         help="dtype of unet/ (default float16; the delta is float32)",
     )
     parser.add_argument(
@@ -189,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export_to_torch(
-            args.model, args.out, step=args.step, which=args.weights, dtype=args.dtype, base=args.base,
+            args.model,
+            args.out,
+            step=args.step,
+            weights=args.weights,
+            dtype=args.dtype,
+            base=args.base,
             overwrite=args.overwrite,
-        )  # fmt: skip
-    except (ExportError, checkpoint.CheckpointError, weights.WeightsFileError) as error:
+        )
+    except (ExportError, checkpoint.CheckpointError, WeightsFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

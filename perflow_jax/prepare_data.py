@@ -34,7 +34,7 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from perflow_jax import data, pipeline, weights
+from perflow_jax import data, pipeline, sharding, weights
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SKIP_REASONS = ("unreadable", "corrupt", "too_small", "no_caption")
@@ -53,6 +53,19 @@ STATE_FILE = "prepare_settings.json"
 
 class PrepareError(ValueError):
     """The source, the model or the output folder do not allow the preparation."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the shards depend on; saved in ``STATE_FILE``, which a resumed run must match."""
+
+    source: str
+    resolution: int
+    shard_size: int
+    latent_dtype: str
+    min_size: int
+    model_fingerprint: str
+    caption_field: str | None
 
 
 @dataclass
@@ -229,8 +242,14 @@ def load_item(item: Item, resolution: int, min_size: int) -> tuple[dict[str, Any
     if min(image.size) < min_size:
         return None, "too_small"
     pixels, original_size, crop = center_crop(image, resolution)
-    return {"key": item.key, "caption": item.caption.strip(), "pixels": pixels,
-            "original_size": original_size, "crop_top_left": crop}, None  # fmt: skip
+    example = {
+        "key": item.key,
+        "caption": item.caption.strip(),
+        "pixels": pixels,
+        "original_size": original_size,
+        "crop_top_left": crop,
+    }
+    return example, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,17 +270,15 @@ class Encoder:
         self.model = model
         self.vae_config, params = model.configs["vae"], model.params["vae"]
         self.vae = model.module("vae")
-        self.downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.downsampling_factor = self.vae.config.downsampling_factor
         self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
         self.tokenizers = model.tokenizers
-        devices = jax.local_devices()
-        self.batch_size = -(-batch_size // len(devices)) * len(devices)
-        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        mesh = sharding.make_mesh((-1, 1), jax.local_devices())
+        self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self._encode = jax.jit(
             lambda p, x: self.vae.apply({"params": p}, x, method="encode"),
-            in_shardings=(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), batch_sharding),
-            out_shardings=batch_sharding,
+            in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+            out_shardings=sharding.batch_sharding(mesh),
         )
         self.fingerprint = _fingerprint(self.vae_config, params, model_dir)
 
@@ -283,8 +300,8 @@ class Encoder:
 
 def _fingerprint(vae_config: dict, params: Any, model_dir: Path) -> str:
     """sha256 over the VAE config and weights and the tokenizer files: prepared data belongs to one model."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in vae_config.items() if not k.startswith("_")},
-                                       sort_keys=True).encode())  # fmt: skip
+    config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for key, value in sorted(weights.flatten(params).items()):
         digest.update(key.encode())
         digest.update(np.ascontiguousarray(np.asarray(value, np.float32)).tobytes())
@@ -326,14 +343,20 @@ def prepare(
         raise PrepareError(f"--latent-dtype {latent_dtype!r}: use float16 or float32")
     min_size = resolution // 2 if min_size is None else min_size
     encoder = Encoder(model, batch_size)
-    if resolution % encoder.downsampling:
+    if resolution % encoder.downsampling_factor:
         raise PrepareError(
-            f"--resolution {resolution} is not a multiple of {encoder.downsampling}, the VAE's downsampling factor"
+            f"--resolution {resolution} is not a multiple of {encoder.downsampling_factor}, "
+            "the VAE's downsampling factor"
         )
-    settings = {
-        "source": source, "resolution": resolution, "shard_size": shard_size, "latent_dtype": latent_dtype,
-        "min_size": min_size, "model_fingerprint": encoder.fingerprint, "caption_field": caption_field,
-    }  # fmt: skip
+    settings = Settings(
+        source=source,
+        resolution=resolution,
+        shard_size=shard_size,
+        latent_dtype=latent_dtype,
+        min_size=min_size,
+        model_fingerprint=encoder.fingerprint,
+        caption_field=caption_field,
+    )
     _check_settings(out, settings)
     for partial in out.glob("*.partial"):
         partial.unlink()
@@ -352,12 +375,12 @@ def prepare(
         if max_items is not None and num_items > max_items:
             bar.close()
             return None
-        stats = _write_shard(out, shard, chunk, encoder, resolution, min_size, latent_dtype)
+        stats = _write_shard(out, shard, chunk, encoder, settings)
         skipped.update(stats["skipped"])
         written += stats["count"]
         bar.set_postfix(written=written, skipped=sum(skipped.values()))
     bar.close()
-    manifest = _finish(out, settings, num_items, shard_size, encoder)
+    manifest = _finish(out, settings, num_items, encoder)
     elapsed = time.perf_counter() - start
     if manifest is not None:
         skips = ", ".join(f"{n} {reason}" for reason, n in manifest["skipped"].items() if n) or "none"
@@ -368,19 +391,20 @@ def prepare(
     return manifest
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+def _check_settings(out: Path, settings: Settings) -> None:
+    """Start ``out`` (its ``STATE_FILE``), or check that an ``out`` already started has the same settings."""
+    now = asdict(settings)
     state = out / STATE_FILE
     if state.is_file():
         before = json.loads(state.read_text())
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
         if changed:
             details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
             raise PrepareError(f"{out} was prepared with other settings ({details}): use another --out to start afresh")
-    elif out.exists() and any(out.iterdir()):
-        raise PrepareError(f"{out} exists, is not empty and is not a prepared data folder: choose another --out")
     else:
+        weights.require_empty(out, PrepareError, "it is not a prepared data folder; choose another --out")
         out.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps(settings, indent=2) + "\n")
+        state.write_text(json.dumps(now, indent=2) + "\n")
 
 
 def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -402,11 +426,11 @@ def _sidecar(out: Path, shard: int) -> Path:
     return out / f"shard-{shard:05d}.json"
 
 
-def _write_shard(out, shard, chunk, encoder, resolution, min_size, latent_dtype) -> dict[str, Any]:
+def _write_shard(out: Path, shard: int, chunk: list[Item], encoder: Encoder, settings: Settings) -> dict[str, Any]:
     """Encode one shard's items and write the shard, then its sidecar (the mark of a finished shard)."""
     examples, skipped = [], Counter()
     for item in chunk:
-        example, reason = load_item(item, resolution, min_size)
+        example, reason = load_item(item, settings.resolution, settings.min_size)
         if reason:
             skipped[reason] += 1
         else:
@@ -416,35 +440,40 @@ def _write_shard(out, shard, chunk, encoder, resolution, min_size, latent_dtype)
         mean, logvar = encoder.moments(np.stack([e.pop("pixels") for e in examples]))
         ids = encoder.token_ids([e["caption"] for e in examples])
         for i, example in enumerate(examples):
-            example.update(mean=mean[i].astype(latent_dtype), logvar=logvar[i].astype(latent_dtype))
+            example.update(mean=mean[i].astype(settings.latent_dtype), logvar=logvar[i].astype(settings.latent_dtype))
             example.update({field: values[i] for field, values in ids.items()})
-            example.update(original_size=np.asarray(example["original_size"], np.int32),
-                           crop_top_left=np.asarray(example["crop_top_left"], np.int32))  # fmt: skip
+            for field in ("original_size", "crop_top_left"):
+                example[field] = np.asarray(example[field], np.int32)
             records.append(data.encode_record(example))
     partial = _shard_file(out, shard).with_name(_shard_file(out, shard).name + ".partial")
     data.write_shard(partial, records)
     partial.replace(_shard_file(out, shard))
-    stats = {"file": _shard_file(out, shard).name, "count": len(records), "input_items": len(chunk),
-             "skipped": {reason: skipped[reason] for reason in SKIP_REASONS}}  # fmt: skip
+    stats = {
+        "file": _shard_file(out, shard).name,
+        "count": len(records),
+        "input_items": len(chunk),
+        "skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
+    }
     sidecar = _sidecar(out, shard)
     sidecar.with_suffix(".json.partial").write_text(json.dumps(stats) + "\n")
     sidecar.with_suffix(".json.partial").replace(sidecar)
     return stats
 
 
-def _finish(out: Path, settings: dict[str, Any], num_items: int, shard_size: int, encoder: Encoder):
+def _finish(out: Path, settings: Settings, num_items: int, encoder: Encoder) -> dict[str, Any] | None:
     """Write manifest.json once every shard of every process is finished; else None."""
-    num_shards = -(-num_items // shard_size)
+    num_shards = -(-num_items // settings.shard_size)
     sidecars = [_sidecar(out, shard) for shard in range(num_shards)]
     if not all(s.is_file() for s in sidecars):
         return None
     shards = [json.loads(s.read_text()) for s in sidecars]
+    latent_size = settings.resolution // encoder.downsampling_factor
     manifest = {
-        **settings,
+        **asdict(settings),
         "count": sum(s["count"] for s in shards),
         "input_items": num_items,
         "skipped": {reason: sum(s["skipped"][reason] for s in shards) for reason in SKIP_REASONS},
-        "latent_shape": [settings["resolution"] // encoder.downsampling] * 2 + [encoder.vae.config.latent_channels],
+        "latent_shape": [latent_size, latent_size, encoder.vae.config.latent_channels],
         "scaling_factor": encoder.vae.config.scaling_factor,
         "tokenizers": sorted(encoder.tokenizers),
         "shards": [{"file": s["file"], "count": s["count"]} for s in shards if s["count"]],
@@ -467,19 +496,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000, help="input items per shard (default 1000)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
     parser.add_argument(
-        "--latent-dtype", default="float16", choices=("float16", "float32"),
+        "--latent-dtype",
+        default="float16",
+        choices=("float16", "float32"),
         help="dtype of the stored VAE latent moments (default float16)",
-    )  # fmt: skip
+    )
     parser.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default resolution/2)")
     parser.add_argument("--tfds-data-dir", help="data_dir of a tfds: source")
     parser.add_argument("--caption-field", help="caption feature of a tfds: source (default caption or text)")
     args = parser.parse_args(argv)
     try:
         manifest = prepare(
-            args.model, args.input, args.out, resolution=args.resolution, shard_size=args.shard_size,
-            batch_size=args.batch_size, latent_dtype=args.latent_dtype, min_size=args.min_size,
-            tfds_data_dir=args.tfds_data_dir, caption_field=args.caption_field,
-        )  # fmt: skip
+            args.model,
+            args.input,
+            args.out,
+            resolution=args.resolution,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            latent_dtype=args.latent_dtype,
+            min_size=args.min_size,
+            tfds_data_dir=args.tfds_data_dir,
+            caption_field=args.caption_field,
+        )
     except (PrepareError, weights.WeightsFileError, weights.WeightsMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -108,3 +108,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def place(tree: Any, placement: jax.sharding.Sharding) -> Any:
     """Host arrays (the same on every process) as global arrays placed by ``placement``."""
     return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), placement, lambda index: x[index]), tree)
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's batch -> global arrays placed by `batch_sharding`.
+
+    Every process calls it with its own [batch_size, ...] arrays; the result is
+    [batch_size x process_count, ...], each device holding its consecutive slice, so the global batch
+    must divide by the number of devices in the mesh. Text fields stay on the host: leave them out.
+    """
+    placement = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(placement, value) for name, value in batch.items()}

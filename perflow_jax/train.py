@@ -373,7 +373,7 @@ def _steps(config, workdir, state, iterator, train_step, frozen, mesh, checkpoin
         if first_step == 0:
             sampler.teacher()
         for step_number in range(first_step, total):
-            batch = data.global_batch(next(iterator), mesh)
+            batch = sharding.global_batch(next(iterator), mesh)
             rng = jax.random.fold_in(base_key, step_number)
             if compiled is None:
                 start = time.perf_counter()

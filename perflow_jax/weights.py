@@ -471,6 +471,16 @@ def write_diffusers_unet(params: Any, config: Mapping[str, Any], out: Path, dtyp
     return out
 
 
+def require_empty(out: Path, error: type[Exception], fix: str) -> None:
+    """Raise ``error`` if ``out`` is a file or a folder with something in it: commands write only new folders.
+
+    ``fix`` ends the message with what the user can do, e.g. "choose another --out or pass --overwrite".
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise error(f"{out} exists and is not empty: {fix}")
+
+
 def staging_folder(out: Path) -> Path:
     """A new, empty hidden folder beside ``out`` to write into before ``replace_folder``."""
     staging = Path(out).parent / f".{Path(out).name}.writing-{os.getpid()}"

@@ -134,15 +134,20 @@ def test_with_a_delta_the_folder_is_a_perflow_student_for_the_sampler(sd, tmp_pa
     source, pipe = sd
     delta = {k: torch.zeros(v.shape) for k, v in pipe.unet.state_dict().items()}
     save_file(delta, tmp_path / "delta_weights.safetensors")
-    convert(source, tmp_path / "out", perflow_delta=tmp_path / "delta_weights.safetensors",
-            perflow_parameterization="ddim_eps", perflow_windows=3, log=quiet)  # fmt: skip
+    convert(
+        source,
+        tmp_path / "out",
+        perflow_delta=tmp_path / "delta_weights.safetensors",
+        perflow_parameterization="ddim_eps",
+        perflow_windows=3,
+        log=quiet,
+    )
     trained = load_trained(tmp_path / "out", networks=())
     assert trained.description.perflow == ("ddim_eps", 3)
     config = json.loads((tmp_path / "out/scheduler/scheduler_config.json").read_text())
     teacher = json.loads((source / "scheduler/scheduler_config.json").read_text())
-    assert (config["beta_start"], config["beta_end"], config["beta_schedule"]) == (
-        teacher["beta_start"], teacher["beta_end"], teacher["beta_schedule"],
-    )  # fmt: skip
+    betas = ("beta_start", "beta_end", "beta_schedule")
+    assert [config[k] for k in betas] == [teacher[k] for k in betas]
     without = convert(source, tmp_path / "plain", log=quiet)
     assert without["components"]["scheduler"] == teacher["_class_name"]
     assert load_trained(tmp_path / "plain", networks=()).parameterization is None

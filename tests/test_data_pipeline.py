@@ -1,9 +1,5 @@
-"""The grain input pipeline over prepared ArrayRecord shards: order, resumption, per-process slices, global arrays."""
+"""The grain input pipeline over prepared ArrayRecord shards: order, resumption, per-process slices."""
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -117,35 +113,6 @@ def test_two_processes_read_disjoint_halves_in_equal_numbers_of_batches(folder):
     assert len(per_process[0]) == len(per_process[1]) == N // 2 // 5
     first, second = (set(np.concatenate(batches)) for batches in per_process)
     assert first.isdisjoint(second) and first | second == set(range(N))
-
-
-def test_global_batch_splits_the_batch_over_data_and_fsdp_devices():
-    script = textwrap.dedent(
-        """
-        import jax
-        import numpy as np
-        from perflow_jax import data
-
-        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
-        local = {"mean": np.arange(16 * 2 * 2 * 4, dtype=np.float16).reshape(16, 2, 2, 4),
-                 "input_ids": np.arange(16 * 77, dtype=np.int32).reshape(16, 77)}
-        batch = data.global_batch(local, mesh)
-        device_position = {d: i for i, d in enumerate(mesh.devices.flat)}  # 'data' major, then 'fsdp'
-        for name, value in batch.items():
-            assert value.shape == local[name].shape and value.dtype == local[name].dtype, name
-            np.testing.assert_array_equal(np.asarray(value), local[name])
-            assert len(value.addressable_shards) == 8
-            for shard in value.addressable_shards:
-                k = 2 * device_position[shard.device]
-                assert shard.index[0] == slice(k, k + 2), (name, shard.index)
-                np.testing.assert_array_equal(np.asarray(shard.data), local[name][k : k + 2])
-        print("ok")
-        """
-    )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
 
 
 # ---- errors: each names the problem and what to do -------------------------------------------

@@ -62,7 +62,7 @@ def test_float16_export_is_the_cast_of_the_weights(run, tmp_path):
 
 def test_student_weights_and_an_older_step_are_exported_on_request(run, tmp_path):
     workdir, _, _ = run
-    export_to_torch(workdir, tmp_path / "out", step=1, which="student", dtype="float32", log=quiet)
+    export_to_torch(workdir, tmp_path / "out", step=1, weights="student", dtype="float32", log=quiet)
     _, student, _ = checkpoint.trained_unet(workdir, step=1, weights="student")
     loaded = torch_state(tmp_path / "out/unet")
     for key, value in weights.params_to_state_dict(student).items():
@@ -171,7 +171,7 @@ def test_a_plain_stable_diffusion_folder_is_refused(run, tmp_path):
 
 
 def test_step_or_weights_with_a_model_folder_are_refused(run, tmp_path):
-    assert_fails_cleanly(tmp_path / "out", "not a training run's WORKDIR", run[2], which="student")
+    assert_fails_cleanly(tmp_path / "out", "not a training run's WORKDIR", run[2], weights="student")
 
 
 def test_a_base_of_another_architecture_is_refused(run, tmp_path):
@@ -215,8 +215,9 @@ def test_diffusers_pipeline_with_the_export_reaches_the_jax_samplers_latents(run
     unet = trained.model.module("unet")
     apply = pipeline.unet_apply(unet, trained.model.params["unet"])
     ab = trained.model.alphas_cumprod()
-    tokens = pipe.tokenizer(["a photo number 3", "a red car", ""], padding="max_length", max_length=77,
-                            return_tensors="pt").input_ids  # fmt: skip
+    tokens = pipe.tokenizer(
+        ["a photo number 3", "a red car", ""], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         embeddings = pipe.text_encoder(tokens)[0]
     prompts, negative = embeddings[:2], embeddings[2:].expand(2, -1, -1)
@@ -225,15 +226,26 @@ def test_diffusers_pipeline_with_the_export_reaches_the_jax_samplers_latents(run
         for guidance in (1.0, 4.5):
             with torch.no_grad():
                 expected = pipe(
-                    prompt_embeds=prompts, negative_prompt_embeds=negative, latents=noise.clone(), height=32, width=32,
-                    num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent",
-                ).images.numpy()  # fmt: skip
+                    prompt_embeds=prompts,
+                    negative_prompt_embeds=negative,
+                    latents=noise.clone(),
+                    height=32,
+                    width=32,
+                    num_inference_steps=num_steps,
+                    guidance_scale=guidance,
+                    output_type="latent",
+                ).images.numpy()
             latents = sampler.sample(
-                apply, jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)),
+                apply,
+                jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)),
                 {"encoder_hidden_states": jnp.asarray(prompts.numpy())},
-                {"encoder_hidden_states": jnp.asarray(negative.numpy())}, ab, num_steps=num_steps,
-                num_windows=num_windows, parameterization=parameterization, guidance=guidance,
-            )  # fmt: skip
+                {"encoder_hidden_states": jnp.asarray(negative.numpy())},
+                ab,
+                num_steps=num_steps,
+                num_windows=num_windows,
+                parameterization=parameterization,
+                guidance=guidance,
+            )
             got = np.asarray(latents).transpose(0, 3, 1, 2)
             error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
             print(f"{parameterization} N={num_steps} w={guidance}: relative error {error:.2e}")
@@ -256,28 +268,47 @@ def test_sdxl_export_with_base_samples_in_diffusers_as_in_jax(tmp_path):
     apply = pipeline.unet_apply(trained.model.module("unet"), trained.model.params["unet"])
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=["a photo number 3", "a red car"], device="cpu", num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=["", ""],
-        )  # fmt: skip
+            prompt=["a photo number 3", "a red car"],
+            device="cpu",
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=["", ""],
+        )
     time_ids = jnp.asarray([[32, 32, 0, 0, 32, 32]] * 2, jnp.float32)  # original size, crop, target size
 
     def cond(states, pooled_states):
-        return {"encoder_hidden_states": jnp.asarray(states.numpy()), "text_embeds": jnp.asarray(pooled_states.numpy()),
-                "time_ids": time_ids}  # fmt: skip
+        return {
+            "encoder_hidden_states": jnp.asarray(states.numpy()),
+            "text_embeds": jnp.asarray(pooled_states.numpy()),
+            "time_ids": time_ids,
+        }
 
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     for guidance in (1.0, 2.0):
         with torch.no_grad():
             expected = pipe(
-                prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=negative_pooled, latents=noise.clone(), height=32, width=32,
-                num_inference_steps=4, guidance_scale=guidance, output_type="latent",
-            ).images.numpy()  # fmt: skip
+                prompt_embeds=embeds,
+                negative_prompt_embeds=negative,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                latents=noise.clone(),
+                height=32,
+                width=32,
+                num_inference_steps=4,
+                guidance_scale=guidance,
+                output_type="latent",
+            ).images.numpy()
         latents = sampler.sample(
-            apply, jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)), cond(embeds, pooled),
-            cond(negative, negative_pooled), trained.model.alphas_cumprod(), num_steps=4,
-            num_windows=num_windows, parameterization=parameterization, guidance=guidance,
-        )  # fmt: skip
+            apply,
+            jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)),
+            cond(embeds, pooled),
+            cond(negative, negative_pooled),
+            trained.model.alphas_cumprod(),
+            num_steps=4,
+            num_windows=num_windows,
+            parameterization=parameterization,
+            guidance=guidance,
+        )
         error = relative_error(np.asarray(latents).transpose(0, 3, 1, 2), expected)
         print(f"SDXL ddim_eps N=4 w={guidance}: relative error {error:.2e}")
         assert error < 1e-5, (guidance, error)

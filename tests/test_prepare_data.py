@@ -154,9 +154,13 @@ def test_tfds_source(model, tmp_path):
 
     TinyCaptions(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
     manifest = prepare(
-        model, "tfds:tiny_captions:train", tmp_path / "out", resolution=RESOLUTION,
-        tfds_data_dir=str(tmp_path / "tfds"), progress=False,
-    )  # fmt: skip
+        model,
+        "tfds:tiny_captions:train",
+        tmp_path / "out",
+        resolution=RESOLUTION,
+        tfds_data_dir=str(tmp_path / "tfds"),
+        progress=False,
+    )
     assert manifest["count"] == 5
     captions = sorted(example["caption"] for example in read_examples(tmp_path / "out").values())
     assert captions == [f"tfds caption {i}" for i in range(5)]
@@ -191,22 +195,21 @@ def test_resume_with_other_settings_is_refused(model, image_folder, tmp_path):
 def test_two_processes_prepare_disjoint_shards_and_one_manifest(model, image_folder, tmp_path):
     single = prepare(model, str(image_folder), tmp_path / "single", resolution=RESOLUTION, shard_size=3, progress=False)
     out = tmp_path / "pod"
-    first = prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3,
-                    process_index=0, process_count=2, progress=False)  # fmt: skip
+    pod = dict(resolution=RESOLUTION, shard_size=3, process_count=2, progress=False)
+    first = prepare(model, str(image_folder), out, process_index=0, **pod)
     assert first is None  # process 1's shards are missing
     assert sorted(p.name for p in out.glob("shard-*.json")) == [
         "shard-00000.json",
         "shard-00002.json",
         "shard-00004.json",
     ]
-    second = prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3,
-                     process_index=1, process_count=2, progress=False)  # fmt: skip
+    second = prepare(model, str(image_folder), out, process_index=1, **pod)
     assert second["count"] == single["count"] and shard_bytes(out) == shard_bytes(tmp_path / "single")
 
 
 def test_cli_prints_a_summary_and_errors_exit_2(model, image_folder, tmp_path):
-    command = [sys.executable, "-m", "perflow_jax.prepare_data", "--model", str(model), "--input", str(image_folder),
-               "--out", str(tmp_path / "out"), "--resolution", str(RESOLUTION)]  # fmt: skip
+    command = [sys.executable, "-m", "perflow_jax.prepare_data", "--model", str(model), "--input", str(image_folder)]
+    command += ["--out", str(tmp_path / "out"), "--resolution", str(RESOLUTION)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "prepared 9 examples from 13 items" in result.stdout

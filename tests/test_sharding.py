@@ -35,8 +35,11 @@ def test_mesh_fills_minus_one_and_names_the_axes():
         """
     )
     assert out.splitlines() == [
-        "{'data': 8, 'fsdp': 1}", "{'data': 4, 'fsdp': 2}", "{'data': 1, 'fsdp': 8}", "{'data': 2, 'fsdp': 4}",
-    ]  # fmt: skip
+        "{'data': 8, 'fsdp': 1}",
+        "{'data': 4, 'fsdp': 2}",
+        "{'data': 1, 'fsdp': 8}",
+        "{'data': 2, 'fsdp': 4}",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -69,6 +72,34 @@ def test_parameters_and_batches_are_placed_by_the_rule():
     assert lines[2] == str([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0])  # 2 examples per device
 
 
+def test_global_batch_splits_the_batch_over_data_and_fsdp_devices():
+    out = run_with_devices(
+        """
+        import numpy as np
+        from perflow_jax import sharding
+
+        mesh = sharding.make_mesh((4, 2))
+        local = {
+            "mean": np.arange(16 * 2 * 2 * 4, dtype=np.float16).reshape(16, 2, 2, 4),
+            "input_ids": np.arange(16 * 77, dtype=np.int32).reshape(16, 77),
+        }
+        batch = sharding.global_batch(local, mesh)
+        device_position = {d: i for i, d in enumerate(mesh.devices.flat)}  # 'data' major, then 'fsdp'
+        for name, value in batch.items():
+            assert value.shape == local[name].shape and value.dtype == local[name].dtype, name
+            np.testing.assert_array_equal(np.asarray(value), local[name])
+            assert len(value.addressable_shards) == 8
+            for shard in value.addressable_shards:
+                k = 2 * device_position[shard.device]
+                assert shard.index[0] == slice(k, k + 2), (name, shard.index)
+                np.testing.assert_array_equal(np.asarray(shard.data), local[name][k : k + 2])
+        print("ok")
+        """,
+        env={"JAX_PLATFORMS": "cpu"},
+    )
+    assert out.strip() == "ok"
+
+
 def test_two_processes_join_through_the_environment_variables():
     code = """
         import jax, numpy as np
@@ -79,8 +110,12 @@ def test_two_processes_join_through_the_environment_variables():
         total = jax.jit(lambda x: x.sum())(jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local))
         print(jax.process_count(), jax.device_count(), float(total))
         """
-    outputs = run_joined_processes([sys.executable, "-c", textwrap.dedent(code)], 2, timeout=120,
-                                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # fmt: skip
+    outputs = run_joined_processes(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        2,
+        timeout=120,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
     for out in outputs:
         # 2 processes x 2 devices; the global batch holds process 0's zeros and process 1's ones.
         assert out.strip().splitlines()[-1] == "2 4 2.0"

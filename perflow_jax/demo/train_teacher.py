@@ -18,15 +18,15 @@ on the CPU, on the "train" split of ``perflow_jax.demo.digits`` (1198 digits, 32
 The result is a ``StableDiffusionPipeline`` folder (safetensors, DDIM scheduler config) that
 diffusers loads with ``from_pretrained`` and this project with ``perflow_jax.pipeline.load_model``.
 
-The committed folder ``perflow_jax/demo/digits_teacher`` was regenerated with
+The committed folder ``perflow_jax/demo/digits_teacher`` is the output of
 
     python -m perflow_jax.demo.train_teacher --out perflow_jax/demo/digits_teacher --seed 0
 
-(seed 0, the default 800 autoencoder steps at batch 32 and 2500 UNet steps at batch 64, one torch
-thread) in 1048 s (17.5 min; 725 s of CPU time) on 2 CPU cores shared with other jobs. It printed
-    vae_l1 0.01212, vae_kl 1328, scaling_factor 0.64, unet_eps_mse_running 0.05871
-(L1 on pixels in [-1, 1]; KL summed over a latent; the UNet's epsilon MSE as a running mean over the
-last ~100 steps, of the trained weights, not the EMA). A second run gave bitwise the same autoencoder.
+which takes about 17.5 min (725 s of CPU time) on 2 CPU cores, with one torch thread so that the
+sums run in the same order on every machine. Its final losses are
+vae_l1 0.01212, vae_kl 1328, scaling_factor 0.64, unet_eps_mse_running 0.05871 (L1 on pixels in
+[-1, 1]; KL summed over a latent; the UNet's epsilon MSE of the trained, not the EMA, weights as a
+running mean over about the last 100 steps).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import transformers
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
+from perflow_jax import weights
 from perflow_jax.demo import digits
 from perflow_jax.demo.tokenizer import write_tiny_clip_tokenizer
 
@@ -179,9 +180,12 @@ def train_teacher(out: Path, *, seed: int = 0, vae_steps: int = 800, unet_steps:
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_tiny_clip_tokenizer(Path(folder))
     text_config = transformers.CLIPTextConfig(
-        **TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        **TEXT,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     text_encoder = transformers.CLIPTextModel(text_config).eval().requires_grad_(False)
     states = prompt_states(tokenizer, text_encoder)
 
@@ -214,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # One thread: the same sums in the same order on every machine (and 2 threads on 2 busy cores were slower).
     torch.set_num_threads(1)
-    if args.out.exists() and any(args.out.iterdir()):
-        print(f"error: {args.out} exists and is not empty: choose another --out or remove it", file=sys.stderr)
+    try:
+        weights.require_empty(args.out, ValueError, "choose another --out or remove it")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     losses = train_teacher(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
     print(", ".join(f"{key} {value:.4g}" for key, value in losses.items()) + f" -> {args.out}")

@@ -1,7 +1,7 @@
 """Flax twin of diffusers' ``AutoencoderKL`` (the SD1.x / SD2.x / SDXL VAE).
 
 Images ``[B, H, W, 3]`` in [-1, 1] <-> latents ``[B, H/f, W/f, latent_channels]`` with
-f = 2 ** (len(block_out_channels) - 1). ``encode`` returns the posterior's moments (mean and
+f = ``downsampling_factor(config)``. ``encode`` returns the posterior's moments (mean and
 log-variance, clamped to [-30, 20] as diffusers does); training latents are
 ``(mean + exp(logvar / 2) * eps) * scaling_factor``.
 """
