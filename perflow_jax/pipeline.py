@@ -10,6 +10,7 @@ training run's grids and the benchmarks call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -380,6 +381,13 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
     Returns images [N, f h, f w, 3] float32 in [0, 1] (f the VAE's downsampling factor) and the
     final latents [N, h, w, c] float32 before the VAE decode (scaled by its scaling_factor).
     """
+    if settings.method == "perflow":
+        solve = functools.partial(
+            sampler.sample, num_windows=settings.num_windows, parameterization=settings.parameterization
+        )
+    else:
+        solve = functools.partial(solver.ddim_sample, prediction_type=settings.prediction_type)
+    steps = {"num_steps": settings.num_steps, "guidance": settings.guidance}
 
     def generate(params, ids, null_ids, noise):
         n = noise.shape[0]
@@ -391,29 +399,7 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
         null_cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(1), **null_ids})
         null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), null_cond)
         apply = unet_apply(pipe.unet, params["unet"])
-        if settings.method == "perflow":
-            z = sampler.sample(
-                apply,
-                noise,
-                cond,
-                null_cond,
-                pipe.alphas_cumprod,
-                num_steps=settings.num_steps,
-                num_windows=settings.num_windows,
-                parameterization=settings.parameterization,
-                guidance=settings.guidance,
-            )
-        else:
-            z = solver.ddim_sample(
-                apply,
-                noise,
-                cond,
-                null_cond,
-                pipe.alphas_cumprod,
-                num_steps=settings.num_steps,
-                prediction_type=settings.prediction_type,
-                guidance=settings.guidance,
-            )
+        z = solve(apply, noise, cond, null_cond, pipe.alphas_cumprod, **steps)
         decoded = pipe.vae.apply({"params": params["vae"]}, z / pipe.vae.config.scaling_factor, method="decode")
         return jnp.clip((decoded.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0), z
 
