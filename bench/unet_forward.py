@@ -1,18 +1,10 @@
 """SD1.5 UNet forward pass: this project's Flax UNet, per attention backend, against diffusers in PyTorch.
 
-Both sides run the same random weights: diffusers' own initialisation under torch.manual_seed(0),
-converted with ``weights.state_dict_to_params``. The JAX side stores them in bfloat16 and computes
-in bfloat16 (the frozen teacher's setting); PyTorch runs eager in bfloat16 with its default
-attention processor (SDPA). Correctness is checked first, on the same device:
-
-1. float32 parity, JAX against PyTorch at batch 2, TF32 off on both sides;
-2. each JAX backend's bfloat16 output against the JAX float32 output at the benchmark batch.
-
-Then each implementation is compiled (JAX), warmed up and timed call by call. A markdown table
-goes to stdout, everything to ``$OUT/unet_forward.json`` (the current folder when OUT is unset),
-rewritten after every stage. The exit status is 1 when a correctness check failed or could not
-be made, once the results are written; a backend that raises (cuDNN refusing a shape, say) is
-recorded and the others still run.
+The same random weights on both sides (diffusers' initialisation, converted); correctness first
+(float32 parity with PyTorch, each backend's bfloat16 output against JAX float32), then compile
+time and call times; bench/README.md says what is measured. A markdown table goes to stdout,
+everything to ``$OUT/unet_forward.json``, rewritten after every stage; exit status 1 when a
+correctness check failed or could not be made (a backend that raises is recorded, the others run).
 
     python3 bench/unet_forward.py            # SD1.5, batch 16, 64x64 latents (512 px), on a GPU
     python3 bench/unet_forward.py --tiny     # a tiny UNet at small sizes: seconds on a CPU
