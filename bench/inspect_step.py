@@ -1,26 +1,11 @@
 """What the compiled PeRFlow training step does, read on a CPU without running it: FLOPs, memory, dtypes.
 
-The step of ``bench/train_step.py`` (SD1.5: K=4, S=8, cfg_sync, diff_eps; bfloat16 compute,
-float32 master weights; XLA attention, as on a CPU) is lowered from abstract arguments (no
-weights, no device memory) and, with ``--compile``, compiled for the CPU. Reported:
-
-- FLOPs: XLA's cost analysis of the lowered step (its loops counted once each) and with what that
-  leaves out added (``perflow_jax.flops.train_step_flops``, as ``train`` reports MFU), of the
-  compiled step, and a count of this module's own (every dot and convolution, each loop body times
-  its trips), against the analytic 11 x 803 GFLOP per sample at 512 px.
-- Memory (``--compile``): XLA's buffer assignment for the CPU (arguments, outputs, aliased,
-  temporaries). A GPU's differs in detail, not in kind.
-- Precision of the hot path, from the HLO before optimisation (what the program asks for,
-  whatever the backend): every dot and convolution by operand and result dtype, with FLOPs;
-  every dtype conversion by direction and source line (elements per step); the bfloat16 ->
-  float32 -> bfloat16 round trips (a conversion back whose operand chain of element-wise ops
-  starts at a conversion up); the normalisation statistics (reductions) per source line.
-- Fusion after optimisation (``--compile``; the CPU's pipeline, whose fusion choices differ from
-  a GPU's): reductions per fusion, and conversions left outside fusions (materialised).
-
-Source lines name the innermost frame and the first frame in this package (perflow_jax/...).
-A report goes to stdout, everything to ``$OUT/inspect_step.json`` (the current folder when OUT
-is unset).
+The step that bench/train_step.py times (``train_step_jax.JaxStep``, XLA attention) is lowered from
+abstract arguments and, with ``--compile``, compiled for the CPU. Reported: FLOPs (XLA's cost
+analyses and a count of every dot and convolution, loop bodies times their trips), XLA's memory
+analysis, the hot path's dtypes (dots, conversions, bfloat16 round trips, normalisation reductions,
+by source line) and the CPU's fusions; bench/README.md says how each is read. A report goes to
+stdout, everything to ``$OUT/inspect_step.json``.
 
     python3 bench/inspect_step.py                      # SD1.5 at 512 px, batch 16, lowered only
     python3 bench/inspect_step.py --compile            # also compile for the CPU (minutes)
@@ -35,8 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
-import json
 import math
 import os
 import platform
@@ -52,14 +35,15 @@ import jax
 import jaxlib
 from jaxlib import _hlo
 
-from bench.train_step import SD15, SDXL, STUDENT_PASSES, JaxStep, memory_analysis
+from bench.common import memory_analysis, now, out_dir, write_json
+from bench.train_step_jax import JaxStep, StepOptions
+from bench.train_step_spec import SD15, SDXL, STUDENT_PASSES
 from perflow_jax.flops import cost_flops, train_step_flops
 
-ELEMENTWISE = {
-    "add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "exponential", "log", "rsqrt", "sqrt",
-    "tanh", "logistic", "abs", "power", "select", "clamp", "erf", "sine", "cosine", "exponential-minus-one",
-    "log-plus-one", "reshape", "bitcast", "transpose", "copy", "convert", "broadcast",
-}  # fmt: skip
+ELEMENTWISE = set(
+    "add subtract multiply divide maximum minimum negate exponential log rsqrt sqrt tanh logistic abs power select "
+    "clamp erf sine cosine exponential-minus-one log-plus-one reshape bitcast transpose copy convert broadcast".split()
+)
 FLOATS = ("f64", "f32", "bf16", "f16")
 
 
@@ -156,12 +140,18 @@ def parse_hlo(text: str) -> HloModule:
         operands = [o.strip() for o in rest[:end].split(",") if o.strip().startswith("%")]
         attrs = rest[end + 1 :]
         frame = re.search(r"stack_frame_id=(\d+)", attrs)
-        computations[current].append(
-            Instruction(
-                name.lstrip("%"), dtype, dims, op, [o.lstrip("%") for o in operands], attrs,
-                int(frame.group(1)) if frame else None, current, rest[:end] if op == "constant" else "",
-            )
-        )  # fmt: skip
+        instruction = Instruction(
+            name=name.lstrip("%"),
+            dtype=dtype,
+            dims=dims,
+            op=op,
+            operands=[o.lstrip("%") for o in operands],
+            attrs=attrs,
+            frame=int(frame.group(1)) if frame else None,
+            computation=current,
+            literal=rest[:end] if op == "constant" else "",
+        )
+        computations[current].append(instruction)
     return HloModule(computations, entry, _frames(tables))
 
 
@@ -384,14 +374,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(os.environ.get("OUT", "."))
-    out.mkdir(parents=True, exist_ok=True)
     spec = {"sd15": SD15, "sdxl": SDXL}[args.model]
     full_size = spec.latent_size
     spec = dataclasses.replace(spec, latent_size=args.size or full_size)
     results = {
         "benchmark": "inspect_step",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": now(),
         "command": shlex.join(["python3", "bench/inspect_step.py", *(sys.argv[1:] if argv is None else argv)]),
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version()},
@@ -406,7 +394,7 @@ def main(argv=None) -> int:
         f"{spec.name} step at {spec.latent_size}x{spec.latent_size} latents, batch {args.batch}, remat {args.remat}, "
         f"{args.accumulation} microbatch(es)"
     )
-    bench = JaxStep(spec, attention="xla", remat=args.remat, accumulation=args.accumulation)
+    bench = JaxStep(spec, StepOptions(attention="xla", remat=args.remat, accumulation=args.accumulation))
     start = time.perf_counter()
     lowered = bench.lower("step", args.batch)
     results["lower_s"] = time.perf_counter() - start
@@ -418,20 +406,20 @@ def main(argv=None) -> int:
     precision = precision_report(module)
     counted = sum(row["flops"] for row in precision["matmuls"].values())
     analytic = passes * spec.flops_per_forward if spec.latent_size == full_size else None
+    step_flops = train_step_flops(
+        lowered,
+        bench.components,
+        bench.settings,
+        bench.state_abstract.params,
+        bench.frozen_abstract,
+        bench.batch_abstract(args.batch),
+        args.accumulation,
+    )
     results["flops_per_sample"] = {
         "analytic": analytic,
         "passes_x_lowered_unet_forward": passes * forward,
         "lowered_step_cost_analysis": lowered_flops / args.batch,
-        "lowered_step_plus_loops": train_step_flops(
-            lowered,
-            bench.networks,
-            bench.settings,
-            bench.state_abstract.params,
-            bench.frozen_abstract,
-            bench.batch_abstract(args.batch),
-            args.accumulation,
-        )
-        / args.batch,  # fmt: skip
+        "lowered_step_plus_loops": step_flops / args.batch,
         "dots_and_convolutions_counted_here": counted / args.batch,
     }
     results["precision"] = precision
@@ -446,8 +434,8 @@ def main(argv=None) -> int:
         results["fusion"] = fusion_report(optimized)
         print(f"compiled for the CPU in {results['compile_s']:.1f} s")
     print_report(results)
-    path = out / "inspect_step.json"
-    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    path = out_dir() / "inspect_step.json"
+    write_json(path, results)
     print(f"\nresults: {path}")
     return 0
 
@@ -485,8 +473,8 @@ def print_report(results: dict) -> None:
     fusion = results.get("fusion")
     if fusion:
         kernels = fusion["kernels"]
-        print(f"\nAfter CPU optimisation: {sum(kernels.values())} top-level ops per step: " + ", ".join(
-            f"{k} {v}" for k, v in list(kernels.items())[:8]))  # fmt: skip
+        largest = ", ".join(f"{k} {v}" for k, v in list(kernels.items())[:8])
+        print(f"\nAfter CPU optimisation: {sum(kernels.values())} top-level ops per step: {largest}")
         print("  fusions holding a reduction, by source of their first reduction:")
         for where, count in fusion["reduction_fusions"][:12]:
             print(f"    {count:5d}  {where}")

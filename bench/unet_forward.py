@@ -1,18 +1,10 @@
 """SD1.5 UNet forward pass: this project's Flax UNet, per attention backend, against diffusers in PyTorch.
 
-Both sides run the same random weights: diffusers' own initialisation under torch.manual_seed(0),
-converted with ``weights.state_dict_to_params``. The JAX side stores them in bfloat16 and computes
-in bfloat16 (the frozen teacher's setting); PyTorch runs eager in bfloat16 with its default
-attention processor (SDPA). Correctness is checked first, on the same device:
-
-1. float32 parity, JAX against PyTorch at batch 2, TF32 off on both sides;
-2. each JAX backend's bfloat16 output against the JAX float32 output at the benchmark batch.
-
-Then each implementation is compiled (JAX), warmed up and timed call by call. A markdown table
-goes to stdout, everything to ``$OUT/unet_forward.json`` (the current folder when OUT is unset),
-rewritten after every stage. The exit status is 1 when a correctness check failed or could not
-be made, once the results are written; a backend that raises (cuDNN refusing a shape, say) is
-recorded and the others still run.
+The same random weights on both sides (diffusers' initialisation, converted); correctness first
+(float32 parity with PyTorch, each backend's bfloat16 output against JAX float32), then compile
+time and call times; bench/README.md says what is measured. A markdown table goes to stdout,
+everything to ``$OUT/unet_forward.json``, rewritten after every stage; exit status 1 when a
+correctness check failed or could not be made (a backend that raises is recorded, the others run).
 
     python3 bench/unet_forward.py            # SD1.5, batch 16, 64x64 latents (512 px), on a GPU
     python3 bench/unet_forward.py --tiny     # a tiny UNet at small sizes: seconds on a CPU
@@ -23,10 +15,8 @@ recorded and the others still run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
-import json
 import os
 import platform
 import shlex
@@ -50,7 +40,7 @@ import jaxlib
 import numpy as np
 import torch
 
-from bench.common import error_string, time_calls
+from bench.common import error_string, fmt, mfu, now, out_dir, peak_flops, print_table, time_calls, write_json
 from perflow_jax import weights
 from perflow_jax.flops import cost_flops
 from perflow_jax.models import reference_configs
@@ -67,8 +57,6 @@ FLOAT32_TOL = 1e-4
 BFLOAT16_TOL = 5e-2
 # SD1.5's UNet at 64x64 latents and 77 text tokens, 2 FLOPs per multiply-add.
 SD15_FLOPS_PER_SAMPLE = 803e9
-# Dense bfloat16 datasheet peaks, by jax.devices()[0].device_kind.
-PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
 # tests/helpers/networks.py TINY_UNETS["sd1"]: SD1.x's layout at toy widths.
 TINY_UNET = dict(
     block_out_channels=(32, 64),
@@ -364,14 +352,12 @@ def summarise(args, results: dict) -> None:
     else:
         flops["per_sample"], flops["source"] = None, "none"
     results["flops"] = flops
-    peak = PEAK_BF16_FLOPS.get(results["device_kind"])
+    peak = peak_flops(results["device_kind"])
     results["peak_bf16_flops"] = peak
     for row in impls.values():
         if "median_ms" in row:
             row["samples_per_s"] = args.batch / (row["median_ms"] / 1e3)
-            row["share_of_peak"] = (
-                flops["per_sample"] * row["samples_per_s"] / peak if flops["per_sample"] and peak else None
-            )
+            row["share_of_peak"] = mfu(flops["per_sample"], row["samples_per_s"], peak)
 
     parity, failures = results["parity"], results["failures"]
     err32 = parity.get("float32_rel_err_jax_vs_torch")
@@ -415,33 +401,36 @@ def print_report(results: dict) -> None:
             counts = "/".join(f"{c / batch / 1e9:.1f}" if c else "n/a" for c in counts)
             print(f"  {name} cost analysis, GFLOP per sample before/after XLA optimisation: {counts}")
     print(f"\n{results['device_kind']}, batch {results['batch']}, {results['size']}x{results['size']} latents")
-    print("| implementation | compile s | median ms | min ms | samples/s | vs torch | share of peak | bf16 rel. err |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = "implementation, compile s, median ms, min ms, samples/s, vs torch, share of peak, bf16 rel. err"
     torch_ms = results["implementations"].get("torch", {}).get("median_ms")
+    rows = []
     for name, row in results["implementations"].items():
         compile_s = row["trace_s"] + row["compile_s"] if "compile_s" in row else None
-        median_ms, err = row.get("median_ms"), parity["bf16_rel_err"].get(name)
-        cells = [
-            f"{compile_s:.1f}" if compile_s is not None else "-",
-            f"{median_ms:.2f}" if median_ms else "-",
-            f"{row['min_ms']:.2f}" if median_ms else "-",
-            f"{row['samples_per_s']:.1f}" if median_ms else "-",
-            f"{torch_ms / median_ms:.2f}x" if median_ms and torch_ms else "-",
-            f"{row['share_of_peak']:.1%}" if row.get("share_of_peak") else "-",
-            f"{err:.1e}" if err is not None else "-",
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        median_ms = row.get("median_ms")
+        rows.append(
+            [
+                name,
+                fmt(compile_s, "{:.1f}"),
+                fmt(median_ms, "{:.2f}"),
+                fmt(row.get("min_ms"), "{:.2f}"),
+                fmt(row.get("samples_per_s"), "{:.1f}"),
+                fmt(torch_ms / median_ms if median_ms and torch_ms else None, "{:.2f}x"),
+                fmt(row.get("share_of_peak"), "{:.1%}"),
+                fmt(parity["bf16_rel_err"].get(name), "{:.1e}"),
+            ]
+        )
+    print_table(columns.split(", "), rows)
     for failure in results["failures"]:
         print(f"FAILED: {failure}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    path = Path(os.environ.get("OUT", ".")) / "unet_forward.json"
+    path = out_dir() / "unet_forward.json"
     device = jax.devices()[0]
     results = {
         "benchmark": "unet_forward",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": now(),
         "command": shlex.join(["python3", *sys.argv]),
         "device_kind": device.device_kind,
         "platform": jax.default_backend(),
@@ -472,8 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_json(path, results)
 
     try:
         run(args, results, save)

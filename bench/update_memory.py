@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bench.train_step import SD15, SDXL
+from bench.common import memory_analysis
+from bench.train_step_spec import SD15, SDXL
 from perflow_jax import step
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -57,11 +58,8 @@ def temporaries(params, optimizer: optax.GradientTransformation) -> dict:
     state = jax.eval_shape(functools.partial(step.create_train_state, optimizer=optimizer), params)
 
     update = functools.partial(step.apply_gradients, optimizer=optimizer, settings=step.PeRFlowSettings())
-    memory = jax.jit(update, donate_argnums=0).lower(state, params).compile().memory_analysis()
-    return {
-        "arguments_gb": memory.argument_size_in_bytes / 1e9,
-        "temporaries_gb": memory.temp_size_in_bytes / 1e9,
-    }
+    memory = memory_analysis(jax.jit(update, donate_argnums=0).lower(state, params).compile())
+    return {"arguments_gb": memory["argument_bytes"] / 1e9, "temporaries_gb": memory["temp_bytes"] / 1e9}
 
 
 def main() -> int:
