@@ -298,14 +298,8 @@ def unet_apply(module: nn.Module, params: Any) -> solver.Apply:
     """The UNet as the pure functions want it: ``apply(z, timesteps, cond)`` with cond from ``TextEncoders.encode``."""
 
     def apply(z, timesteps, cond):
-        return module.apply(
-            {"params": params},
-            z,
-            timesteps,
-            cond["encoder_hidden_states"],
-            cond.get("text_embeds"),
-            cond.get("time_ids"),
-        )
+        sdxl = (cond.get("text_embeds"), cond.get("time_ids"))
+        return module.apply({"params": params}, z, timesteps, cond["encoder_hidden_states"], *sdxl)
 
     return apply
 
