@@ -31,51 +31,9 @@ from ml_collections import config_flags
 
 from perflow_jax import checkpoint, data, flops, generate, pipeline, recipe, sharding, step, weights
 
-# Keys a resumed run may change: how long it runs, what it reports, and how the step is computed
-# (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
-# rounding, so that a run can resume on a device with less memory. data.worker_count is not here:
-# grain cannot restore its iterator with another number of workers.
-RESUMABLE_KEYS = (
-    "train.num_steps", "log.", "checkpoint.", "model.attention_backend", "model.remat",
-    "train.gradient_accumulation_steps",
-)  # fmt: skip
-
-
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, or a WORKDIR of another run)."""
-
-
-def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
-    """Refuse to resume a WORKDIR whose run differs in more than length and logging; list the keys.
-
-    A relative folder in ``saved`` (a WORKDIR written before folders were saved absolute) is read
-    from the current directory, as that run read it.
-    """
-    saved_flat, new_flat = _flatten(saved), _flatten(config)
-    for key in recipe.PATH_KEYS:
-        if saved_flat.get(key):
-            saved_flat[key] = recipe.absolute_path(saved_flat[key])
-    differing = sorted(
-        key
-        for key in set(saved_flat) | set(new_flat)
-        if saved_flat.get(key) != new_flat.get(key) and not key.startswith(RESUMABLE_KEYS)
-    )
-    if differing:
-        details = "; ".join(f"{k}: {saved_flat.get(k)!r} saved, {new_flat.get(k)!r} now" for k in differing)
-        raise TrainingError(
-            f"this WORKDIR holds a run with other settings ({details}): use another --workdir, or the saved settings"
-        )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
+    """The run cannot go on (a non-finite loss, or a student_init of another architecture)."""
 
 
 class Stop:
@@ -251,14 +209,14 @@ def check_same_architecture(teacher: Any, student: Any, source: str) -> None:
 
 
 def _refuse_another_run(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """``check_resumable`` against the newest checkpoint, before anything is loaded; nothing for a new run."""
+    """``recipe.check_resumable`` against the newest checkpoint, before anything is loaded; nothing for a new run."""
     if not checkpoint.is_workdir(workdir):
         return
     try:
         saved = checkpoint.run_config(workdir)[1]
     except checkpoint.CheckpointError:  # a folder without checkpoints yet
         return
-    check_resumable(saved, config.to_dict())
+    recipe.check_resumable(saved, config.to_dict())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> step.TrainState:
@@ -455,7 +413,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings go in --config.KEY=VALUE")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (recipe.ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+    except (TrainingError, FileNotFoundError, ValueError) as error:  # and recipe's ConfigError, ResumeError
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import checkpoint, data, sharding, train
+from perflow_jax import checkpoint, data, recipe, sharding, train
 from tests.pipelines import tiny_model_and_data
 from tests.test_sharding import run_joined_processes
 
@@ -211,12 +211,12 @@ def test_a_workdir_saved_with_relative_folders_resumes_from_the_same_directory(t
         "model": {"path": str(tmp_path / "models/sd15"), "student_init": ""},
         "data": {"path": str(tmp_path / "data")},
     }
-    train.check_resumable(saved, now)
+    recipe.check_resumable(saved, now)
     moved = {**now, "data": {"path": str(tmp_path / "other")}}
-    with pytest.raises(train.TrainingError, match=f"data.path: '{tmp_path / 'data'}' saved"):
-        train.check_resumable(saved, moved)
+    with pytest.raises(recipe.ResumeError, match=f"data.path: '{tmp_path / 'data'}' saved"):
+        recipe.check_resumable(saved, moved)
 
 
 def test_a_workdir_saved_before_gradient_accumulation_existed_resumes():
     now = {"train": {"num_steps": 8, "gradient_accumulation_steps": 2}, "model": {"remat": "full"}}
-    train.check_resumable({"train": {"num_steps": 4}, "model": {"remat": "none"}}, now)
+    recipe.check_resumable({"train": {"num_steps": 4}, "model": {"remat": "none"}}, now)
