@@ -15,7 +15,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # The copy of this checkout that setup unpacks on every worker (in its home).
 REMOTE_TARBALL=perflow_code.tar.gz
-# train.py prints this when SIGTERM or Ctrl-C stopped it before the last step (exit status 0 as well).
+# train.py prints this (from training.py's loop) when SIGTERM or Ctrl-C stopped it before the last step (exit 0 too).
 STOPPED_MARK="stopped at step"
 
 usage() {

@@ -3,9 +3,10 @@
 ``validate(config)`` checks the config on its own (names, ranges, required paths);
 ``validate_against(config, ...)`` checks it against the loaded model, the prepared data and the
 devices. Both raise one ``ConfigError`` listing every problem found, each saying what is wrong
-and what would be right. ``settings`` and ``optimizer`` turn the config into the step's
-``PeRFlowSettings`` and its optax optimizer. ``config_module`` loads a configs/*.py file, as a
-variant's file loads the base recipe it overrides.
+and what would be right. ``check_resumable`` compares the config with the one a WORKDIR was
+trained with. ``settings`` and ``optimizer`` turn the config into the step's ``PeRFlowSettings``
+and its optax optimizer. ``config_module`` loads a configs/*.py file, as a variant's file loads
+the base recipe it overrides.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ from perflow_jax.models.unet import REMAT_POLICIES
 
 PATH_KEYS = ("model.path", "model.student_init", "data.path")
 LR_SCHEDULES = ("constant", "cosine")
+# Keys a resumed run may change: how long it runs, what it reports, and how the step is computed
+# (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
+# rounding, so that a run can resume on a device with less memory. data.worker_count is not here:
+# grain cannot restore its iterator with another number of workers.
+RESUMABLE_KEYS = (
+    "train.num_steps",
+    "log.",
+    "checkpoint.",
+    "model.attention_backend",
+    "model.remat",
+    "train.gradient_accumulation_steps",
+)
 
 
 class ConfigError(ValueError):
@@ -35,6 +48,10 @@ class ConfigError(ValueError):
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
         super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class ResumeError(ValueError):
+    """A WORKDIR holds a run whose settings differ from this config in more than ``RESUMABLE_KEYS``."""
 
 
 def _choice(problems: list[str], key: str, value: Any, valid: Sequence[str]) -> None:
@@ -181,6 +198,38 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
 def absolute_path(path: str) -> str:
     """``path`` (``~`` expanded) as an absolute, normalised path from the current directory."""
     return os.path.abspath(os.path.expanduser(path))
+
+
+def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to resume a WORKDIR whose run differs in more than length and logging; list the keys.
+
+    A relative folder in ``saved`` (a WORKDIR written before folders were saved absolute) is read
+    from the current directory, as that run read it.
+    """
+    saved_flat, new_flat = _flatten(saved), _flatten(config)
+    for key in PATH_KEYS:
+        if saved_flat.get(key):
+            saved_flat[key] = absolute_path(saved_flat[key])
+    differing = sorted(
+        key
+        for key in set(saved_flat) | set(new_flat)
+        if saved_flat.get(key) != new_flat.get(key) and not key.startswith(RESUMABLE_KEYS)
+    )
+    if differing:
+        details = "; ".join(f"{k}: {saved_flat.get(k)!r} saved, {new_flat.get(k)!r} now" for k in differing)
+        raise ResumeError(
+            f"this WORKDIR holds a run with other settings ({details}): use another --workdir, or the saved settings"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def _mesh_problems(shape: tuple[int, ...], device_count: int | None = None) -> list[str]:

@@ -13,7 +13,7 @@ from perflow_jax import export, sample
 from perflow_jax.convert import convert
 from perflow_jax.demo import TEACHER, digits
 from perflow_jax.prepare_data import prepare
-from perflow_jax.train import train_and_evaluate
+from perflow_jax.training import train_and_evaluate
 from tests.helpers.pipelines import quiet
 from tests.helpers.recipes import load
 

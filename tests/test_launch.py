@@ -356,7 +356,7 @@ def test_watch_sums_the_worker_states_up(states, summary):
 
 def test_the_stop_message_watch_reads_is_the_one_train_prints():
     assert 'STOPPED_MARK="stopped at step"' in TPU_SCRIPT.read_text()
-    assert 'print(f"stopped at step {done} on request' in (ROOT / "perflow_jax/train.py").read_text()
+    assert 'print(f"stopped at step {done} on request' in (ROOT / "perflow_jax/training.py").read_text()
 
 
 # --- launch/slurm_gpu.sbatch --------------------------------------------------------------------------

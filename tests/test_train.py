@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import checkpoint, data, sharding, train
+from perflow_jax import checkpoint, data, recipe, sharding, training
 from tests.helpers.pipelines import tiny_model_and_data
 from tests.helpers.processes import run_joined_processes
 
@@ -160,14 +160,14 @@ def test_two_processes_stop_together_on_one_sigterm_save_and_resume(setup, tmp_p
 
 def test_a_step_with_an_infinite_gradient_norm_is_not_checkpointed():
     good, bad = {"loss": np.float32(0.5), "grad_norm": np.float32(2.0)}, {"loss": np.float32(0.5), "grad_norm": np.inf}
-    train._check_finite([(4, good)])
-    with pytest.raises(train.TrainingError, match="the grad norm became inf at step 5"):
-        train._check_finite([(4, good), (5, bad)])
+    training._check_finite([(4, good)])
+    with pytest.raises(training.TrainingError, match="the grad norm became inf at step 5"):
+        training._check_finite([(4, good), (5, bad)])
 
 
 def test_ctrl_c_asks_to_stop_twice_aborts_and_the_handlers_come_back():
     before = signal.getsignal(signal.SIGINT)
-    with train.Stop(sharding.make_mesh((-1, 1))) as stop:
+    with training.Stop(sharding.make_mesh((-1, 1))) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.agreed()
         with pytest.raises(KeyboardInterrupt):
@@ -178,30 +178,12 @@ def test_ctrl_c_asks_to_stop_twice_aborts_and_the_handlers_come_back():
 def test_a_student_init_of_another_architecture_is_refused_naming_a_parameter():
     teacher = {"conv_in": {"kernel": np.zeros((3, 3, 4, 32))}, "time": {"bias": np.zeros(32)}}
     same = {"conv_in": {"kernel": np.ones((3, 3, 4, 32))}, "time": {"bias": np.ones(32)}}
-    train.check_same_architecture(teacher, same, "same")
+    training.check_same_architecture(teacher, same, "same")
     other = {"conv_in": {"kernel": np.zeros((3, 3, 4, 64))}, "time": {"bias": np.zeros(32)}}
     with pytest.raises(
-        train.TrainingError, match=r"student_init other.*1 parameters differ.*\(3, 3, 4, 32\) in the teacher"
+        training.TrainingError, match=r"student_init other.*1 parameters differ.*\(3, 3, 4, 32\) in the teacher"
     ):
-        train.check_same_architecture(teacher, other, "other")
-
-
-def test_the_eta_counts_hours_past_a_day():
-    assert train._duration(90061) == "25:01:01" and train._duration(59.6) == "0:01:00"
-
-
-def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
-    interrupted = train.Reporter(tmp_path)
-    for n in range(1, 6):
-        interrupted.scalars(n, {"loss": float(n)}, f"step {n}")
-    interrupted.close()
-    with open(tmp_path / "metrics.jsonl", "a") as rows:
-        rows.write('{"step": 6, "lo')  # cut off by a crash
-    resumed = train.Reporter(tmp_path, first_step=3)
-    resumed.scalars(4, {"loss": 40.0}, "step 4")
-    resumed.close()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(row["step"], row["loss"]) for row in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+        training.check_same_architecture(teacher, other, "other")
 
 
 def test_a_workdir_saved_with_relative_folders_resumes_from_the_same_directory(tmp_path, monkeypatch):
@@ -211,12 +193,12 @@ def test_a_workdir_saved_with_relative_folders_resumes_from_the_same_directory(t
         "model": {"path": str(tmp_path / "models/sd15"), "student_init": ""},
         "data": {"path": str(tmp_path / "data")},
     }
-    train.check_resumable(saved, now)
+    recipe.check_resumable(saved, now)
     moved = {**now, "data": {"path": str(tmp_path / "other")}}
-    with pytest.raises(train.TrainingError, match=f"data.path: '{tmp_path / 'data'}' saved"):
-        train.check_resumable(saved, moved)
+    with pytest.raises(recipe.ResumeError, match=f"data.path: '{tmp_path / 'data'}' saved"):
+        recipe.check_resumable(saved, moved)
 
 
 def test_a_workdir_saved_before_gradient_accumulation_existed_resumes():
     now = {"train": {"num_steps": 8, "gradient_accumulation_steps": 2}, "model": {"remat": "full"}}
-    train.check_resumable({"train": {"num_steps": 4}, "model": {"remat": "none"}}, now)
+    recipe.check_resumable({"train": {"num_steps": 4}, "model": {"remat": "none"}}, now)
