@@ -55,6 +55,7 @@ def reflow_targets(
     guidance: float = 1.0,
     prediction_type: str = "epsilon",
     zero_snr: bool = False,
+    final_alpha: float | None = None,
 ) -> Reflow:
     """The batch's reflow problem.
 
@@ -72,6 +73,8 @@ def reflow_targets(
         prompt against the empty one.
       prediction_type: the teacher's output, "epsilon" or "v_prediction".
       zero_snr: start windows at t_s = 1 from pure noise (z_s = eps).
+      final_alpha: the alpha the teacher's last DDIM step lands on (``solver.solve_window``); None
+        for ab[0]. The targets' a_e stays ab[0] whatever it is, as in the authors' code.
     """
     schedule.check_parameterization(parameterization)
     x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
@@ -86,6 +89,7 @@ def reflow_targets(
     z_e = solver.solve_window(
         teacher, z_s, window, student_cond if guidance == 1.0 else cond, null_cond, ab,
         num_windows=num_windows, num_steps=num_steps, guidance=guidance, prediction_type=prediction_type,
+        final_alpha=final_alpha,
     )  # fmt: skip
     z_t = z_s + (z_e - z_s) * ((t - t_s) / (t_e - t_s)).reshape(per_example)
     return Reflow(

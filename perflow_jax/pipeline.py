@@ -49,6 +49,9 @@ class Model:
     def alphas_cumprod(self) -> np.ndarray:
         return schedule.alphas_cumprod_from_config(self.scheduler_config)
 
+    def final_alpha_cumprod(self) -> float:
+        return schedule.final_alpha_from_config(self.scheduler_config)
+
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 

@@ -53,13 +53,15 @@ class PeRFlowSettings:
 class Components:
     """What the step is built from (static under jit): the student and frozen teacher UNets (the same
     network in their own dtypes), the frozen text encoders, the teacher's noise schedule and the
-    VAE's latent scale."""
+    VAE's latent scale. ``final_alpha_cumprod``: the alpha of the teacher's last DDIM step to t = 0
+    (``pipeline.Model.final_alpha_cumprod()``); None for alphas_cumprod[0]."""
 
     student: nn.Module
     teacher: nn.Module
     text: pipeline.TextEncoders
     alphas_cumprod: np.ndarray
     scaling_factor: float
+    final_alpha_cumprod: float | None = None
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
@@ -144,6 +146,7 @@ def reflow_problem(
         guidance=settings.teacher_guidance,
         prediction_type=settings.teacher_prediction_type,
         zero_snr=settings.zero_snr,
+        final_alpha=components.final_alpha_cumprod,
     )
 
 

@@ -305,6 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         text=text,
         alphas_cumprod=model.alphas_cumprod(),
         scaling_factor=float(manifest["scaling_factor"]),
+        final_alpha_cumprod=model.final_alpha_cumprod(),
     )
 
     # Frozen parameters (teacher, text encoders) in the teacher dtype, sharded like the student.
