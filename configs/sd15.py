@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()  # prepared training data
     config.data.path = ""  # folder from python -m perflow_jax.prepare_data; required
     config.data.resolution = 512  # recipe: image size in pixels; must equal the prepared data's
+    # SDXL's size ids: "fixed", (res, res, 0, 0, res, res) for every example, as the released PeRFlow-SDXL
+    # was trained (recipe); "original", each image's own original size and crop (prepare_data stores them).
+    config.data.sdxl_time_ids = "fixed"
     config.data.seed = 0  # shuffling seed of the data order
     config.data.worker_count = 4  # child processes decoding records (0: in the main process)
 

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 import optax
 
-from perflow_jax import loss, schedule, sharding, solver, step, weights
+from perflow_jax import loss, pipeline, schedule, sharding, solver, step, weights
 from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
 
@@ -115,6 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= perflow.ema_max_decay <= 1:
         problems.append(f"config.perflow.ema_max_decay is {perflow.ema_max_decay}: use a value in [0, 1] (0.9999)")
 
+    _choice(problems, "data.sdxl_time_ids", config.data.sdxl_time_ids, pipeline.SDXL_TIME_IDS)
     if config.data.resolution < 1:
         problems.append(f"config.data.resolution is {config.data.resolution}: use the prepared data's size in pixels")
     if optim.lr <= 0:

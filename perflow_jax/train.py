@@ -298,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     text = pipeline.TextEncoders(
         *(model.module(n, dtype=frozen_dtype, attention_backend=backend) for n in text_names),
         resolution=config.data.resolution,
+        sdxl_time_ids=config.data.sdxl_time_ids,
     )
     components = step.Components(
         student=model.module("unet", dtype=compute, attention_backend=backend, remat=config.model.remat),

@@ -135,6 +135,10 @@ def test_sdxl_config_rematerialises_accumulates_two_microbatches_and_samples_wit
     assert config.log.sample_guidance == 2.0
 
 
+def test_sdxl_config_conditions_every_example_on_the_released_fixed_size_ids():
+    assert load("sdxl").data.sdxl_time_ids == "fixed"
+
+
 def test_tiny_config_is_small_and_float32():
     config = load("tiny")
     assert config.data.resolution == 32 and config.train.global_batch_size == 8
@@ -232,6 +236,7 @@ def test_command_line_rejects_unknown_keys():
         ("model.compute_dtype", "fp16", "float32, bfloat16"),
         ("model.teacher_dtype", "half", "float32, bfloat16, float16"),
         ("optim.schedule", "linear", "constant, cosine"),
+        ("data.sdxl_time_ids", "crop", "fixed, original"),
     ],
 )
 def test_unknown_names_are_refused_with_the_valid_ones(key, value, valid):
