@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.perflow.teacher_prediction_type = "epsilon"  # SD1.5's UNet predicts the noise
     config.perflow.discrete_timesteps = 1000  # recipe: M, training times t = 1 - floor(u M) / M
     config.perflow.text_dropout = 0.1  # recipe: probability of training on the empty prompt (for CFG)
-    config.perflow.distance = "l2"  # recipe: mean squared error
+    config.perflow.distance = "l2"  # recipe: mean squared error ("huber": the authors' SDXL script, unweighted only)
+    config.perflow.huber_c = 1e-3  # the authors' default --huber_c: c of the huber distance sqrt(d^2 + c^2) - c
     config.perflow.weighting = "none"  # recipe: every time weighted equally
     config.perflow.zero_snr = False  # recipe: z_s at t = 1 is forward-diffused, not pure noise
     config.perflow.ema_max_decay = 0.9999  # recipe: EMA decay min(0.9999, (1 + n) / (10 + n))

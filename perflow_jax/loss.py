@@ -17,7 +17,7 @@ from perflow_jax import schedule, solver
 
 WEIGHTINGS = ("none", "reciprocal", "rcp_win")
 DISTANCES = ("l2", "huber")
-HUBER_C = 1e-3
+HUBER_C = 1e-3  # the authors' default --huber_c
 
 
 class Reflow(NamedTuple):
@@ -122,20 +122,28 @@ def loss_weights(weighting: str, t: jax.Array, t_s: jax.Array, num_windows: int)
 
 
 def reflow_loss(
-    prediction: jax.Array, reflow: Reflow, *, num_windows: int, distance: str = "l2", weighting: str = "none"
+    prediction: jax.Array,
+    reflow: Reflow,
+    *,
+    num_windows: int,
+    distance: str = "l2",
+    weighting: str = "none",
+    huber_c: float = HUBER_C,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss, metrics) for the student's ``prediction`` [B, ...] of ``reflow.target``.
 
-    l2: mean squared error; huber: mean of sqrt(d^2 + c^2) - c with c = 1e-3; per example
-    weighted, then averaged, all in float32. Metrics: ``loss`` and, per window k, the sum of
-    the unweighted per-example losses ``window_loss_sum[k]`` and the count ``window_count[k]``
-    (sums, so that they add up over steps and devices; their ratio is the loss per window).
+    l2: mean squared error; huber: mean of sqrt(d^2 + c^2) - c with c = ``huber_c`` (> 0); per
+    example weighted, then averaged, all in float32. (The authors' SDXL script offers huber with
+    no weighting only, their SD1.5 script l2 only; here any distance goes with any weighting.)
+    Metrics: ``loss`` and, per window k, the sum of the unweighted per-example losses
+    ``window_loss_sum[k]`` and the count ``window_count[k]`` (sums, so that they add up over steps
+    and devices; their ratio is the loss per window).
     """
     d = prediction.astype(jnp.float32) - reflow.target.astype(jnp.float32)
     if distance == "l2":
         elementwise = d**2
     elif distance == "huber":
-        elementwise = jnp.sqrt(d**2 + HUBER_C**2) - HUBER_C
+        elementwise = jnp.sqrt(d**2 + huber_c**2) - huber_c
     else:
         raise ValueError(f"unknown loss distance {distance!r}: choose one of {', '.join(DISTANCES)}")
     per_example = jnp.mean(elementwise.reshape(elementwise.shape[0], -1), axis=1)

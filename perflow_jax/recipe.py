@@ -88,6 +88,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(problems, "perflow.teacher_prediction_type", perflow.teacher_prediction_type, solver.PREDICTION_TYPES)
     _choice(problems, "perflow.distance", perflow.distance, loss.DISTANCES)
     _choice(problems, "perflow.weighting", perflow.weighting, loss.WEIGHTINGS)
+    if not perflow.huber_c > 0:
+        problems.append(
+            f"config.perflow.huber_c is {perflow.huber_c}: use a positive constant (the authors' default "
+            f"{loss.HUBER_C}); at 0 the huber distance is |d|, without a gradient at d = 0"
+        )
     k, s, m = perflow.num_windows, perflow.solver_steps, perflow.discrete_timesteps
     if k < 1:
         problems.append(f"config.perflow.num_windows is {k}: use at least 1 (the recipes use 4)")

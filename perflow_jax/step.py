@@ -44,6 +44,7 @@ class PeRFlowSettings:
     discrete_timesteps: int = 1000
     text_dropout: float = 0.1
     distance: str = "l2"
+    huber_c: float = loss.HUBER_C  # c of the huber distance
     weighting: str = "none"
     zero_snr: bool = False
     ema_max_decay: float = 0.9999
@@ -172,6 +173,7 @@ def reflow_gradients(
             num_windows=settings.num_windows,
             distance=settings.distance,
             weighting=settings.weighting,
+            huber_c=settings.huber_c,
         )
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

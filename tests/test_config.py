@@ -257,6 +257,13 @@ def test_guidance_below_one_is_refused():
     )
 
 
+@pytest.mark.parametrize("c", [0.0, -1e-3])
+def test_non_positive_huber_constant_is_refused(c):
+    assert f"config.perflow.huber_c is {c}: use a positive constant (the authors' default 0.001)" in problems(
+        runnable(**{"perflow.huber_c": c})
+    )
+
+
 def test_zero_solver_steps_are_refused():
     assert "config.perflow.solver_steps is 0: the teacher needs at least 1 step" in problems(
         runnable(**{"perflow.solver_steps": 0})
@@ -404,6 +411,7 @@ def test_settings_carry_the_perflow_group():
         parameterization="ddim_eps", num_windows=4, solver_steps=10, teacher_guidance=7.5,
         discrete_timesteps=200,
     )  # fmt: skip
+    assert recipe.settings(runnable(**{"perflow.huber_c": 0.05})).huber_c == 0.05
 
 
 def test_constant_schedule_with_warm_up_rises_linearly_then_holds():

@@ -86,6 +86,20 @@ def test_the_teacher_at_the_student_init_makes_a_small_eps_loss_for_ddim_eps():
     assert float(close["loss"]) < float(far["loss"])
 
 
+def test_the_settings_huber_constant_reaches_the_loss():
+    """The step's huber loss is mean(sqrt(d^2 + c^2) - c) of the student's error d, with the settings' c."""
+    components, frozen, state, batch, _ = tiny_setup()
+    settings = step.PeRFlowSettings(distance="huber", huber_c=0.5)
+    examples = step.draw_examples(jax.random.key(4), batch, components=components, settings=settings)
+    gradients = jax.jit(functools.partial(step.reflow_gradients, components=components, settings=settings))
+    _, metrics = gradients(state.params, examples, frozen)
+    reflow = step.reflow_problem(examples, frozen, components=components, settings=settings)
+    prediction = pipeline.unet_apply(components.student, state.params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+    d = prediction.astype(jnp.float32) - reflow.target
+    # float32, the same operations compiled apart: sums in another order, so rtol 1e-5.
+    np.testing.assert_allclose(metrics["loss"], jnp.mean(jnp.sqrt(d**2 + 0.25) - 0.5), rtol=1e-5)
+
+
 def test_microbatch_j_holds_the_examples_whose_index_is_j_modulo_n():
     split = step.microbatches({"x": jnp.arange(12).reshape(6, 2)}, 3)
     np.testing.assert_array_equal(split["x"][:, :, 0], [[0, 6], [2, 8], [4, 10]])
