@@ -5,6 +5,14 @@ r"""PeRFlow distillation of Stable Diffusion 1.5: the authors' released recipe (
 
 Values marked "recipe" are the authors' released settings; the rest are this project's defaults.
 The other configs (sd21.py, sdxl.py, demo.py, tiny.py) are this one plus commented overrides.
+
+Precision differs from the authors' SD1.5 run (--mixed_precision fp16): there the teacher, text
+encoder and VAE are stored in float16, the VAE encodes the pixels every step and the latents, the
+window start z_s and the teacher's DDIM solve are float16; the student keeps float32 weights under
+fp16 autocast. Here the frozen networks are bfloat16 (model.teacher_dtype), the VAE's moments are
+encoded once and stored as float16 (prepare_data --latent-dtype) and x0 is sampled from them every
+step in float32, the solve's state is float32, and the student computes in bfloat16 over float32
+master weights (model.compute_dtype). PERFLOW_SPEC.md, "Where this project departs from the release".
 """
 
 import ml_collections
@@ -16,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()  # the teacher (and the student's initialisation)
     config.model.path = ""  # converted folder (python -m perflow_jax.convert) or diffusers folder; required
     config.model.student_init = ""  # "": start the student from the teacher; else another converted or diffusers folder
-    config.model.compute_dtype = "bfloat16"  # student's activations and matmuls (master weights stay float32)
-    config.model.teacher_dtype = "bfloat16"  # frozen teacher, VAE, text encoder stored in it (recipe: fp16)
+    config.model.compute_dtype = "bfloat16"  # student's activations, float32 weights (recipe: fp16 autocast)
+    config.model.teacher_dtype = "bfloat16"  # frozen teacher, VAE, text encoder stored in it (recipe: float16)
     config.model.attention_backend = "auto"  # cuDNN on GPU, splash on TPU for long sequences, XLA otherwise
     config.model.remat = "none"  # recompute block activations in the backward pass: "none" | "full" | "dots"
 
