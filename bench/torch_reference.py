@@ -2,11 +2,13 @@
 
 The reference that ``bench/train_step.py`` times against this project's JAX step, and that
 ``tests/test_torch_reference.py`` checks for equal math against ``perflow_jax.step.train_step``.
-It follows the authors' ``scripts/train_perflow.py`` (SD1.5), ``perflow_accelerate_ddimeps_sdxl.py``
-(SDXL) and ``src/pfode_solver.py`` (magic-research/piecewise-rectified-flow), as
-docs/PERFLOW_SPEC.md describes them: diffusers ``UNet2DConditionModel`` teacher (frozen) and
-student (float32 parameters), transformers CLIP text encoder(s), the teacher's
-``DDIMScheduler.alphas_cumprod`` and ``add_noise``, the window solve by DDIM with the teacher's
+It follows the authors' ``scripts/perflow_accelerate_sd.py`` (SD1.5),
+``scripts/perflow_accelerate_ddimeps_sdxl.py`` (SDXL) and ``src/pfode_solver.py``
+(magic-research/piecewise-rectified-flow), as docs/PERFLOW_SPEC.md describes them: diffusers
+``UNet2DConditionModel`` teacher (frozen) and student (float32 parameters), transformers CLIP text
+encoder(s), the teacher's ``DDIMScheduler`` loaded from its scheduler config as the authors load
+it (``alphas_cumprod``, ``add_noise``, and ``final_alpha_cumprod``: 1 unless the config says
+``set_alpha_to_one: false``), the window solve by DDIM with the teacher's
 timesteps ``round(999 + (t_i - 1) / 0.001)``, the target of the parameterization,
 ``F.mse_loss(pred.float(), target.float())``, ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW`` and
 diffusers' ``EMAModel``. On a GPU the step runs under ``torch.autocast(bfloat16)`` with the
@@ -267,7 +269,8 @@ class ReferenceStep:
       student: diffusers UNet2DConditionModel with float32 parameters (trained in place).
       text_encoder: transformers CLIPTextModel (frozen); ``text_encoder_2``: SDXL's
         CLIPTextModelWithProjection, or None.
-      scheduler_config: the teacher's diffusers scheduler config (beta schedule), for DDIMScheduler.
+      scheduler_config: the teacher's diffusers scheduler config (beta schedule, set_alpha_to_one), loaded
+        as ``DDIMScheduler.from_config`` (the authors: ``DDIMScheduler.from_pretrained``).
       settings: the algorithm's settings, ``perflow_jax.step.PeRFlowSettings`` (parameterization,
         num_windows, solver_steps, teacher_guidance, teacher_prediction_type, discrete_timesteps,
         text_dropout, ema_max_decay); only the distance "l2" and weighting "none" of the recipes.
@@ -301,7 +304,7 @@ class ReferenceStep:
             self.student.enable_gradient_checkpointing()
         self.teacher = _frozen(copy.deepcopy(student), weight_dtype)
         self.text_encoders = [None if e is None else _frozen(e, weight_dtype) for e in (text_encoder, text_encoder_2)]
-        self.scheduler = DDIMScheduler(**{**dict(scheduler_config), "set_alpha_to_one": False})
+        self.scheduler = DDIMScheduler.from_config(dict(scheduler_config))
         self.optimizer = torch.optim.AdamW(
             self.student.parameters(), lr=learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
         )

@@ -5,6 +5,14 @@ r"""PeRFlow distillation of Stable Diffusion 1.5: the authors' released recipe (
 
 Values marked "recipe" are the authors' released settings; the rest are this project's defaults.
 The other configs (sd21.py, sdxl.py, demo.py, tiny.py) are this one plus commented overrides.
+
+Precision differs from the authors' SD1.5 run (--mixed_precision fp16): there the teacher, text
+encoder and VAE are stored in float16, the VAE encodes the pixels every step and the latents, the
+window start z_s and the teacher's DDIM solve are float16; the student keeps float32 weights under
+fp16 autocast. Here the frozen networks are bfloat16 (model.teacher_dtype), the VAE's moments are
+encoded once and stored as float16 (prepare_data --latent-dtype) and x0 is sampled from them every
+step in float32, the solve's state is float32, and the student computes in bfloat16 over float32
+master weights (model.compute_dtype). PERFLOW_SPEC.md, "Where this project departs from the release".
 """
 
 import ml_collections
@@ -16,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()  # the teacher (and the student's initialisation)
     config.model.path = ""  # converted folder (python -m perflow_jax.convert) or diffusers folder; required
     config.model.student_init = ""  # "": start the student from the teacher; else another converted or diffusers folder
-    config.model.compute_dtype = "bfloat16"  # student's activations and matmuls (master weights stay float32)
-    config.model.teacher_dtype = "bfloat16"  # frozen teacher, VAE, text encoder stored in it (recipe: fp16)
+    config.model.compute_dtype = "bfloat16"  # student's activations, float32 weights (recipe: fp16 autocast)
+    config.model.teacher_dtype = "bfloat16"  # frozen teacher, VAE, text encoder stored in it (recipe: float16)
     config.model.attention_backend = "auto"  # cuDNN on GPU, splash on TPU for long sequences, XLA otherwise
     config.model.remat = "none"  # recompute block activations in the backward pass: "none" | "full" | "dots"
 
@@ -29,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.perflow.teacher_prediction_type = "epsilon"  # SD1.5's UNet predicts the noise
     config.perflow.discrete_timesteps = 1000  # recipe: M, training times t = 1 - floor(u M) / M
     config.perflow.text_dropout = 0.1  # recipe: probability of training on the empty prompt (for CFG)
-    config.perflow.distance = "l2"  # recipe: mean squared error
+    config.perflow.distance = "l2"  # recipe: mean squared error ("huber": the authors' SDXL script, unweighted only)
+    config.perflow.huber_c = 1e-3  # the authors' default --huber_c: c of the huber distance sqrt(d^2 + c^2) - c
     config.perflow.weighting = "none"  # recipe: every time weighted equally
     config.perflow.zero_snr = False  # recipe: z_s at t = 1 is forward-diffused, not pure noise
     config.perflow.ema_max_decay = 0.9999  # recipe: EMA decay min(0.9999, (1 + n) / (10 + n))
@@ -37,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()  # prepared training data
     config.data.path = ""  # folder from python -m perflow_jax.prepare_data; required
     config.data.resolution = 512  # recipe: image size in pixels; must equal the prepared data's
+    # SDXL's size ids: "fixed", (res, res, 0, 0, res, res) for every example, as the released PeRFlow-SDXL
+    # was trained (recipe); "original", each image's own original size and crop (prepare_data stores them).
+    config.data.sdxl_time_ids = "fixed"
     config.data.seed = 0  # shuffling seed of the data order
     config.data.worker_count = 4  # child processes decoding records (0: in the main process)
 

@@ -2,8 +2,15 @@ r"""PeRFlow distillation of Stable Diffusion XL (1024 px, two text encoders): th
 
 The SD1.5 recipe (configs/sd15.py) with the values PERFLOW_SPEC.md's "Released recipes" table
 changes in its SDXL column; where that column is blank the SD1.5 value is kept. SD1.5 values that
-are also SDXL's: bfloat16 teacher and activations (the SDXL column's precision), l2 loss with no
-weighting (the authors' SDXL script also offers "rcp_win"), 4 sampler steps (released: 4 to 6).
+are also SDXL's: bfloat16 teacher, text encoders and activations (the SDXL column's precision), l2
+loss with no weighting (the authors' SDXL script also offers "rcp_win" and an unweighted "huber"),
+size ids (1024, 1024, 0, 0, 1024, 1024) for every example (data.sdxl_time_ids "fixed", as the
+released PeRFlow-SDXL was trained), 4 sampler steps (released: 4 to 6).
+
+Precision is not all the recipe's: the authors' SDXL script (--mixed_precision bf16) stores the
+student's weights in bfloat16 and runs AdamW on them, and its latents and teacher solve are
+bfloat16; here the student's master weights, AdamW state and EMA are float32 (so the sharded
+state below) and the solve's state is float32. PERFLOW_SPEC.md lists every difference.
 
     python -m perflow_jax.train --config configs/sdxl.py --workdir DIR \
         --config.model.path=SDXL_DIR --config.data.path=DATA_DIR

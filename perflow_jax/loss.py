@@ -17,7 +17,7 @@ from perflow_jax import schedule, solver
 
 WEIGHTINGS = ("none", "reciprocal", "rcp_win")
 DISTANCES = ("l2", "huber")
-HUBER_C = 1e-3
+HUBER_C = 1e-3  # the authors' default --huber_c
 
 
 class Reflow(NamedTuple):
@@ -55,6 +55,7 @@ def reflow_targets(
     guidance: float = 1.0,
     prediction_type: str = "epsilon",
     zero_snr: bool = False,
+    final_alpha: float | None = None,
 ) -> Reflow:
     """The batch's reflow problem.
 
@@ -72,6 +73,8 @@ def reflow_targets(
         prompt against the empty one.
       prediction_type: the teacher's output, "epsilon" or "v_prediction".
       zero_snr: start windows at t_s = 1 from pure noise (z_s = eps).
+      final_alpha: the alpha the teacher's last DDIM step lands on (``solver.solve_window``); None
+        for ab[0]. The targets' a_e stays ab[0] whatever it is, as in the authors' code.
     """
     schedule.check_parameterization(parameterization)
     x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
@@ -86,6 +89,7 @@ def reflow_targets(
     z_e = solver.solve_window(
         teacher, z_s, window, student_cond if guidance == 1.0 else cond, null_cond, ab,
         num_windows=num_windows, num_steps=num_steps, guidance=guidance, prediction_type=prediction_type,
+        final_alpha=final_alpha,
     )  # fmt: skip
     z_t = z_s + (z_e - z_s) * ((t - t_s) / (t_e - t_s)).reshape(per_example)
     return Reflow(
@@ -118,20 +122,28 @@ def loss_weights(weighting: str, t: jax.Array, t_s: jax.Array, num_windows: int)
 
 
 def reflow_loss(
-    prediction: jax.Array, reflow: Reflow, *, num_windows: int, distance: str = "l2", weighting: str = "none"
+    prediction: jax.Array,
+    reflow: Reflow,
+    *,
+    num_windows: int,
+    distance: str = "l2",
+    weighting: str = "none",
+    huber_c: float = HUBER_C,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss, metrics) for the student's ``prediction`` [B, ...] of ``reflow.target``.
 
-    l2: mean squared error; huber: mean of sqrt(d^2 + c^2) - c with c = 1e-3; per example
-    weighted, then averaged, all in float32. Metrics: ``loss`` and, per window k, the sum of
-    the unweighted per-example losses ``window_loss_sum[k]`` and the count ``window_count[k]``
-    (sums, so that they add up over steps and devices; their ratio is the loss per window).
+    l2: mean squared error; huber: mean of sqrt(d^2 + c^2) - c with c = ``huber_c`` (> 0); per
+    example weighted, then averaged, all in float32. (The authors' SDXL script offers huber with
+    no weighting only, their SD1.5 script l2 only; here any distance goes with any weighting.)
+    Metrics: ``loss`` and, per window k, the sum of the unweighted per-example losses
+    ``window_loss_sum[k]`` and the count ``window_count[k]`` (sums, so that they add up over steps
+    and devices; their ratio is the loss per window).
     """
     d = prediction.astype(jnp.float32) - reflow.target.astype(jnp.float32)
     if distance == "l2":
         elementwise = d**2
     elif distance == "huber":
-        elementwise = jnp.sqrt(d**2 + HUBER_C**2) - HUBER_C
+        elementwise = jnp.sqrt(d**2 + huber_c**2) - huber_c
     else:
         raise ValueError(f"unknown loss distance {distance!r}: choose one of {', '.join(DISTANCES)}")
     per_example = jnp.mean(elementwise.reshape(elementwise.shape[0], -1), axis=1)

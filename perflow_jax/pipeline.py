@@ -50,6 +50,9 @@ class Model:
     def alphas_cumprod(self) -> np.ndarray:
         return schedule.alphas_cumprod_from_config(self.scheduler_config)
 
+    def final_alpha_cumprod(self) -> float:
+        return schedule.final_alpha_from_config(self.scheduler_config)
+
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
@@ -252,32 +255,45 @@ def load_trained(
 # The networks as functions, and generation
 
 
+SDXL_TIME_IDS = ("fixed", "original")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextEncoders:
     """The frozen CLIP text encoder(s) and the UNet condition they make (static under jit).
 
     SD1.x / SD2.x: one encoder, its last hidden state. SDXL (``text_encoder_2`` set): both
     encoders' penultimate hidden states side by side, the second's projected pooled output, and
-    the size ids (original size, crop top-left, target size = ``resolution``) of each example.
+    the size ids (original size, crop top-left, target size = ``resolution``). ``sdxl_time_ids``:
+    "original", each example's own original size and crop from the batch; "fixed", every example
+    as an uncropped image at ``resolution`` (resolution, resolution, 0, 0, resolution, resolution),
+    as the authors' SDXL training does (configs/sd15.py, data.sdxl_time_ids).
     """
 
     text_encoder: nn.Module
     text_encoder_2: nn.Module | None = None
     resolution: int = 512
+    sdxl_time_ids: str = "original"
+
+    def __post_init__(self):
+        if self.sdxl_time_ids not in SDXL_TIME_IDS:
+            raise ValueError(f"sdxl_time_ids is {self.sdxl_time_ids!r}: use one of {', '.join(SDXL_TIME_IDS)}")
 
     def encode(self, params: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """{"encoder_hidden_states"} (+ "text_embeds", "time_ids" for SDXL) from ``batch``'s token ids.
 
         params: {"text_encoder": ..., and for SDXL "text_encoder_2": ...} (more entries are fine).
-        batch: "input_ids" [B, 77] int32; for SDXL also "input_ids_2", and "original_size",
-        "crop_top_left" [B, 2].
+        batch: "input_ids" [B, 77] int32; for SDXL also "input_ids_2", and with ``sdxl_time_ids``
+        "original" "original_size", "crop_top_left" [B, 2].
         """
         first = self.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])
         if self.text_encoder_2 is None:
             return {"encoder_hidden_states": first.last_hidden_state}
         second = self.text_encoder_2.apply({"params": params["text_encoder_2"]}, batch["input_ids_2"])
-        target = jnp.full((batch["input_ids"].shape[0], 2), self.resolution, jnp.int32)
-        time_ids = jnp.concatenate([batch["original_size"], batch["crop_top_left"], target], axis=-1)
+        count = batch["input_ids"].shape[0]
+        sizes = batch if self.sdxl_time_ids == "original" else self.size_ids(count)
+        target = jnp.full((count, 2), self.resolution, jnp.int32)
+        time_ids = jnp.concatenate([sizes["original_size"], sizes["crop_top_left"], target], axis=-1)
         return {
             "encoder_hidden_states": jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1),
             "text_embeds": second.text_embeds,

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import optax
 
-from perflow_jax import loss, schedule, sharding, solver, step, weights
+from perflow_jax import loss, pipeline, schedule, sharding, solver, step, weights
 from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
 
@@ -105,6 +105,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(problems, "perflow.teacher_prediction_type", perflow.teacher_prediction_type, solver.PREDICTION_TYPES)
     _choice(problems, "perflow.distance", perflow.distance, loss.DISTANCES)
     _choice(problems, "perflow.weighting", perflow.weighting, loss.WEIGHTINGS)
+    if not perflow.huber_c > 0:
+        problems.append(
+            f"config.perflow.huber_c is {perflow.huber_c}: use a positive constant (the authors' default "
+            f"{loss.HUBER_C}); at 0 the huber distance is |d|, without a gradient at d = 0"
+        )
     k, s, m = perflow.num_windows, perflow.solver_steps, perflow.discrete_timesteps
     if k < 1:
         problems.append(f"config.perflow.num_windows is {k}: use at least 1 (the recipes use 4)")
@@ -132,6 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= perflow.ema_max_decay <= 1:
         problems.append(f"config.perflow.ema_max_decay is {perflow.ema_max_decay}: use a value in [0, 1] (0.9999)")
 
+    _choice(problems, "data.sdxl_time_ids", config.data.sdxl_time_ids, pipeline.SDXL_TIME_IDS)
     if config.data.resolution < 1:
         problems.append(f"config.data.resolution is {config.data.resolution}: use the prepared data's size in pixels")
     if optim.lr <= 0:

@@ -60,6 +60,19 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> np.ndarray:
     return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
 
 
+def final_alpha_from_config(config: Mapping[str, Any]) -> float:
+    """The alpha of a DDIM step whose previous timestep is below 0 (the last step to t = 0): DDIM's final alpha.
+
+    The authors load the teacher's scheduler as ``DDIMScheduler.from_pretrained`` and step to its
+    ``final_alpha_cumprod``: 1.0 where the config says ``set_alpha_to_one: true`` or lacks the key
+    (DDIM's default, e.g. a DDPMScheduler config), ``alphas_cumprod[0]`` where it says false (the
+    SD1.5, SD2.1 and SDXL configs as released).
+    """
+    if config.get("set_alpha_to_one", True):
+        return 1.0
+    return float(alphas_cumprod_from_config(config)[0])
+
+
 def _torch_linspace_float32(start: float, end: float, n: int) -> np.ndarray:
     """torch.linspace(start, end, n, dtype=torch.float32), bit for bit: a float32 step, values
     start + i step from the front and end - (n - 1 - i) step from the back, each rounded once."""

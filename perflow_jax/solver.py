@@ -82,6 +82,7 @@ def solve_window(
     num_steps: int,
     guidance: float = 1.0,
     prediction_type: str = "epsilon",
+    final_alpha: float | None = None,
 ) -> jax.Array:
     """Teacher DDIM solve of each example's window: z_s at t_s -> z_e at t_e.
 
@@ -94,6 +95,8 @@ def solve_window(
       num_windows, num_steps: K and S (static).
       guidance: the teacher's CFG scale (static; 1 for cfg_sync).
       prediction_type: the teacher's output, "epsilon" or "v_prediction".
+      final_alpha: the alpha the last window's last step lands on (its previous timestep is
+        below 0): the teacher's ``schedule.final_alpha_from_config``; None for ab[0].
     Returns:
       z_e: [B, ...] in z_s's float dtype (at least float32), gradient stopped.
     """
@@ -102,13 +105,14 @@ def solve_window(
     table = jnp.asarray(teacher_timesteps(num_windows, num_steps))[window]  # [B, S]
     jump = NUM_TRAIN_TIMESTEPS // (num_windows * num_steps)
     ab = jnp.asarray(ab)
+    final = ab[0] if final_alpha is None else jnp.asarray(final_alpha, ab.dtype)
     z = z_s.astype(jnp.promote_types(z_s.dtype, jnp.float32))
 
     def step(i, z):
         tau = table[:, i]
         a = ab[tau].astype(z.dtype)
         prev = tau - jump
-        a_prev = jnp.where(prev >= 0, ab[jnp.maximum(prev, 0)], ab[0]).astype(z.dtype)
+        a_prev = jnp.where(prev >= 0, ab[jnp.maximum(prev, 0)], final).astype(z.dtype)
         output = guided(apply, z, tau.astype(jnp.float32), cond, null_cond, guidance).astype(z.dtype)
         return ddim_step(z, output, a, a_prev, prediction_type)
 

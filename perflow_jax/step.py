@@ -44,6 +44,7 @@ class PeRFlowSettings:
     discrete_timesteps: int = 1000
     text_dropout: float = 0.1
     distance: str = "l2"
+    huber_c: float = loss.HUBER_C  # c of the huber distance
     weighting: str = "none"
     zero_snr: bool = False
     ema_max_decay: float = 0.9999
@@ -53,13 +54,15 @@ class PeRFlowSettings:
 class Components:
     """What the step is built from (static under jit): the student and frozen teacher UNets (the same
     network in their own dtypes), the frozen text encoders, the teacher's noise schedule and the
-    VAE's latent scale."""
+    VAE's latent scale. ``final_alpha_cumprod``: the alpha of the teacher's last DDIM step to t = 0
+    (``pipeline.Model.final_alpha_cumprod()``); None for alphas_cumprod[0]."""
 
     student: nn.Module
     teacher: nn.Module
     text: pipeline.TextEncoders
     alphas_cumprod: np.ndarray
     scaling_factor: float
+    final_alpha_cumprod: float | None = None
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
@@ -144,6 +147,7 @@ def reflow_problem(
         guidance=settings.teacher_guidance,
         prediction_type=settings.teacher_prediction_type,
         zero_snr=settings.zero_snr,
+        final_alpha=components.final_alpha_cumprod,
     )
 
 
@@ -169,6 +173,7 @@ def reflow_gradients(
             num_windows=settings.num_windows,
             distance=settings.distance,
             weighting=settings.weighting,
+            huber_c=settings.huber_c,
         )
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

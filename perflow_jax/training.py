@@ -154,6 +154,7 @@ def _components(config: ml_collections.ConfigDict, model: pipeline.Model, manife
     text = pipeline.TextEncoders(
         *(model.module(n, dtype=frozen_dtype, attention_backend=backend) for n in _text_encoder_names(model)),
         resolution=config.data.resolution,
+        sdxl_time_ids=config.data.sdxl_time_ids,
     )
     return step.Components(
         student=model.module("unet", dtype=compute, attention_backend=backend, remat=config.model.remat),
@@ -161,6 +162,7 @@ def _components(config: ml_collections.ConfigDict, model: pipeline.Model, manife
         text=text,
         alphas_cumprod=model.alphas_cumprod(),
         scaling_factor=float(manifest["scaling_factor"]),
+        final_alpha_cumprod=model.final_alpha_cumprod(),
     )
 
 

@@ -130,6 +130,10 @@ def test_sdxl_config_rematerialises_accumulates_two_microbatches_and_samples_wit
     assert config.log.sample_guidance == 2.0
 
 
+def test_sdxl_config_conditions_every_example_on_the_released_fixed_size_ids():
+    assert load("sdxl").data.sdxl_time_ids == "fixed"
+
+
 def test_tiny_config_is_small_and_float32():
     config = load("tiny")
     assert config.data.resolution == 32 and config.train.global_batch_size == 8
@@ -227,6 +231,7 @@ def test_command_line_rejects_unknown_keys():
         ("model.compute_dtype", "fp16", "float32, bfloat16"),
         ("model.teacher_dtype", "half", "float32, bfloat16, float16"),
         ("optim.schedule", "linear", "constant, cosine"),
+        ("data.sdxl_time_ids", "crop", "fixed, original"),
     ],
 )
 def test_unknown_names_are_refused_with_the_valid_ones(key, value, valid):
@@ -244,6 +249,13 @@ def test_float16_training_is_refused_for_want_of_loss_scaling_but_a_float16_teac
 def test_guidance_below_one_is_refused():
     assert "config.perflow.teacher_guidance is 0.5: use 1 for cfg_sync" in problems(
         runnable(**{"perflow.teacher_guidance": 0.5})
+    )
+
+
+@pytest.mark.parametrize("c", [0.0, -1e-3])
+def test_non_positive_huber_constant_is_refused(c):
+    assert f"config.perflow.huber_c is {c}: use a positive constant (the authors' default 0.001)" in problems(
+        runnable(**{"perflow.huber_c": c})
     )
 
 
@@ -394,6 +406,7 @@ def test_settings_carry_the_perflow_group():
         parameterization="ddim_eps", num_windows=4, solver_steps=10, teacher_guidance=7.5,
         discrete_timesteps=200,
     )  # fmt: skip
+    assert recipe.settings(runnable(**{"perflow.huber_c": 0.05})).huber_c == 0.05
 
 
 def test_constant_schedule_with_warm_up_rises_linearly_then_holds():

@@ -100,6 +100,7 @@ def test_the_pytorch_export_scores_as_the_jax_student(table):
 
 def test_sample_on_the_demo_student_is_seeded_and_honours_init_noise(demo, tmp_path):
     prompts = [digits.caption(d) for d in range(10)]
+
     def run(name, **options):
         return sample.sample(sample.Options(demo / "work", prompts, tmp_path / name, guidance=1.0, **options), quiet)
 

@@ -103,6 +103,14 @@ def test_huber_loss_is_sqrt_d2_plus_c2_minus_c():
     np.testing.assert_allclose(value, jnp.mean(jnp.sqrt(d**2 + 1e-6) - 1e-3), rtol=1e-5)
 
 
+def test_huber_loss_uses_the_given_constant():
+    r = targets()
+    d = jnp.asarray(np.random.default_rng(3).standard_normal(r.target.shape), jnp.float32) * 0.1
+    value, _ = loss.reflow_loss(r.target + d, r, num_windows=4, distance="huber", huber_c=0.05)
+    # float32: (target + d) - target is d to a rounding of the target (~1e-7 of it), so rtol 1e-5.
+    np.testing.assert_allclose(value, jnp.mean(jnp.sqrt(d**2 + 0.05**2) - 0.05), rtol=1e-5)
+
+
 def test_reciprocal_weightings():
     t = jnp.array([1.0, 0.95, 0.5, 0.001])
     t_s, _ = schedule.window_bounds(schedule.window_index(t, 4), 4)

@@ -1,12 +1,13 @@
-"""load_model: converted and diffusers folders give the same model."""
+"""load_model: converted and diffusers folders give the same model; the teacher's final alpha and SDXL's size ids."""
 
+import diffusers
 import jax
 import numpy as np
 import pytest
 
 from perflow_jax import weights
 from perflow_jax.convert import convert
-from perflow_jax.pipeline import load_model
+from perflow_jax.pipeline import TextEncoders, load_model
 from tests.helpers.pipelines import tiny_pipeline
 
 
@@ -48,3 +49,36 @@ def test_tokenize_gives_each_tokenizers_padded_ids(folders):
 def test_a_folder_that_is_no_model_is_named(tmp_path):
     with pytest.raises(weights.WeightsFileError, match="neither a converted model folder"):
         load_model(tmp_path)
+
+
+def test_final_alpha_is_the_authors_ddim_scheduler_loaded_from_the_teachers_folder(folders):
+    """tests/pipelines.py saves a DDPMScheduler, whose config has no set_alpha_to_one: DDIM's default, 1."""
+    expected = diffusers.DDIMScheduler.from_pretrained(folders[0], subfolder="scheduler").final_alpha_cumprod
+    for folder in folders:
+        assert load_model(folder, networks=()).final_alpha_cumprod() == float(expected) == 1.0
+
+
+@pytest.mark.parametrize("sdxl_time_ids", ["fixed", "original"])
+def test_sdxl_size_ids_are_the_resolutions_or_each_examples_own(folders, sdxl_time_ids):
+    """With "fixed" every example gets the authors' ``_compute_time_ids((res, res), (0, 0), (res, res))`` (their
+    SDXL script, line 415); with "original" the batch's own original size and crop. Integers, exact in float32."""
+    model = load_model(folders[1])
+    text = TextEncoders(
+        model.module("text_encoder"), model.module("text_encoder_2"), resolution=32, sdxl_time_ids=sdxl_time_ids
+    )
+    batch = {
+        **model.tokenize(["a photo", "a cat"]),
+        "original_size": np.array([[49, 58], [300, 200]], np.int32),
+        "crop_top_left": np.array([[3, 0], [0, 7]], np.int32),
+    }
+    cond = text.encode(model.params, batch)
+    if sdxl_time_ids == "fixed":
+        expected = [[32, 32, 0, 0, 32, 32], [32, 32, 0, 0, 32, 32]]
+    else:
+        expected = [[49, 58, 3, 0, 32, 32], [300, 200, 0, 7, 32, 32]]
+    np.testing.assert_array_equal(cond["time_ids"], np.array(expected, np.float32))
+
+
+def test_unknown_sdxl_size_ids_are_named(folders):
+    with pytest.raises(ValueError, match="sdxl_time_ids is 'crop': use one of fixed, original"):
+        TextEncoders(None, sdxl_time_ids="crop")

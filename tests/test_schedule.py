@@ -44,6 +44,27 @@ def test_alpha_at_truncates_and_uses_the_final_alpha_below_zero():
     np.testing.assert_array_equal(schedule.alpha_at(ab, t), ab[jnp.array([999, 749, 499, 249, 0, 0, 998])])
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        diffusers.DDPMScheduler(**SD_SCHEDULER).config,  # no set_alpha_to_one key: DDIM's default, True
+        {**SD_SCHEDULER, "set_alpha_to_one": True},
+        {**SD_SCHEDULER, "_class_name": "PNDMScheduler", "set_alpha_to_one": False},  # SD1.5's, as released
+    ],
+    ids=["key-missing", "true", "false"],
+)
+def test_final_alpha_is_ddim_schedulers_loaded_from_the_teachers_config(config):
+    """As the authors' ``DDIMScheduler.from_pretrained(teacher, subfolder="scheduler").final_alpha_cumprod``."""
+    expected = diffusers.DDIMScheduler.from_config(dict(config)).final_alpha_cumprod
+    assert schedule.final_alpha_from_config(dict(config)) == float(expected)
+
+
+def test_final_alpha_is_one_or_the_first_alpha():
+    ab = schedule.alphas_cumprod_from_config(SD_SCHEDULER)
+    assert schedule.final_alpha_from_config(SD_SCHEDULER) == 1.0
+    assert schedule.final_alpha_from_config({**SD_SCHEDULER, "set_alpha_to_one": False}) == float(ab[0])
+
+
 def reference_window(tp: np.float32, num_windows: int) -> int:
     """The authors' Time_Windows.get_window loop, in float32 as their tensors are."""
     ends = [np.float32(i / num_windows) for i in range(num_windows - 1, -1, -1)]

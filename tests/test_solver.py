@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from perflow_jax import schedule, solver
-from tests.helpers.schedules import sd_alphas
+from tests.helpers.schedules import SD_SCHEDULER, sd_alphas
 
 
 def test_teacher_table_k4_s8_is_the_references():
@@ -80,6 +80,27 @@ def test_each_example_steps_through_its_own_windows_timesteps():
         num_windows=4, num_steps=8,
     )  # fmt: skip
     np.testing.assert_array_equal(np.stack(seen), solver.teacher_timesteps(4, 8)[[0, 3]].T)
+
+
+@pytest.mark.parametrize("final_alpha", [None, 1.0])
+def test_only_the_last_windows_last_step_lands_on_the_final_alpha(final_alpha):
+    """With eps = 0 each DDIM step scales z by sqrt(ab[tau - J] / ab[tau]) (J = 31 for K = 4, S = 8);
+    only the last step of window 3 (tau = 30) has no previous alpha and lands on the final alpha
+    (ab[0] by default, 1 for a teacher whose scheduler sets alpha to one).
+
+    float32: 8 steps of about four roundings each, so rtol 4e-6.
+    """
+    ab64 = schedule.alphas_cumprod_from_config(SD_SCHEDULER).astype(np.float64)
+    z_s = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    z_e = solver.solve_window(
+        lambda z, t, c: jnp.zeros_like(z), jnp.asarray(z_s), jnp.array([0, 1, 2, 3]), None, None, sd_alphas(),
+        num_windows=4, num_steps=8, final_alpha=final_alpha,
+    )  # fmt: skip
+    tau = solver.teacher_timesteps(4, 8)  # [K, S]
+    a_prev = ab64[np.maximum(tau - 31, 0)]
+    a_prev[3, 7] = ab64[0] if final_alpha is None else final_alpha
+    expected = z_s * np.sqrt(np.prod(a_prev / ab64[tau], axis=1))[:, None]
+    np.testing.assert_allclose(z_e, expected, rtol=4e-6)
 
 
 # ---- the analytic teacher: data x0 ~ N(0, s^2 I) ------------------------------------------------

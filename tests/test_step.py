@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perflow_jax import step
+from perflow_jax import pipeline, step
 from tests.helpers.processes import run_with_devices
 from tests.helpers.training import LR, tiny_setup
 
@@ -46,6 +46,20 @@ def test_the_teacher_at_the_student_init_makes_a_small_eps_loss_for_ddim_eps():
 
     close, far = losses("ddim_eps"), losses("velocity")
     assert float(close["loss"]) < float(far["loss"])
+
+
+def test_the_settings_huber_constant_reaches_the_loss():
+    """The step's huber loss is mean(sqrt(d^2 + c^2) - c) of the student's error d, with the settings' c."""
+    components, frozen, state, batch, _ = tiny_setup()
+    settings = step.PeRFlowSettings(distance="huber", huber_c=0.5)
+    examples = step.draw_examples(jax.random.key(4), batch, components=components, settings=settings)
+    gradients = jax.jit(functools.partial(step.reflow_gradients, components=components, settings=settings))
+    _, metrics = gradients(state.params, examples, frozen)
+    reflow = step.reflow_problem(examples, frozen, components=components, settings=settings)
+    prediction = pipeline.unet_apply(components.student, state.params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+    d = prediction.astype(jnp.float32) - reflow.target
+    # float32, the same operations compiled apart: sums in another order, so rtol 1e-5.
+    np.testing.assert_allclose(metrics["loss"], jnp.mean(jnp.sqrt(d**2 + 0.25) - 0.5), rtol=1e-5)
 
 
 def test_microbatch_j_holds_the_examples_whose_index_is_j_modulo_n():
