@@ -40,6 +40,10 @@ RESUMABLE_KEYS = (
     "model.remat",
     "train.gradient_accumulation_steps",
 )
+# Keys added after runs were first saved, with the value that stands for how such a run trained, so
+# that its WORKDIR resumes when the new config keeps that behaviour (and is refused, naming the key,
+# when it does not).
+ADDED_KEYS = {"perflow.huber_c": 1e-3, "data.sdxl_time_ids": "original"}
 
 
 class ConfigError(ValueError):
@@ -210,9 +214,10 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
     """Refuse to resume a WORKDIR whose run differs in more than length and logging; list the keys.
 
     A relative folder in ``saved`` (a WORKDIR written before folders were saved absolute) is read
-    from the current directory, as that run read it.
+    from the current directory, as that run read it; a key missing from ``saved`` has its ``ADDED_KEYS`` value.
     """
-    saved_flat, new_flat = _flatten(saved), _flatten(config)
+    new_flat = _flatten(config)
+    saved_flat = {**{k: v for k, v in ADDED_KEYS.items() if k in new_flat}, **_flatten(saved)}
     for key in PATH_KEYS:
         if saved_flat.get(key):
             saved_flat[key] = absolute_path(saved_flat[key])

@@ -199,6 +199,18 @@ def test_a_workdir_saved_with_relative_folders_resumes_from_the_same_directory(t
         recipe.check_resumable(saved, moved)
 
 
+def test_a_workdir_saved_before_a_key_existed_resumes_only_with_the_behaviour_it_trained_with():
+    saved = {"perflow": {"distance": "huber"}, "data": {"resolution": 1024}}
+    now = {
+        "perflow": {"distance": "huber", "huber_c": 1e-3},
+        "data": {"resolution": 1024, "sdxl_time_ids": "original"},
+    }
+    recipe.check_resumable(saved, now)
+    fixed = {**now, "data": {"resolution": 1024, "sdxl_time_ids": "fixed"}}
+    with pytest.raises(recipe.ResumeError, match="data.sdxl_time_ids: 'original' saved, 'fixed' now"):
+        recipe.check_resumable(saved, fixed)
+
+
 def test_a_workdir_saved_before_gradient_accumulation_existed_resumes():
     now = {"train": {"num_steps": 8, "gradient_accumulation_steps": 2}, "model": {"remat": "full"}}
     recipe.check_resumable({"train": {"num_steps": 4}, "model": {"remat": "none"}}, now)
