@@ -73,8 +73,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def shard_paths(folder: Path) -> list[Path]:
     """The finished shard files of a prepared data folder, in order."""
-    manifest = read_manifest(folder)
-    return [Path(folder) / shard["file"] for shard in manifest["shards"]]
+    return [Path(folder) / shard["file"] for shard in read_manifest(folder)["shards"]]
 
 
 def write_shard(path: Path, records: list[bytes]) -> None:
