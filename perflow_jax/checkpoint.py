@@ -21,8 +21,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-STATE, DATA, CONFIG = "state", "data", "config"
-
 
 class Checkpoints:
     """Save and restore a training run's checkpoints.
@@ -48,11 +46,9 @@ class Checkpoints:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardSave(state),
-                    DATA: grain.checkpoint.CheckpointSave(data_iterator),
-                    CONFIG: ocp.args.JsonSave(config),
-                }
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                config=ocp.args.JsonSave(config),
             ),
             force=True,
         )
@@ -66,18 +62,16 @@ class Checkpoints:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardRestore(abstract_state),
-                    DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-                    CONFIG: ocp.args.JsonRestore(),
-                }
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                config=ocp.args.JsonRestore(),
             ),
         )
-        return restored[STATE], restored[CONFIG]
+        return restored.state, restored.config
 
     def saved_config(self, step: int) -> dict[str, Any]:
         """The config a checkpoint was saved with (without touching its state)."""
-        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        return _saved_config(self.manager, step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -85,6 +79,10 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
 def abstract_like(state: Any) -> Any:
@@ -121,7 +119,7 @@ def run_config(workdir: str | Path, *, step: int | None = None) -> tuple[int, di
             raise CheckpointError(
                 f"{workdir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}"
             )
-        return step, manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        return step, _saved_config(manager, step)
 
 
 def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str = "ema") -> tuple[int, Any, dict]:
@@ -137,13 +135,12 @@ def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str =
     if weights not in WEIGHTS:
         raise CheckpointError(f"unknown weights {weights!r}: use one of {', '.join(WEIGHTS)}")
     step, config = run_config(workdir, step=step)
-    state_dir = Path(workdir).absolute() / "checkpoints" / str(step) / STATE
+    state_dir = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
     field = WEIGHTS[weights]
     with ocp.PyTreeCheckpointer() as checkpointer:
         saved = checkpointer.metadata(state_dir).item_metadata.tree[field]
         item = {field: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        restored = checkpointer.restore(
-            state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        )
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        restored = checkpointer.restore(state_dir, args=args)
     return step, restored[field], config

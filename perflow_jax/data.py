@@ -73,8 +73,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def shard_paths(folder: Path) -> list[Path]:
     """The finished shard files of a prepared data folder, in order."""
-    manifest = read_manifest(folder)
-    return [Path(folder) / shard["file"] for shard in manifest["shards"]]
+    return [Path(folder) / shard["file"] for shard in read_manifest(folder)["shards"]]
 
 
 def write_shard(path: Path, records: list[bytes]) -> None:
@@ -105,7 +104,6 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 # batches together into arrays sharded over the mesh.
 
 
-TRAINING_FIELDS = ("mean", "logvar", "input_ids", "input_ids_2", "original_size", "crop_top_left")
 OPTIONAL_FIELDS = ("input_ids_2",)  # kept where the records have it (SDXL data), else left out
 
 
@@ -129,7 +127,7 @@ def create_iterator(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    fields: Sequence[str] = TRAINING_FIELDS,
+    fields: Sequence[str] = ARRAY_FIELDS,
     worker_count: int = 0,
 ) -> grain.DataLoaderIterator:
     """An iterator of this process's batches from a prepared data folder.
@@ -144,17 +142,12 @@ def create_iterator(
     ``num_epochs=None`` repeats forever (batches run across epoch boundaries); a last partial batch
     is dropped. ``worker_count`` > 0 decodes in that many child processes.
 
-    The iterator's position is ``iterator.get_state()`` (bytes) and ``iterator.set_state(state)`` on
-    an iterator made with the same arguments (grain refuses state from another folder path, seed,
-    process count or worker count). For Orbax, grain registers a handler per process:
-    ``ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator))`` saves the state as
-    ``data/process_{p}-of-{n}.json`` beside the model state, and
-    ``grain.checkpoint.CheckpointRestore(iterator)`` sets a fresh iterator's state on restore.
+    The iterator's position (``get_state``/``set_state``) restores only into an iterator made with
+    the same arguments (grain refuses another folder path, seed, process or worker count);
+    ``perflow_jax.checkpoint`` saves it as ``data/process_{p}-of-{n}.json`` beside the model state.
     """
-    if process_index is None:
-        process_index = jax.process_index()
-    if process_count is None:
-        process_count = jax.process_count()
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     source = grain.sources.ArrayRecordDataSource([str(path) for path in shard_paths(folder)])
 
     present = decode_record(source[0]).keys()

@@ -28,6 +28,7 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import sys
 import tarfile
@@ -132,21 +133,17 @@ def _webdataset_items(tars: list[Path]) -> Iterator[Item]:
     """Items of webdataset tars: members grouped by key (the name up to the first dot)."""
     for tar_path in tars:
         with tarfile.open(tar_path) as tar:
-            group: dict[str, bytes] = {}
-            key = None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name
-                directory, _, base = name.rpartition("/")
-                member_key = f"{directory}/{base.split('.', 1)[0]}" if directory else base.split(".", 1)[0]
-                if member_key != key and group:
-                    yield _webdataset_item(tar_path, key, group)
-                    group = {}
-                key = member_key
-                group[base.split(".", 1)[1].lower() if "." in base else ""] = tar.extractfile(member).read()
-            if group:
+            files = (member for member in tar if member.isfile())
+            for key, members in itertools.groupby(files, lambda member: _split_member(member.name)[0]):
+                group = {_split_member(m.name)[1]: tar.extractfile(m).read() for m in members}
                 yield _webdataset_item(tar_path, key, group)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """A tar member's name -> (key: the name up to the first dot of its base name, extension in lower case)."""
+    directory, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
 def _webdataset_item(tar_path: Path, key: str, group: dict[str, bytes]) -> Item:
@@ -242,13 +239,8 @@ def load_item(item: Item, resolution: int, min_size: int) -> tuple[dict[str, Any
     if min(image.size) < min_size:
         return None, "too_small"
     pixels, original_size, crop = center_crop(image, resolution)
-    example = {
-        "key": item.key,
-        "caption": item.caption.strip(),
-        "pixels": pixels,
-        "original_size": original_size,
-        "crop_top_left": crop,
-    }
+    example = dict(key=item.key, caption=item.caption.strip(), pixels=pixels)
+    example.update(original_size=np.asarray(original_size, np.int32), crop_top_left=np.asarray(crop, np.int32))
     return example, None
 
 
@@ -262,17 +254,14 @@ class Encoder:
     def __init__(self, model_dir: Path, batch_size: int):
         model_dir = Path(model_dir)
         try:
-            model = pipeline.load_model(model_dir, networks=("vae",))
+            self.model = pipeline.load_model(model_dir, networks=("vae",))
         except weights.WeightsFileError as error:
             raise PrepareError(f"--model: {error}") from error
-        if "input_ids" not in model.tokenizers:
+        if "input_ids" not in self.model.tokenizers:
             raise PrepareError(f"{model_dir} has no tokenizer/ folder: convert the whole diffusers pipeline")
-        self.model = model
-        self.vae_config, params = model.configs["vae"], model.params["vae"]
-        self.vae = model.module("vae")
+        self.vae = self.model.module("vae")
         self.downsampling_factor = self.vae.config.downsampling_factor
-        self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-        self.tokenizers = model.tokenizers
+        self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), self.model.params["vae"])
         mesh = sharding.make_mesh((-1, 1), jax.local_devices())
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self._encode = jax.jit(
@@ -280,22 +269,17 @@ class Encoder:
             in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
             out_shardings=sharding.batch_sharding(mesh),
         )
-        self.fingerprint = _fingerprint(self.vae_config, params, model_dir)
+        self.fingerprint = _fingerprint(self.model.configs["vae"], self.model.params["vae"], model_dir)
 
     def moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, R, R, 3] in [-1, 1] -> (mean, logvar) [N, h, w, c] float32, in fixed-size batches."""
-        means, logvars = [], []
+        batches = []
         for start in range(0, len(pixels), self.batch_size):
             chunk = pixels[start : start + self.batch_size]
             padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-            mean, logvar = self._encode(self.params, padded)
-            means.append(np.asarray(mean)[: len(chunk)])
-            logvars.append(np.asarray(logvar)[: len(chunk)])
-        return np.concatenate(means), np.concatenate(logvars)
-
-    def token_ids(self, captions: list[str]) -> dict[str, np.ndarray]:
-        """input_ids (and input_ids_2 for SDXL): [N, 77] int32, padded and truncated."""
-        return self.model.tokenize(captions)
+            batches.append([np.asarray(moment)[: len(chunk)] for moment in self._encode(self.params, padded)])
+        mean, logvar = (np.concatenate(moment) for moment in zip(*batches, strict=True))
+        return mean, logvar
 
 
 def _fingerprint(vae_config: dict, params: Any, model_dir: Path) -> str:
@@ -348,15 +332,7 @@ def prepare(
             f"--resolution {resolution} is not a multiple of {encoder.downsampling_factor}, "
             "the VAE's downsampling factor"
         )
-    settings = Settings(
-        source=source,
-        resolution=resolution,
-        shard_size=shard_size,
-        latent_dtype=latent_dtype,
-        min_size=min_size,
-        model_fingerprint=encoder.fingerprint,
-        caption_field=caption_field,
-    )
+    settings = Settings(source, resolution, shard_size, latent_dtype, min_size, encoder.fingerprint, caption_field)
     _check_settings(out, settings)
     for partial in out.glob("*.partial"):
         partial.unlink()
@@ -408,13 +384,7 @@ def _check_settings(out: Path, settings: Settings) -> None:
 
 
 def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
+    while chunk := list(itertools.islice(items, size)):
         yield chunk
 
 
@@ -438,12 +408,10 @@ def _write_shard(out: Path, shard: int, chunk: list[Item], encoder: Encoder, set
     records = []
     if examples:
         mean, logvar = encoder.moments(np.stack([e.pop("pixels") for e in examples]))
-        ids = encoder.token_ids([e["caption"] for e in examples])
+        ids = encoder.model.tokenize([e["caption"] for e in examples])  # input_ids (input_ids_2): [N, 77] int32
         for i, example in enumerate(examples):
             example.update(mean=mean[i].astype(settings.latent_dtype), logvar=logvar[i].astype(settings.latent_dtype))
             example.update({field: values[i] for field, values in ids.items()})
-            for field in ("original_size", "crop_top_left"):
-                example[field] = np.asarray(example[field], np.int32)
             records.append(data.encode_record(example))
     partial = _shard_file(out, shard).with_name(_shard_file(out, shard).name + ".partial")
     data.write_shard(partial, records)
@@ -475,7 +443,7 @@ def _finish(out: Path, settings: Settings, num_items: int, encoder: Encoder) -> 
         "skipped": {reason: sum(s["skipped"][reason] for s in shards) for reason in SKIP_REASONS},
         "latent_shape": [latent_size, latent_size, encoder.vae.config.latent_channels],
         "scaling_factor": encoder.vae.config.scaling_factor,
-        "tokenizers": sorted(encoder.tokenizers),
+        "tokenizers": sorted(encoder.model.tokenizers),
         "shards": [{"file": s["file"], "count": s["count"]} for s in shards if s["count"]],
     }
     data.write_manifest(out, manifest)
@@ -488,36 +456,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Encode images and captions into ArrayRecord shards of VAE latents and token ids.",
     )
     parser.add_argument("--model", type=Path, required=True, help="converted or diffusers model folder")
-    parser.add_argument(
-        "--input", required=True, help="image folder, webdataset .tar(s), tfds:NAME[:SPLIT], or digits[:SPLIT]"
-    )
+    parser.add_argument("--input", required=True, help="image folder, webdataset .tar(s), tfds:NAME[:SPLIT], digits")
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumed if it holds a started run)")
     parser.add_argument("--resolution", type=int, required=True, help="square crop size in pixels, e.g. 512")
     parser.add_argument("--shard-size", type=int, default=1000, help="input items per shard (default 1000)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
-    parser.add_argument(
-        "--latent-dtype",
-        default="float16",
-        choices=("float16", "float32"),
-        help="dtype of the stored VAE latent moments (default float16)",
-    )
+    parser.add_argument("--latent-dtype", default="float16", choices=("float16", "float32"), help="latents' dtype")
     parser.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default resolution/2)")
     parser.add_argument("--tfds-data-dir", help="data_dir of a tfds: source")
     parser.add_argument("--caption-field", help="caption feature of a tfds: source (default caption or text)")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))  # the other flags are prepare's keyword arguments
     try:
-        manifest = prepare(
-            args.model,
-            args.input,
-            args.out,
-            resolution=args.resolution,
-            shard_size=args.shard_size,
-            batch_size=args.batch_size,
-            latent_dtype=args.latent_dtype,
-            min_size=args.min_size,
-            tfds_data_dir=args.tfds_data_dir,
-            caption_field=args.caption_field,
-        )
+        manifest = prepare(args.pop("model"), args.pop("input"), args.pop("out"), **args)
     except (PrepareError, weights.WeightsFileError, weights.WeightsMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -33,8 +33,7 @@ def caption(label: int) -> str:
 
 def upsample(grey: np.ndarray) -> np.ndarray:
     """[8, 8] ink values 0..16 -> [32, 32, 3] uint8 (bicubic, white digit on black)."""
-    size = (RESOLUTION, RESOLUTION)
-    big = np.asarray(Image.fromarray(np.asarray(grey, np.float32), mode="F").resize(size, Image.BICUBIC))
+    big = np.asarray(Image.fromarray(np.asarray(grey, np.float32), mode="F").resize((RESOLUTION,) * 2, Image.BICUBIC))
     pixels = np.round(np.clip(big, 0.0, 16.0) * (255.0 / 16.0)).astype(np.uint8)
     return np.repeat(pixels[..., None], 3, axis=-1)
 

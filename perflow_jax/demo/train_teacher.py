@@ -173,9 +173,8 @@ def train_teacher(out: Path, *, seed: int = 0, vae_steps: int = 800, unet_steps:
     vae, losses = train_vae(pixels, vae_steps, 32, generator)
     mean, std = latent_moments(vae, pixels)
     samples = mean + std * torch.randn(mean.shape, generator=generator)
-    vae.register_to_config(scaling_factor=float(1.0 / samples.std()))
-    scaling_factor = vae.config.scaling_factor
-    losses["scaling_factor"] = scaling_factor
+    losses["scaling_factor"] = scaling_factor = float(1.0 / samples.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
 
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_tiny_clip_tokenizer(Path(folder))
@@ -208,9 +207,7 @@ def train_teacher(out: Path, *, seed: int = 0, vae_steps: int = 800, unet_steps:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m perflow_jax.demo.train_teacher", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser("python -m perflow_jax.demo.train_teacher", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the diffusers pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=800, help="autoencoder steps, batch 32")
