@@ -150,7 +150,7 @@ def test_with_a_delta_the_folder_is_a_perflow_student_for_the_sampler(sd, tmp_pa
     assert [config[k] for k in betas] == [teacher[k] for k in betas]
     without = convert(source, tmp_path / "plain", log=quiet)
     assert without["components"]["scheduler"] == teacher["_class_name"]
-    assert load_trained(tmp_path / "plain", networks=()).parameterization is None
+    assert load_trained(tmp_path / "plain", networks=()).description.perflow is None
 
 
 def test_converted_folder_loads_without_torch(sd, tmp_path):
