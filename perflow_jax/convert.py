@@ -136,35 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--from", dest="source", type=Path, required=True, help="diffusers pipeline folder")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"), help="stored parameter dtype (default float32)"
-    )
-    parser.add_argument(
-        "--perflow-delta", type=Path, help="PeRFlow delta_weights.safetensors to add to the UNet before saving"
-    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored parameter dtype")
+    parser.add_argument("--perflow-delta", type=Path, help="PeRFlow delta_weights.safetensors to add to the UNet")
     parser.add_argument(
         "--perflow-parameterization",
         default="diff_eps",
         choices=schedule.PARAMETERIZATIONS,
         help="what the delta's student predicts (default, and the released SD1.5 delta: diff_eps)",
     )
-    parser.add_argument(
-        "--perflow-windows", type=int, default=4, help="the delta's window count K (default and releases: 4)"
-    )
+    parser.add_argument("--perflow-windows", type=int, default=4, help="the delta's window count K (default 4)")
     parser.add_argument("--variant", help="weight file variant to read, e.g. fp16 (default: plain files)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     try:
-        convert(
-            args.source,
-            args.out,
-            dtype=args.dtype,
-            perflow_delta=args.perflow_delta,
-            perflow_parameterization=args.perflow_parameterization,
-            perflow_windows=args.perflow_windows,
-            variant=args.variant,
-            overwrite=args.overwrite,
-        )
+        convert(**vars(args))  # the flags' names are convert's parameters
     except (ConversionError, weights.WeightsFileError, weights.WeightsMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

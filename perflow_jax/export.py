@@ -178,35 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="training WORKDIR, or a converted PeRFlow folder")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
     parser.add_argument("--step", type=int, help="checkpoint step of a WORKDIR (default: the newest)")
-    parser.add_argument(
-        "--weights",
-        default="ema",
-        choices=tuple(checkpoint.WEIGHTS),
-        help="the EMA weights (default) or the raw student's",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="float16",
-        choices=tuple(DTYPES),
-        help="dtype of unet/ (default float16; the delta is float32)",
-    )
-    parser.add_argument(
-        "--base",
-        type=Path,
-        help="diffusers folder of the teacher: write a whole pipeline folder, and the delta of a converted --model",
-    )
+    parser.add_argument("--weights", default="ema", choices=tuple(checkpoint.WEIGHTS), help="EMA (default) or student")
+    parser.add_argument("--dtype", default="float16", choices=tuple(DTYPES), help="unet/ dtype (default float16)")
+    parser.add_argument("--base", type=Path, help="the teacher's diffusers folder: for a whole pipeline, or a delta")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    del args["to_torch"]  # required, so always set; the other flags' names are export_to_torch's parameters
     try:
-        export_to_torch(
-            args.model,
-            args.out,
-            step=args.step,
-            weights=args.weights,
-            dtype=args.dtype,
-            base=args.base,
-            overwrite=args.overwrite,
-        )
+        export_to_torch(**args)
     except (ExportError, checkpoint.CheckpointError, WeightsFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -15,12 +15,8 @@ whole mapping, read one way by ``params_to_state_dict`` and the other by
 
 Reading also accepts the key names older diffusers checkpoints use (``LEGACY_RENAMES``), text
 encoders saved by transformers >= 5 without their ``text_model.`` prefix, and drops buffers that
-are not parameters (``IGNORED_TORCH_KEYS``).
-
-Below the rules: reading the weight files of a diffusers pipeline folder (safetensors, sharded or
-not, fp16 variants, and pickled ``.bin`` files only through ``torch.load(weights_only=True)``),
-PeRFlow delta weights, this project's converted folders (Orbax), and writing a diffusers UNet
-folder from Flax parameters.
+are not parameters (``IGNORED_TORCH_KEYS``). Pickled ``.bin`` files are read only through
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -95,10 +91,12 @@ def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[s
     return leaves
 
 
-def _rule_for_flax(leaf: str, rank: int) -> LeafRule:
+def _torch_key(flax_key: str, rank: int) -> tuple[str, LeafRule]:
+    """'down.0.kernel' of rank 2 -> ('down.0.weight', the rule that maps it)."""
+    module, _, leaf = flax_key.rpartition(".")
     for rule in LEAF_RULES:
         if rule.flax_leaf == leaf and rule.rank == rank:
-            return rule
+            return f"{module}.{rule.torch_leaf}", rule
     raise ValueError(f"no weight rule for a Flax parameter {leaf!r} of rank {rank}")
 
 
@@ -110,35 +108,27 @@ def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax parameter tree -> flat PyTorch state dict of numpy arrays (same dtypes)."""
     state = {}
     for key, value in flatten(params).items():
-        module, _, leaf = key.rpartition(".")
         array = np.asarray(value)
-        rule = _rule_for_flax(leaf, array.ndim)
-        state[f"{module}.{rule.torch_leaf}"] = _permute(array, rule.to_torch)
+        torch_key, rule = _torch_key(key, array.ndim)
+        state[torch_key] = _permute(array, rule.to_torch)
     return state
 
 
 def state_dict_to_params(
     state_dict: Mapping[str, Any], template: Mapping[str, Any], *, name: str = "network"
 ) -> dict[str, Any]:
-    """Flat PyTorch state dict -> Flax parameter tree shaped like ``template``.
+    """Flat PyTorch state dict (key -> array-like) -> nested dict of numpy arrays in its dtypes, shaped like
+    ``template`` (e.g. from ``jax.eval_shape``; only its leaves' shapes are read). ``name`` ("unet", "vae", ...)
+    is for error messages.
 
-    Args:
-      state_dict: key -> array-like (numpy, or anything ``np.asarray`` takes).
-      template: the network's parameter tree, e.g. from ``jax.eval_shape``; only the shapes of
-        its leaves are read.
-      name: what the weights are, for error messages ("unet", "vae", ...).
-    Returns:
-      A nested dict of numpy arrays in the state dict's dtypes.
-    Raises:
-      WeightsMismatchError: listing (in PyTorch key names) the first ten missing, unexpected and
-        mis-shaped keys.
+    Raises WeightsMismatchError listing (in PyTorch key names) the first ten missing, unexpected and
+    mis-shaped keys.
     """
     # What each template leaf is called on the PyTorch side: (path, rule, PyTorch shape).
     wanted = {}
     for flat_key, (path, leaf) in _leaf_paths(template).items():
-        module, _, leaf_name = flat_key.rpartition(".")
-        rule = _rule_for_flax(leaf_name, len(leaf.shape))
-        wanted[f"{module}.{rule.torch_leaf}"] = (path, rule, _torch_shape(tuple(leaf.shape), rule))
+        torch_key, rule = _torch_key(flat_key, len(leaf.shape))
+        wanted[torch_key] = (path, rule, tuple(leaf.shape[i] for i in rule.to_torch or range(len(leaf.shape))))
 
     tree: dict[str, Any] = {}
     unexpected, misshaped = [], []
@@ -167,10 +157,6 @@ def state_dict_to_params(
             _mismatch_message(f"the {name} weights do not fit the {name} config", missing, unexpected, misshaped)
         )
     return tree
-
-
-def _torch_shape(flax_shape: tuple[int, ...], rule: LeafRule) -> tuple[int, ...]:
-    return flax_shape if rule.to_torch is None else tuple(flax_shape[i] for i in rule.to_torch)
 
 
 def _apply_legacy_renames(key: str) -> str:
@@ -279,12 +265,9 @@ def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
 
 def _variants_in(folder: Path) -> set[str]:
     """Variant tags present, e.g. {".fp16"} for diffusion_pytorch_model.fp16.safetensors."""
-    tags = set()
-    for file in folder.glob("*") if folder.is_dir() else ():
-        match = re.fullmatch(rf"(?:{'|'.join(WEIGHT_FILE_STEMS)})(\.[^.]+)\.(?:safetensors|bin)", file.name)
-        if match:
-            tags.add(match.group(1))
-    return tags
+    pattern = re.compile(rf"(?:{'|'.join(WEIGHT_FILE_STEMS)})(\.[^.]+)\.(?:safetensors|bin)")
+    files = folder.glob("*") if folder.is_dir() else ()
+    return {match.group(1) for file in files if (match := pattern.fullmatch(file.name))}
 
 
 def read_state_dict(folder: Path, variant: str | None = None) -> Mapping[str, np.ndarray]:
@@ -292,10 +275,7 @@ def read_state_dict(folder: Path, variant: str | None = None) -> Mapping[str, np
     files = find_weight_files(folder, variant)
     if files[0].suffix == ".safetensors":
         return SafetensorsStateDict(files)
-    state = {}
-    for file in files:
-        state.update(read_torch_pickle(file))
-    return state
+    return {key: value for file in files for key, value in read_torch_pickle(file).items()}
 
 
 def read_torch_pickle(file: Path) -> dict[str, np.ndarray]:
@@ -451,13 +431,8 @@ def load_params(path: Path) -> Any:
 
 
 def write_diffusers_unet(params: Any, config: Mapping[str, Any], out: Path, dtype: str = "float32") -> Path:
-    """A diffusers-loadable UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
-
-    Args:
-      params: the Flax UNet parameter tree.
-      config: the UNet's diffusers config dict (as read from its config.json).
-      out: the folder to write; created if needed.
-      dtype: a key of DTYPES.
+    """A diffusers-loadable UNet folder ``out`` (created if needed): ``config.json`` from ``config`` (the UNet's
+    diffusers config) and ``diffusion_pytorch_model.safetensors`` from ``params`` in ``dtype`` (a key of DTYPES).
     """
     from safetensors.numpy import save_file
 
