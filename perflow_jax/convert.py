@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--from", dest="source", type=Path, required=True, help="diffusers pipeline folder")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored dtype (default float32)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="stored dtype (default float32)"
+    )
     parser.add_argument("--perflow-delta", type=Path, help="PeRFlow delta_weights.safetensors to add to the UNet")
     parser.add_argument(
         "--perflow-parameterization",

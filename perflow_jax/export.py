@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
     parser.add_argument("--step", type=int, help="checkpoint step of a WORKDIR (default: the newest)")
     parser.add_argument("--weights", default="ema", choices=tuple(checkpoint.WEIGHTS), help="EMA (default) or student")
-    parser.add_argument("--dtype", default="float16", choices=tuple(DTYPES), help="unet/ dtype (default float16; the delta: float32)")
+    parser.add_argument(
+        "--dtype", default="float16", choices=tuple(DTYPES), help="unet/ dtype (default float16; the delta: float32)"
+    )
     parser.add_argument("--base", type=Path, help="the teacher's diffusers folder: for a whole pipeline, or a delta")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = vars(parser.parse_args(argv))
