@@ -43,6 +43,11 @@ class Model:
     def sdxl(self) -> bool:
         return "text_encoder_2" in self.classes
 
+    @property
+    def text_encoders(self) -> list[str]:
+        """The names of its text encoders: ["text_encoder"], and "text_encoder_2" for SDXL."""
+        return [n for n in ("text_encoder", "text_encoder_2") if n in self.classes]
+
     def module(self, name: str, **module_kwargs):
         """The Flax module of network ``name`` (dtype, attention_backend, remat as keyword arguments)."""
         return models.from_config(self.classes[name], self.configs[name], **module_kwargs)
@@ -515,7 +520,7 @@ def load_generator(
     else:
         model = load_model(description.folder)
     compute = weights_io.DTYPES[dtype]
-    text_names = [n for n in ("text_encoder", "text_encoder_2") if n in model.classes]
+    text_names = model.text_encoders
     encoders = [model.module(n, dtype=compute, attention_backend="auto") for n in text_names]
     pipe = Pipeline(
         unet=model.module("unet", dtype=compute, attention_backend="auto"),

@@ -126,20 +126,15 @@ def _refuse_another_run(workdir: Path, config: ml_collections.ConfigDict) -> Non
 
 def _validate_against_model(config: ml_collections.ConfigDict, model: pipeline.Model, manifest: dict) -> None:
     """``recipe.validate_against`` the loaded model, the prepared data's manifest and the devices."""
-    text_names = _text_encoder_names(model)
     recipe.validate_against(
         config,
         cross_attention_dim=_cross_attention_dim(model.configs["unet"]),
-        text_widths=[model.configs[n]["hidden_size"] for n in text_names],
+        text_widths=[model.configs[n]["hidden_size"] for n in model.text_encoders],
         sdxl=model.sdxl,
         manifest=manifest,
         device_count=jax.device_count(),
         teacher_prediction_type=model.prediction_type(),
     )
-
-
-def _text_encoder_names(model: pipeline.Model) -> list[str]:
-    return [n for n in ("text_encoder", "text_encoder_2") if n in model.classes]
 
 
 def _cross_attention_dim(unet_config: dict[str, Any]) -> int:
@@ -152,7 +147,7 @@ def _components(config: ml_collections.ConfigDict, model: pipeline.Model, manife
     compute, frozen_dtype = weights.DTYPES[config.model.compute_dtype], weights.DTYPES[config.model.teacher_dtype]
     backend = config.model.attention_backend
     text = pipeline.TextEncoders(
-        *(model.module(n, dtype=frozen_dtype, attention_backend=backend) for n in _text_encoder_names(model)),
+        *(model.module(n, dtype=frozen_dtype, attention_backend=backend) for n in model.text_encoders),
         resolution=config.data.resolution,
         sdxl_time_ids=config.data.sdxl_time_ids,
     )
@@ -171,14 +166,11 @@ def _frozen_params(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(frozen parameters on the devices, their shardings): the teacher and text encoders in the teacher dtype,
     sharded like the student, and ``null_cond``, the empty prompt's condition, replicated."""
-    text_names = _text_encoder_names(model)
     frozen = {"teacher": weights.cast_params(model.params["unet"], config.model.teacher_dtype)}
-    frozen.update({n: weights.cast_params(model.params[n], config.model.teacher_dtype) for n in text_names})
+    frozen.update({n: weights.cast_params(model.params[n], config.model.teacher_dtype) for n in model.text_encoders})
     frozen_shardings = sharding.parameter_shardings(frozen, mesh)
     frozen = jax.device_put(frozen, frozen_shardings)
-    null_ids = {k: jnp.asarray(v) for k, v in model.tokenize([""]).items()}
-    if model.sdxl:
-        null_ids.update(original_size=jnp.full((1, 2), config.data.resolution), crop_top_left=jnp.zeros((1, 2)))
+    null_ids = {**components.text.size_ids(1), **model.tokenize([""])}
     encode = jax.jit(components.text.encode, out_shardings=sharding.replicated(mesh))
     frozen["null_cond"] = encode(frozen, null_ids)
     frozen_shardings["null_cond"] = jax.tree.map(lambda _: sharding.replicated(mesh), frozen["null_cond"])
