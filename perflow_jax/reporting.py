@@ -144,7 +144,7 @@ class Samples:
         vae = model.module("vae")
         params = {
             "unet": frozen["teacher"],
-            "text": {n: frozen[n] for n in ("text_encoder", "text_encoder_2") if n in frozen},
+            "text": {n: frozen[n] for n in model.text_encoders},
             "vae": sharding.place(weights.cast_params(model.params["vae"], "float32"), sharding.replicated(mesh)),
         }
         common = {"num_steps": config.log.sample_steps, "guidance": config.log.sample_guidance}
