@@ -153,20 +153,11 @@ def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bo
 
     q, k, v = pad(q, t_pad), pad(k, s_pad), pad(v, s_pad)
     mask = sm.MultiHeadMask([sm.FullMask((t_pad, s_pad))] * h)
-    block = sk.BlockSizes(
-        block_q=_SPLASH_BLOCK,
-        block_kv=_SPLASH_BLOCK,
-        block_kv_compute=_SPLASH_BLOCK,
-        block_q_dkv=_SPLASH_BLOCK,
-        block_kv_dkv=_SPLASH_BLOCK,
-        block_kv_dkv_compute=_SPLASH_BLOCK,
-        block_q_dq=_SPLASH_BLOCK,
-        block_kv_dq=_SPLASH_BLOCK,
-    )
+    sizes = "block_q block_kv block_kv_compute block_q_dkv block_kv_dkv block_kv_dkv_compute block_q_dq block_kv_dq"
+    block = sk.BlockSizes(**dict.fromkeys(sizes.split(), _SPLASH_BLOCK))  # every block the same size
     kernel = sk.make_splash_mha(mask, block_sizes=block, head_shards=1, q_seq_shards=1, interpret=interpret)
     segments = sk.SegmentIds(
-        q=(jnp.arange(t_pad) >= t).astype(jnp.int32),
-        kv=(jnp.arange(s_pad) >= s).astype(jnp.int32),
+        q=(jnp.arange(t_pad) >= t).astype(jnp.int32), kv=(jnp.arange(s_pad) >= s).astype(jnp.int32)
     )
     # The kernel works on one example: [H, T, D].
     out = jax.vmap(lambda qi, ki, vi: kernel(qi, ki, vi, segment_ids=segments))(

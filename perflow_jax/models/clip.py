@@ -180,15 +180,10 @@ class CLIPEncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        residual = hidden_states
-        hidden_states = _layer_norm(self.config, self.dtype, "layer_norm1")(hidden_states)
-        hidden_states = CLIPAttention(self.config, self.dtype, self.attention_backend, name="self_attn")(hidden_states)
-        hidden_states = residual + hidden_states
-
-        residual = hidden_states
-        hidden_states = _layer_norm(self.config, self.dtype, "layer_norm2")(hidden_states)
-        hidden_states = CLIPMLP(self.config, self.dtype, name="mlp")(hidden_states)
-        return residual + hidden_states
+        attention = CLIPAttention(self.config, self.dtype, self.attention_backend, name="self_attn")
+        hidden_states = hidden_states + attention(_layer_norm(self.config, self.dtype, "layer_norm1")(hidden_states))
+        mlp = CLIPMLP(self.config, self.dtype, name="mlp")
+        return hidden_states + mlp(_layer_norm(self.config, self.dtype, "layer_norm2")(hidden_states))
 
 
 class CLIPEncoder(nn.Module):
@@ -240,34 +235,19 @@ class CLIPTextModel(nn.Module):
 
     def abstract_params(self) -> dict[str, Any]:
         """The parameter tree as jax.ShapeDtypeStruct leaves (float32)."""
-        return _abstract_params(self)
+        return jax.eval_shape(self.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(CLIPTextModel):
     """transformers.CLIPTextModelWithProjection (SDXL's text_encoder_2).
 
     ``__call__(input_ids: [B, T] int32) -> CLIPTextOutput`` with text_embeds = text_projection(pooler_output).
     """
-
-    config: CLIPTextConfig
-    dtype: jnp.dtype = jnp.float32
-    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
         if self.config.projection_dim is None:
             raise ValueError("text encoder config has projection_dim None: CLIPTextModelWithProjection needs it")
         out = CLIPTextTransformer(self.config, self.dtype, self.attention_backend, name="text_model")(input_ids)
-        text_embeds = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(
-            out.pooler_output
-        )
-        return out._replace(text_embeds=text_embeds)
-
-    def abstract_params(self) -> dict[str, Any]:
-        """The parameter tree as jax.ShapeDtypeStruct leaves (float32)."""
-        return _abstract_params(self)
-
-
-def _abstract_params(model: nn.Module) -> dict[str, Any]:
-    input_ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), input_ids)["params"]
+        projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")
+        return out._replace(text_embeds=projection(out.pooler_output))

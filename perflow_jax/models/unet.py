@@ -144,35 +144,22 @@ class UNetConfig:
             for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
                 if cfg.get(key) is None:
                     raise ValueError(f"UNet config has addition_embed_type='text_time' but no {key} (SDXL sets both)")
-        return cls(
-            in_channels=cfg.get("in_channels", 4),
-            out_channels=cfg.get("out_channels", 4),
-            center_input_sample=cfg.get("center_input_sample", False),
-            flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
-            freq_shift=cfg.get("freq_shift", 0),
+        fields = {f.name for f in dataclasses.fields(cls)}
+        # Keys that keep diffusers' name and value come as they are; the rest are normalised to tuples.
+        values = {k: v for k, v in cfg.items() if k in fields}
+        values.update(
             down_block_types=down,
-            mid_block_type=cfg.get("mid_block_type", cls.mid_block_type),
             up_block_types=up,
             only_cross_attention=tuple(_per_block(only_cross, n, "only_cross_attention")),
             mid_block_only_cross_attention=bool(mid_only_cross),
             block_out_channels=tuple(cfg.get("block_out_channels", cls.block_out_channels)),
             layers_per_block=tuple(layers),
-            downsample_padding=cfg.get("downsample_padding", 1),
-            mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
-            resnet_out_scale_factor=cfg.get("resnet_out_scale_factor", 1.0),
-            norm_num_groups=cfg.get("norm_num_groups", 32),
-            norm_eps=cfg.get("norm_eps", 1e-5),
             cross_attention_dim=tuple(_per_block(cfg.get("cross_attention_dim", 1280), n, "cross_attention_dim")),
             transformer_layers_per_block=per_down,
             reverse_transformer_layers_per_block=per_up,
             heads=tuple(heads),
-            use_linear_projection=cfg.get("use_linear_projection", False),
-            addition_embed_type=cfg.get("addition_embed_type"),
-            addition_time_embed_dim=cfg.get("addition_time_embed_dim"),
-            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"),
-            conv_in_kernel=cfg.get("conv_in_kernel", 3),
-            conv_out_kernel=cfg.get("conv_out_kernel", 3),
         )
+        return cls(**values)
 
 
 def _check_choice(cfg: Mapping[str, Any], key: str, supported: Sequence[str]) -> None:
@@ -337,10 +324,11 @@ class UNet2DConditionModel(nn.Module):
         time_dim = channels[0] * 4
         resnet = _maybe_remat(ResnetBlock2D, self.remat)
 
-        def transformer(name, c, heads, layers, only_cross):
+        def transformer(name, i, layers, only_cross):
+            """The transformer of down block i (the up blocks mirror the down blocks)."""
             return Transformer2DModel(
-                c,
-                heads,
+                channels[i],
+                cfg.heads[i],
                 layers,
                 cfg.norm_num_groups,
                 cfg.use_linear_projection,
@@ -379,13 +367,8 @@ class UNet2DConditionModel(nn.Module):
             for j in range(cfg.layers_per_block[i]):
                 x = resnet_block(f"{prefix}.resnets.{j}", channels[i])(x, emb)
                 if block_type == "CrossAttnDownBlock2D":
-                    x = transformer(
-                        f"{prefix}.attentions.{j}",
-                        channels[i],
-                        cfg.heads[i],
-                        cfg.transformer_layers_per_block[i][j],
-                        cfg.only_cross_attention[i],
-                    )(x, context)
+                    layers = cfg.transformer_layers_per_block[i][j]
+                    x = transformer(f"{prefix}.attentions.{j}", i, layers, cfg.only_cross_attention[i])(x, context)
                 skips.append(x)
             if i < len(channels) - 1:
                 x = Downsample2D(channels[i], cfg.downsample_padding, self.dtype, name=f"{prefix}.downsamplers.0")(x)
@@ -394,30 +377,21 @@ class UNet2DConditionModel(nn.Module):
         mid = "mid_block"
         x = resnet_block(f"{mid}.resnets.0", channels[-1], cfg.mid_block_scale_factor)(x, emb)
         # diffusers gives the mid block the last down block's transformer depth.
-        x = transformer(
-            f"{mid}.attentions.0",
-            channels[-1],
-            cfg.heads[-1],
-            cfg.transformer_layers_per_block[-1][0],
-            cfg.mid_block_only_cross_attention,
-        )(x, context)
+        layers = cfg.transformer_layers_per_block[-1][0]
+        x = transformer(f"{mid}.attentions.0", -1, layers, cfg.mid_block_only_cross_attention)(x, context)
         x = resnet_block(f"{mid}.resnets.1", channels[-1], cfg.mid_block_scale_factor)(x, emb)
 
         n = len(channels)
         for i, block_type in enumerate(cfg.up_block_types):
             prefix = f"up_blocks.{i}"
-            c = channels[n - 1 - i]
-            for j in range(cfg.layers_per_block[n - 1 - i] + 1):
+            k = n - 1 - i  # the down block this up block mirrors
+            c = channels[k]
+            for j in range(cfg.layers_per_block[k] + 1):
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
                 x = resnet_block(f"{prefix}.resnets.{j}", c)(x, emb)
                 if block_type == "CrossAttnUpBlock2D":
-                    x = transformer(
-                        f"{prefix}.attentions.{j}",
-                        c,
-                        cfg.heads[n - 1 - i],
-                        cfg.reverse_transformer_layers_per_block[i][j],
-                        cfg.only_cross_attention[n - 1 - i],
-                    )(x, context)
+                    layers = cfg.reverse_transformer_layers_per_block[i][j]
+                    x = transformer(f"{prefix}.attentions.{j}", k, layers, cfg.only_cross_attention[k])(x, context)
             if i < n - 1:
                 size = skips[-1].shape[1:3]
                 x = Upsample2D(c, self.dtype, name=f"{prefix}.upsamplers.0")(x, size)

@@ -89,60 +89,54 @@ class UNetMidBlock2D(nn.Module):
         return ResnetBlock2D(self.channels, self.groups, _EPS, dtype=self.dtype, name="resnets.1")(x)
 
 
-class Encoder(nn.Module):
+class _Half(nn.Module):
+    """What Encoder and Decoder share: their fields, ResNets, mid block and output head."""
+
     config: VAEConfig
     attention_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
+    def resnet(self, c: int, name: str) -> ResnetBlock2D:
+        return ResnetBlock2D(c, self.config.norm_num_groups, _EPS, dtype=self.dtype, name=name)
+
+    def mid_block(self, c: int) -> UNetMidBlock2D:
+        cfg = self.config
+        return UNetMidBlock2D(
+            c, cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_backend, self.dtype, name="mid_block"
+        )
+
+    def head(self, x: jax.Array, features: int) -> jax.Array:
+        """conv_norm_out, SiLU, conv_out."""
+        x = nn.silu(group_norm(self.config.norm_num_groups, _EPS, self.dtype, "conv_norm_out")(x))
+        return conv(features, 3, self.dtype, "conv_out")(x)
+
+
+class Encoder(_Half):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        channels = cfg.block_out_channels
+        channels = self.config.block_out_channels
         x = conv(channels[0], 3, self.dtype, "conv_in")(x)
         for i, c in enumerate(channels):
-            for j in range(cfg.layers_per_block):
-                x = ResnetBlock2D(c, cfg.norm_num_groups, _EPS, dtype=self.dtype, name=f"down_blocks.{i}.resnets.{j}")(
-                    x
-                )
+            for j in range(self.config.layers_per_block):
+                x = self.resnet(c, f"down_blocks.{i}.resnets.{j}")(x)
             if i < len(channels) - 1:
                 x = Downsample2D(c, padding=0, dtype=self.dtype, name=f"down_blocks.{i}.downsamplers.0")(x)
-        x = UNetMidBlock2D(
-            channels[-1],
-            cfg.norm_num_groups,
-            cfg.mid_block_add_attention,
-            self.attention_backend,
-            self.dtype,
-            name="mid_block",
-        )(x)
-        x = nn.silu(group_norm(cfg.norm_num_groups, _EPS, self.dtype, "conv_norm_out")(x))
-        return conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
+        x = self.mid_block(channels[-1])(x)
+        return self.head(x, 2 * self.config.latent_channels)
 
 
-class Decoder(nn.Module):
-    config: VAEConfig
-    attention_backend: str = "auto"
-    dtype: jnp.dtype = jnp.float32
-
+class Decoder(_Half):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        cfg = self.config
-        channels = tuple(reversed(cfg.block_out_channels))
+        channels = tuple(reversed(self.config.block_out_channels))
         x = conv(channels[0], 3, self.dtype, "conv_in")(z)
-        x = UNetMidBlock2D(
-            channels[0],
-            cfg.norm_num_groups,
-            cfg.mid_block_add_attention,
-            self.attention_backend,
-            self.dtype,
-            name="mid_block",
-        )(x)
+        x = self.mid_block(channels[0])(x)
         for i, c in enumerate(channels):
-            for j in range(cfg.layers_per_block + 1):
-                x = ResnetBlock2D(c, cfg.norm_num_groups, _EPS, dtype=self.dtype, name=f"up_blocks.{i}.resnets.{j}")(x)
+            for j in range(self.config.layers_per_block + 1):
+                x = self.resnet(c, f"up_blocks.{i}.resnets.{j}")(x)
             if i < len(channels) - 1:
                 x = Upsample2D(c, self.dtype, name=f"up_blocks.{i}.upsamplers.0")(x)
-        x = nn.silu(group_norm(cfg.norm_num_groups, _EPS, self.dtype, "conv_norm_out")(x))
-        return conv(cfg.out_channels, 3, self.dtype, "conv_out")(x)
+        return self.head(x, self.config.out_channels)
 
 
 class AutoencoderKL(nn.Module):
