@@ -279,27 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m perflow_jax.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        required=True,
-        metavar="PATH",
-        help="training WORKDIR, or a model folder (converted or diffusers) with a PeRFlowScheduler",
-    )
+    parser.add_argument("--model", type=Path, required=True, metavar="PATH", help="WORKDIR or PeRFlow model folder")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="one prompt")
-    prompt.add_argument(
-        "--prompts", type=Path, metavar="FILE", help="text file, one prompt per line (blank lines skipped)"
-    )
+    prompt.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line (blank lines skipped)")
     parser.add_argument("--out", type=Path, required=True, metavar="PNG", help="the grid PNG to write")
-    parser.add_argument(
-        "--steps", type=int, help=f"student sampling steps, at least the window count (default {DEFAULT_STEPS})"
-    )
-    parser.add_argument(
-        "--guidance",
-        type=float,
-        help=f"CFG scale >= 1 (default {STUDENT_GUIDANCE}; {TEACHER_GUIDANCE} with --teacher-ddim)",
-    )
+    parser.add_argument("--steps", type=int, help=f"student steps, at least its window count (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, help=f"CFG scale >= 1 ({STUDENT_GUIDANCE}; DDIM {TEACHER_GUIDANCE})")
     parser.add_argument("--negative-prompt", help="the unconditional branch's prompt (default the empty prompt)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
@@ -307,27 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, help="image width in pixels (default the training resolution)")
     parser.add_argument("--weights", choices=WEIGHTS, help="a WORKDIR's EMA (default) or raw student weights")
     parser.add_argument("--step", type=int, help="a WORKDIR's checkpoint step (default the newest)")
-    parser.add_argument(
-        "--teacher-ddim",
-        type=int,
-        metavar="STEPS",
-        help="sample the teacher (a WORKDIR's, or a Stable Diffusion folder) with DDIM in STEPS steps",
-    )
+    parser.add_argument("--teacher-ddim", type=int, metavar="STEPS", help="sample the teacher with DDIM instead")
     parser.add_argument("--init-noise", type=Path, metavar="NPY", help="initial noise [images, c, h, w] to start from")
     parser.add_argument("--save-noise", type=Path, metavar="NPY", help="write the initial noise used [images, c, h, w]")
-    parser.add_argument(
-        "--save-latents",
-        type=Path,
-        metavar="NPY",
-        help="write the final latents before the VAE decode [images, c, h, w]",
-    )
+    parser.add_argument("--save-latents", type=Path, metavar="NPY", help="write the final latents [images, c, h, w]")
     parser.add_argument("--singles", action="store_true", help="also write each image beside --out as STEM_XXX.png")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=COMPUTE_DTYPES,
-        help="compute dtype (default float32; bfloat16 is faster on GPUs and TPUs)",
-    )
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype (default float32)")
     args = parser.parse_args(argv)
     try:
         sharding.initialize_distributed()
