@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -36,13 +37,16 @@ class Reporter:
             self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=first_step + 1)
 
     def scalars(self, step_number: int, values: dict[str, float], line: str) -> None:
+        """Print ``line``, log ``values``: a non-finite one (an empty window's mean) as null, and not to TensorBoard."""
         if not self.active:
             return
         print(line, flush=True)
-        self.jsonl.write(json.dumps({"step": step_number, **values}) + "\n")
+        row = {key: value if math.isfinite(value) else None for key, value in values.items()}
+        self.jsonl.write(json.dumps({"step": step_number, **row}, allow_nan=False) + "\n")
         self.jsonl.flush()
-        for key, value in values.items():
-            self.tensorboard.add_scalar(key, value, step_number)
+        for key, value in row.items():
+            if value is not None:
+                self.tensorboard.add_scalar(key, value, step_number)
         self.tensorboard.flush()
 
     def image(self, step_number: int, name: str, image: np.ndarray) -> None:

@@ -1,12 +1,44 @@
-"""What a training run reports: the ETA's format and metrics.jsonl across a resume."""
+"""What a training run reports: the ETA's format, metrics.jsonl as strict JSON and across a resume."""
 
 import json
+
+import numpy as np
+import optax
 
 from perflow_jax import reporting
 
 
+def strict_rows(path):
+    """metrics.jsonl's rows through a parser that refuses NaN and Infinity, as strict JSON readers do."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
 def test_the_eta_counts_hours_past_a_day():
     assert reporting._duration(90061) == "25:01:01" and reporting._duration(59.6) == "0:01:00"
+
+
+def step_metrics(window_loss_sum, window_count):
+    """One step's metrics as the training step returns them (loss 0.5, grad norm 1)."""
+    return {
+        "loss": np.float32(0.5),
+        "grad_norm": np.float32(1.0),
+        "window_loss_sum": np.array(window_loss_sum),
+        "window_count": np.array(window_count),
+    }
+
+
+def test_a_window_without_examples_is_null_in_strict_json_metrics(tmp_path):
+    progress = reporting.Progress(total=10, global_batch_size=2, learning_rate=optax.constant_schedule(1e-4))
+    values, line = progress.report([(1, step_metrics([0.6, 0.0], [2, 0]))], 1)
+    reporter = reporting.Reporter(tmp_path)
+    reporter.scalars(1, {**values, "grad_norm": float("inf")}, line)
+    reporter.close()
+    (row,) = strict_rows(tmp_path / "metrics.jsonl")
+    assert (row["loss_window_0"], row["loss_window_1"], row["grad_norm"]) == (0.3, None, None)
 
 
 def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
