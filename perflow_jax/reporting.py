@@ -80,8 +80,9 @@ def _drop_rows_after(path: Path, step_number: int) -> None:
 class Progress:
     """The figures of each report: the steps' metrics, samples/s, MFU and the ETA.
 
-    Throughput counts the steps since ``restart`` (called once the step is compiled) or since the
-    last report; MFU needs ``flops_per_step`` and the device's peak in ``flops.PEAK_FLOPS``.
+    Throughput counts the steps since the last report (or ``restart``, called once the step is
+    compiled); the ETA, the mean rate since ``restart``. MFU needs ``flops_per_step`` and the
+    device's peak in ``flops.PEAK_FLOPS``.
     """
 
     total: int
@@ -89,9 +90,10 @@ class Progress:
     learning_rate: optax.Schedule
     flops_per_step: float | None = None
     since: tuple[float, int] = (0.0, 0)  # (time, step) the throughput counts from
+    start: tuple[float, int] = (0.0, 0)  # (time, step) the ETA counts from
 
     def restart(self, step_number: int) -> None:
-        self.since = (time.perf_counter(), step_number)
+        self.since = self.start = (time.perf_counter(), step_number)
 
     def report(self, pending: list[tuple[int, dict]], done: int) -> tuple[dict[str, float], str]:
         """The metrics.jsonl row and the console line of the ``pending`` (step, metrics), ``done`` the last step."""
@@ -114,7 +116,7 @@ class Progress:
         }
         if mfu is not None:
             values["mfu"] = mfu
-        eta = (self.total - done) / max(steps_per_s, 1e-9)
+        eta = eta_seconds(self.start, now, done, self.total)
         windows = " ".join(f"{v:.4f}" for v in per_window)
         line = (
             f"step {done}/{self.total} | loss {values['loss']:.4f} | per window {windows} | grad norm "
@@ -123,6 +125,11 @@ class Progress:
             + f" | ETA {_duration(eta)}"
         )
         return values, line
+
+
+def eta_seconds(start: tuple[float, int], now: float, done: int, total: int) -> float:
+    """Seconds to step ``total`` at the mean rate since ``start`` = (time, step): steadier than the last interval's."""
+    return (total - done) * (now - start[0]) / max(done - start[1], 1)
 
 
 def _duration(seconds: float) -> str:
