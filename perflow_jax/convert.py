@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import __version__, models, pipeline, schedule, weights
+from perflow_jax import __version__, console, models, pipeline, schedule, weights
 
 
 class ConversionError(ValueError):
@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perflow-windows", type=int, default=4, help="the delta's window count K (default 4)")
     parser.add_argument("--variant", help="weight file variant to read, e.g. fp16 (default: plain files)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
+    args = vars(parser.parse_args(argv))
+    console.set_log_levels(args.pop("verbose"))
     try:
-        convert(**vars(args))  # the flags' names are convert's parameters
+        convert(**args)  # the flags' names are convert's parameters
     except (ConversionError, weights.WeightsFileError, weights.WeightsMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

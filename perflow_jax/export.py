@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import checkpoint, pipeline
+from perflow_jax import checkpoint, console, pipeline
 from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--base", type=Path, help="the teacher's diffusers folder: for a whole pipeline, or a delta")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))
+    console.set_log_levels(args.pop("verbose"))
     del args["to_torch"]  # required, so always set; the other flags' names are export_to_torch's parameters
     try:
         export_to_torch(**args)

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from perflow_jax import data, pipeline, sharding, weights
+from perflow_jax import console, data, pipeline, sharding, weights
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SKIP_REASONS = ("unreadable", "corrupt", "too_small", "no_caption")
@@ -465,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default resolution/2)")
     parser.add_argument("--tfds-data-dir", help="data_dir of a tfds: source")
     parser.add_argument("--caption-field", help="caption feature of a tfds: source (default caption or text)")
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))  # the other flags are prepare's keyword arguments
+    console.set_log_levels(args.pop("verbose"))
     try:
         manifest = prepare(args.pop("model"), args.pop("input"), args.pop("out"), **args)
     except (PrepareError, weights.WeightsFileError, weights.WeightsMismatchError) as error:

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from perflow_jax import checkpoint, image_io, models, pipeline, sharding
+from perflow_jax import checkpoint, console, image_io, models, pipeline, sharding
 from perflow_jax.weights import COMPUTE_DTYPES
 
 DEFAULT_STEPS = 4
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-latents", type=Path, metavar="NPY", help="write the final latents [images, c, h, w]")
     parser.add_argument("--singles", action="store_true", help="also write each image beside --out as STEM_XXX.png")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype (default float32)")
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
+    console.set_log_levels(args.verbose)
     try:
         sharding.initialize_distributed()
         prompts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]

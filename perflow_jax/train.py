@@ -20,12 +20,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from perflow_jax import training
+from perflow_jax import console, training
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings go in --config.KEY=VALUE")
+    console.set_log_levels(_VERBOSE.value)
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (training.TrainingError, FileNotFoundError, ValueError) as error:  # and recipe's ConfigError, ResumeError
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> None:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/sd15.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics.jsonl, TensorBoard and samples")
+_VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])

@@ -19,6 +19,7 @@ from perflow_jax.convert import ConversionError, convert, main
 from perflow_jax.pipeline import load_trained
 from tests.helpers.parity import torch_state_dict
 from tests.helpers.pipelines import quiet, tiny_pipeline
+from tests.helpers.processes import library_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,6 +181,7 @@ def test_cli_converts_and_prints_a_line_per_component(sd, tmp_path):
     lines = result.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[:3]] == ["unet", "vae", "text_encoder"]
     assert lines[-1].startswith("converted 3 networks") and "copied tokenizer, scheduler" in lines[-1]
+    assert library_logs(result.stderr) == []
 
 
 # ---- errors: each names the problem and the fix, and leaves nothing behind -----------------

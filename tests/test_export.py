@@ -179,8 +179,9 @@ def test_a_base_of_another_architecture_is_refused(run, tmp_path):
     assert_fails_cleanly(tmp_path / "out", "another UNet architecture", run[0], base=tmp_path / "xl")
 
 
-def test_cli_exports_and_reports_errors_with_exit_status_2(run, tmp_path, capsys):
+def test_cli_exports_and_reports_errors_with_exit_status_2(run, tmp_path, capsys, caplog):
     assert export.main(["--to-torch", "--model", str(run[0]), "--out", str(tmp_path / "out")]) == 0
+    assert [record.getMessage() for record in caplog.records if record.name == "absl"] == []  # Orbax's: on --verbose
     assert (tmp_path / "out/unet/diffusion_pytorch_model.safetensors").is_file()
     assert export.main(["--to-torch", "--model", str(run[0]), "--out", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err

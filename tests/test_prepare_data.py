@@ -17,6 +17,7 @@ from perflow_jax.convert import convert
 from perflow_jax.prepare_data import PrepareError, center_crop, prepare
 from tests.helpers.data import image, read_examples
 from tests.helpers.pipelines import tiny_pipeline
+from tests.helpers.processes import library_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32  # the tiny VAE downsamples by 4: 8x8 latents
@@ -214,6 +215,7 @@ def test_cli_prints_a_summary_and_errors_exit_2(model, image_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "prepared 9 examples from 13 items" in result.stdout
     assert "1 unreadable, 1 corrupt, 1 too_small, 1 no_caption" in result.stdout
+    assert library_logs(result.stderr) == []
     bad = subprocess.run(command[:-1] + ["30"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "not a multiple of 4" in bad.stderr
 

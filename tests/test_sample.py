@@ -20,6 +20,7 @@ from perflow_jax.image_io import to_nchw, to_nhwc
 from perflow_jax.pipeline import seed_noise
 from perflow_jax.sample import Options, SampleError, main, make_plan, sample
 from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
+from tests.helpers.processes import library_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo number 1", "a photo number 2"]
@@ -211,6 +212,7 @@ def test_cli_on_two_devices_pads_the_batch_and_gives_the_same_images(folders, se
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 images of 32 x 48" in result.stdout and "ms per image) on 2 cpu device(s)" in result.stdout
+    assert library_logs(result.stderr) == []  # Orbax's read-only and metadata warnings: only with --verbose
     expected = to_nchw(seeded[0].latents[:3])
     np.testing.assert_allclose(
         np.load(tmp_path / "cli.npy"), expected, atol=FLOAT32_RECOMPILED_ATOL * np.abs(expected).max()

@@ -15,7 +15,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from perflow_jax import checkpoint, data, recipe, sharding, training
 from tests.helpers.pipelines import tiny_model_and_data
-from tests.helpers.processes import run_joined_processes
+from tests.helpers.processes import library_logs, run_joined_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,7 @@ def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup
     logged = losses(tmp_path / "run")
     assert sorted(logged) == [1, 2, 3, 4] and all(np.isfinite(v) for v in logged.values())
     assert "step 4/4 | loss" in result.stdout and "per window" in result.stdout
+    assert library_logs(result.stderr) == []  # Orbax's and JAX's INFO lines: only with --verbose
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "run/checkpoints/4").is_dir()
     samples = sorted(p.name for p in (tmp_path / "run/samples").glob("*.png"))

@@ -1,6 +1,7 @@
 """Running code on several simulated CPU devices, or as several processes joined like a multi-host job."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from perflow_jax import sharding
+from perflow_jax import console, sharding
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,15 @@ def run_with_devices(code: str, devices: int = 8, env: dict | None = None) -> st
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def library_logs(stderr: str) -> list[str]:
+    """Lines of a command's ``stderr`` only --verbose shows: INFO logs (absl or Python format), routine warnings."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if re.match(r"I\d{4} |INFO:", line) or any(warning in line for warning in console.ROUTINE_WARNINGS)
+    ]
 
 
 def free_port() -> int:

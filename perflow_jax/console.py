@@ -1,0 +1,31 @@
+"""Which library logs reach the console: each command's own lines always, Orbax's and JAX's on --verbose.
+
+Orbax (and Grain) log through absl's logger; absl's ``app.run`` (train) shows its INFO lines, about
+a hundred per short run. Without --verbose the commands show warnings and errors only, less two
+that Orbax gives on every healthy read of a WORKDIR (it is opened read-only on purpose, and an
+item's metadata file is optional).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import logging as absl_logging
+
+VERBOSE_HELP = "also show the INFO logs and routine warnings of Orbax, absl and JAX"
+ROUTINE_WARNINGS = ("Given directory is read only", "Metadata file does not exist")
+
+
+def _not_routine(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ROUTINE_WARNINGS)
+
+
+def set_log_levels(verbose: bool) -> None:
+    """absl (Orbax, Grain) and JAX loggers at INFO if ``verbose``, else at WARNING less Orbax's routine warnings."""
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)  # under app.run: the root logger
+    logging.getLogger("jax").setLevel(logging.INFO if verbose else logging.WARNING)
+    absl = logging.getLogger("absl")
+    if verbose:
+        absl.removeFilter(_not_routine)
+    else:
+        absl.addFilter(_not_routine)
