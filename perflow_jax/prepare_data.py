@@ -334,29 +334,39 @@ def load_item(item: Item, resolution: int, min_size: int, max_pixels: int) -> tu
         return None, "bad_caption"
     if not item.caption or not item.caption.strip():
         return None, "no_caption"
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels  # PIL's decompression-bomb guard
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = item.open()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        return None, "too_large"
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None, "unreadable"
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    if image.width * image.height > max_pixels:  # decoded arrays (tfds:, digits) that PIL did not check
-        return None, "too_large"
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError):
-        return None, "corrupt"
+    image, reason = _read_image(item, max_pixels)
+    if reason:
+        return None, reason
     if min(image.size) < min_size:
         return None, "too_small"
     pixels, original_size, crop = center_crop(image, resolution)
     example = dict(key=item.key, caption=item.caption.strip(), pixels=pixels)
     example.update(original_size=np.asarray(original_size, np.int32), crop_top_left=np.asarray(crop, np.int32))
     return example, None
+
+
+def _read_image(item: Item, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """(the item's decoded image, None) or (None, skip reason); ``max_pixels`` is PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) meanwhile, and going over it is too_large."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = item.open()
+            except (UnidentifiedImageError, OSError, ValueError):
+                return None, "unreadable"
+            if image.width * image.height > max_pixels:  # decoded arrays (tfds:, digits) that PIL did not check
+                return None, "too_large"
+            try:
+                image.load()  # some formats (GIF frames) check the limit again here
+            except (OSError, ValueError, SyntaxError):
+                return None, "corrupt"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return None, "too_large"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return image, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +432,7 @@ def prepare(
     """Prepare (or resume preparing) ``out``; returns the manifest once every shard is finished.
 
     ``max_items`` stops after that many input items (a run that is interrupted on purpose).
-    ``max_pixels`` replaces PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) while an image opens.
+    ``max_pixels`` replaces PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) while an image is read.
     """
     out = Path(out)
     process_index = jax.process_index() if process_index is None else process_index
@@ -495,18 +505,18 @@ def _check_settings(out: Path, settings: Settings, files: dict[str, list[int]] |
     state = out / STATE_FILE
     if state.is_file():
         before = json.loads(state.read_text())
-        if "input_sha256" in before and before["input_sha256"] != settings.input_sha256:  # older runs have none
-            _refuse_changed_input(out, files)
         changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and not k.startswith("input_")}
         if changed:
             details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
             raise PrepareError(f"{out} was prepared with other settings ({details}): use another --out to start afresh")
+        if "input_sha256" in before and before["input_sha256"] != settings.input_sha256:  # older runs have none
+            _refuse_changed_input(out, files)
     else:
         weights.require_empty(out, PrepareError, "it is not a prepared data folder; choose another --out")
         out.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(now, indent=2) + "\n")
         if files is not None:
             (out / INPUT_FILE).write_bytes(gzip.compress(json.dumps(files).encode()))
-        state.write_text(json.dumps(now, indent=2) + "\n")
 
 
 def _refuse_changed_input(out: Path, files: dict[str, list[int]] | None) -> None:

@@ -194,6 +194,15 @@ def test_bad_metadata_captions_and_oversized_images_are_skipped_and_counted(mode
     assert "metadata.jsonl: 1 lines are not JSON objects (line 2)" in capsys.readouterr().err
 
 
+def test_metadata_csv_that_is_not_utf8_is_read_as_txt_captions_are(model, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image(0, 40, 40).save(folder / "0.png")
+    (folder / "metadata.csv").write_bytes(b"file_name,text\n0.png,caf\xe9 au lait\n")  # Latin-1
+    prepare(model, str(folder), tmp_path / "out", resolution=RESOLUTION, progress=False)
+    assert read_examples(tmp_path / "out")["0.png"]["caption"] == "caf\ufffd au lait"
+
+
 def test_sixteen_bit_greyscale_is_scaled_to_eight_bits():
     levels = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     buffer = io.BytesIO()
