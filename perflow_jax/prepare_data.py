@@ -217,7 +217,7 @@ def _webdataset_items(tars: list[Path]) -> Iterator[Item]:
                 _require_end_of_archive(tar_path, tar.offset)
         except (tarfile.TarError, OSError, EOFError) as error:
             _warn(f"{tar_path}: not a readable tar ({error}); skipped the rest of it")
-            yield Item(f"{tar_path.name}", _unreadable, None, skip="bad_tar")
+            yield Item(tar_path.name, _unreadable, None, skip="bad_tar")
 
 
 def _require_end_of_archive(tar_path: Path, offset: int) -> None:
@@ -450,16 +450,16 @@ def prepare(
     files = input_files(source)
     input_sha256 = None if files is None else hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     settings = Settings(
-        source,
-        resolution,
-        shard_size,
-        latent_dtype,
-        min_size,
-        encoder.fingerprint,
-        caption_field,
-        max_pixels,
-        None if files is None else len(files),
-        input_sha256,
+        source=source,
+        resolution=resolution,
+        shard_size=shard_size,
+        latent_dtype=latent_dtype,
+        min_size=min_size,
+        model_fingerprint=encoder.fingerprint,
+        caption_field=caption_field,
+        max_pixels=max_pixels,
+        input_count=None if files is None else len(files),
+        input_sha256=input_sha256,
     )
     _check_settings(out, settings, files)
     for partial in out.glob("*.partial"):
