@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.sdxl_time_ids = "fixed"
     config.data.seed = 0  # shuffling seed of the data order
     config.data.worker_count = 4  # child processes decoding records (0: in the main process)
+    # True trains on data whose latents another VAE (or tokenizer) encoded: by default the run is
+    # refused when the data's model fingerprint (manifest.json) is not the model's.
+    config.data.allow_other_vae = False
 
     config.optim = ml_collections.ConfigDict()  # AdamW after global-norm clipping
     config.optim.lr = 8e-5  # recipe: peak learning rate

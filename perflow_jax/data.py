@@ -17,11 +17,15 @@ Record schema, version 1 (``SCHEMA_VERSION``):
 
 Training latents are ``(mean + exp(logvar / 2) * noise) * scaling_factor``. A new field or a
 changed meaning bumps ``SCHEMA_VERSION``; readers refuse versions they do not know.
+
+The manifest's ``model_fingerprint`` (``model_fingerprint``) names the VAE and tokenizers the data
+was encoded with; ``check_for_training`` refuses data of another model, or without examples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +35,8 @@ import grain
 import jax
 import numpy as np
 from flax import serialization
+
+from perflow_jax import weights
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -72,8 +78,51 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def shard_paths(folder: Path) -> list[Path]:
-    """The finished shard files of a prepared data folder, in order."""
-    return [Path(folder) / shard["file"] for shard in read_manifest(folder)["shards"]]
+    """The finished shard files of a prepared data folder, in order; a folder without examples is refused."""
+    manifest = read_manifest(folder)
+    _require_examples(folder, manifest)
+    return [Path(folder) / shard["file"] for shard in manifest["shards"]]
+
+
+def _require_examples(folder: Path, manifest: dict[str, Any]) -> None:
+    if not manifest["shards"]:
+        raise ValueError(
+            f"{folder} has no examples ({skip_summary(manifest)}): prepare it again from other input, "
+            "or with a lower --min-size"
+        )
+
+
+def skip_summary(manifest: dict[str, Any]) -> str:
+    """'every item was skipped: 3 unreadable, 1 no_caption' (or 'the input has no items') for a manifest."""
+    skips = ", ".join(f"{n} {reason}" for reason, n in manifest.get("skipped", {}).items() if n)
+    return f"every item was skipped: {skips}" if skips else "the input has no items"
+
+
+def model_fingerprint(vae_config: dict, params: Any, model_dir: Path) -> str:
+    """sha256 over the VAE config and weights and the tokenizer files: prepared data belongs to one model."""
+    model_dir = Path(model_dir)
+    config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for key, value in sorted(weights.flatten(params).items()):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(np.asarray(value, np.float32)).tobytes())
+    for folder in ("tokenizer", "tokenizer_2"):
+        for file in sorted((model_dir / folder).glob("*")) if (model_dir / folder).is_dir() else ():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_for_training(folder: Path, manifest: dict[str, Any], fingerprint: str, allow_other_vae: bool) -> None:
+    """Refuse prepared data without examples, or encoded with another VAE or tokenizers than the
+    training model's (its ``model_fingerprint``), unless ``allow_other_vae`` (config.data.allow_other_vae)."""
+    _require_examples(folder, manifest)
+    prepared = manifest.get("model_fingerprint", fingerprint)
+    if prepared != fingerprint and not allow_other_vae:
+        raise ValueError(
+            f"the data at {folder} was prepared with another VAE or tokenizer (model fingerprint {prepared}) than "
+            f"the model's ({fingerprint}): prepare it again with prepare_data --model set to config.model.path, "
+            "or set --config.data.allow_other_vae=True to train on it anyway"
+        )
 
 
 def write_shard(path: Path, records: list[bytes]) -> None:

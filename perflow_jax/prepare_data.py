@@ -1,7 +1,7 @@
 """``python -m perflow_jax.prepare_data``: images and captions -> ArrayRecord shards of VAE latents.
 
     python -m perflow_jax.prepare_data --model MODEL_DIR --input SRC --out DIR --resolution 512
-        [--shard-size 1000] [--batch-size 16] [--latent-dtype float16|float32]
+        [--shard-size 1000] [--batch-size 16] [--latent-dtype float16|float32] [--max-pixels N]
 
 MODEL_DIR is a converted folder (``python -m perflow_jax.convert``) or a diffusers folder. SRC is
 - a folder of images with captions: a ``.txt`` beside each image, or ``metadata.jsonl`` /
@@ -17,8 +17,16 @@ Each image is resized (shorter side to the resolution) and centre-cropped; its V
 moments, its token ids for each tokenizer and its caption are stored (record schema in
 ``perflow_jax.data``). Input item i goes to shard i // shard_size, so a run is deterministic:
 finished shards (those with a sidecar ``.json``) are kept when an interrupted run is started
-again, and on a pod process p prepares the shards s with s % process_count == p. Unreadable,
-corrupt, too small or caption-less items are skipped and counted by reason.
+again, and on a pod process p prepares the shards s with s % process_count == p. A resumed run
+must have the same settings and the same input files (names, sizes and modification times of a
+folder's images, captions and metadata, or of the .tar files; recorded in ``INPUT_FILE``).
+
+One bad item never aborts the run: it is skipped and counted by reason (``SKIP_REASONS``):
+unreadable or corrupt images, images smaller than --min-size or larger than --max-pixels (PIL's
+decompression-bomb guard), no caption, a caption that is not a string, an invalid .json member of
+a tar, and the rest of a truncated or unreadable .tar (counted once, named in a warning). Invalid
+lines of metadata.jsonl are named in a warning and leave their images without a caption. 16-bit
+greyscale images are scaled to 8 bits. A run that keeps no example at all ends in an error.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import gzip
 import hashlib
 import io
 import itertools
@@ -33,6 +42,7 @@ import json
 import sys
 import tarfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -48,8 +58,20 @@ from tqdm import tqdm
 from perflow_jax import console, data, pipeline, sharding, weights
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-SKIP_REASONS = ("unreadable", "corrupt", "too_small", "no_caption")
+SKIP_REASONS = (
+    "unreadable",
+    "corrupt",
+    "too_small",
+    "too_large",
+    "no_caption",
+    "bad_caption",
+    "bad_metadata",
+    "bad_tar",
+)
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's default decompression-bomb limit
 STATE_FILE = "prepare_settings.json"
+INPUT_FILE = "prepare_inputs.json.gz"  # name -> [size, mtime_ns] of the input files at the start
 
 
 class PrepareError(ValueError):
@@ -67,15 +89,20 @@ class Settings:
     min_size: int
     model_fingerprint: str
     caption_field: str | None
+    max_pixels: int
+    input_count: int | None  # input files (None for tfds: and digits)
+    input_sha256: str | None  # of their sorted names, sizes and modification times
 
 
 @dataclass
 class Item:
-    """One input example: ``open()`` gives the image (may raise), ``caption`` may be None."""
+    """One input example: ``open()`` gives the image (may raise); ``caption`` may be None or not a
+    string; ``skip``, a skip reason known without opening it."""
 
     key: str
     open: Callable[[], Image.Image]
-    caption: str | None
+    caption: Any
+    skip: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +116,7 @@ def open_source(spec: str, *, tfds_data_dir: str | None = None, caption_field: s
     if spec == "digits" or spec.startswith("digits:"):
         return _digits_source(spec.partition(":")[2] or "train")
     path = Path(spec)
-    tars = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in sorted(glob.glob(spec))] or [path]
+    tars = _tar_paths(spec)
     if path.is_dir() and not tars:
         items = _folder_items(path)
         return len(items), iter(items)
@@ -99,6 +126,28 @@ def open_source(spec: str, *, tfds_data_dir: str | None = None, caption_field: s
             f"input {spec!r} is neither a folder of images, nor webdataset .tar files, nor tfds:NAME[:SPLIT]"
         )
     return None, _webdataset_items(tars)
+
+
+def _tar_paths(spec: str) -> list[Path]:
+    path = Path(spec)
+    return sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in sorted(glob.glob(spec))] or [path]
+
+
+def input_files(spec: str) -> dict[str, list[int]] | None:
+    """name -> [size, mtime_ns] of every file a folder or .tar source reads; None for tfds: and digits."""
+    if spec.startswith("tfds:") or spec == "digits" or spec.startswith("digits:"):
+        return None
+    path = Path(spec)
+    if path.is_dir() and not _tar_paths(spec):
+        wanted = (*IMAGE_SUFFIXES, ".txt")
+        files = {
+            p.relative_to(path).as_posix(): p
+            for p in path.rglob("*")
+            if (p.suffix.lower() in wanted or p.name in METADATA_FILES) and p.is_file()
+        }
+    else:
+        files = {str(p): p for p in _tar_paths(spec)}
+    return {name: [(stat := file.stat()).st_size, stat.st_mtime_ns] for name, file in sorted(files.items())}
 
 
 def _folder_items(folder: Path) -> list[Item]:
@@ -113,16 +162,39 @@ def _folder_items(folder: Path) -> list[Item]:
     return items
 
 
-def _folder_captions(folder: Path) -> dict[str, str] | None:
-    """file_name -> caption from metadata.jsonl or metadata.csv; None when there is neither."""
+def _folder_captions(folder: Path) -> dict[str, Any] | None:
+    """file_name -> caption from metadata.jsonl or metadata.csv; None when there is neither.
+
+    Read as the .txt captions are (bytes that are not UTF-8 replaced); a line of metadata.jsonl that
+    is not a JSON object is named in a warning and skipped.
+    """
     if (folder / "metadata.jsonl").is_file():
-        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+        rows, bad = [], []
+        lines = (folder / "metadata.jsonl").read_text(errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad.append(number)
+        if bad:
+            _warn(
+                f"{folder / 'metadata.jsonl'}: {len(bad)} lines are not JSON objects (line "
+                f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}); their images have no caption"
+            )
     elif (folder / "metadata.csv").is_file():
-        with open(folder / "metadata.csv", newline="") as f:
+        with open(folder / "metadata.csv", newline="", errors="replace") as f:
             rows = list(csv.DictReader(f))
     else:
         return None
     return {row["file_name"]: row.get("text", row.get("caption")) for row in rows if "file_name" in row}
+
+
+def _warn(message: str) -> None:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def _read_text(path: Path) -> str | None:
@@ -130,13 +202,35 @@ def _read_text(path: Path) -> str | None:
 
 
 def _webdataset_items(tars: list[Path]) -> Iterator[Item]:
-    """Items of webdataset tars: members grouped by key (the name up to the first dot)."""
+    """Items of webdataset tars: members grouped by key (the name up to the first dot).
+
+    A tar that cannot be read (not a tar, or truncated) gives the items before the damage, then one
+    item skipped as bad_tar, and a warning naming it.
+    """
     for tar_path in tars:
-        with tarfile.open(tar_path) as tar:
-            files = (member for member in tar if member.isfile())
-            for key, members in itertools.groupby(files, lambda member: _split_member(member.name)[0]):
-                group = {_split_member(m.name)[1]: tar.extractfile(m).read() for m in members}
-                yield _webdataset_item(tar_path, key, group)
+        try:
+            with tarfile.open(tar_path) as tar:
+                files = (member for member in tar if member.isfile())
+                for key, members in itertools.groupby(files, lambda member: _split_member(member.name)[0]):
+                    group = {_split_member(m.name)[1]: tar.extractfile(m).read() for m in members}
+                    yield _webdataset_item(tar_path, key, group)
+                _require_end_of_archive(tar_path, tar.offset)
+        except (tarfile.TarError, OSError, EOFError) as error:
+            _warn(f"{tar_path}: not a readable tar ({error}); skipped the rest of it")
+            yield Item(tar_path.name, _unreadable, None, skip="bad_tar")
+
+
+def _require_end_of_archive(tar_path: Path, offset: int) -> None:
+    """Raise ReadError unless the tar's end-of-archive zeros follow its last member: tarfile ends a tar
+    cut inside a member header without a word."""
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        if f.read(1 << 20).strip(b"\0"):
+            raise tarfile.ReadError(f"truncated or damaged after byte {offset}")
+
+
+def _unreadable() -> Image.Image:
+    raise UnidentifiedImageError("skipped before opening")
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -149,16 +243,20 @@ def _split_member(name: str) -> tuple[str, str]:
 def _webdataset_item(tar_path: Path, key: str, group: dict[str, bytes]) -> Item:
     image_bytes = next((group[ext[1:]] for ext in IMAGE_SUFFIXES if ext[1:] in group), None)
     caption = group["txt"].decode(errors="replace").strip() if "txt" in group else None
+    skip = None
     if caption is None and "json" in group:
-        meta = json.loads(group["json"])
-        caption = meta.get("caption") or meta.get("text")
+        try:
+            meta = json.loads(group["json"].decode(errors="replace"))
+            caption = meta.get("caption") or meta.get("text")
+        except (json.JSONDecodeError, AttributeError):  # not JSON, or JSON but not an object
+            skip = "bad_metadata"
 
     def open_image():
         if image_bytes is None:
             raise UnidentifiedImageError(f"no image member for {key}")
         return Image.open(io.BytesIO(image_bytes))
 
-    return Item(f"{tar_path.name}/{key}", open_image, caption)
+    return Item(f"{tar_path.name}/{key}", open_image, caption, skip)
 
 
 def _tfds_source(name_split: str, data_dir: str | None, caption_field: str | None):
@@ -212,8 +310,12 @@ def _digits_source(split: str):
 def center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """Shorter side resized to ``resolution`` (bicubic), then the centre square cut out.
 
+    16-bit greyscale (modes I;16* and I, 0..65535) is scaled to 0..255 first.
     Returns (pixels [R, R, 3] float32 in [-1, 1], original (height, width), crop (top, left)).
     """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image, np.float64) * (255 / 65535)
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
     width, height = image.size
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
@@ -224,24 +326,47 @@ def center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[
     return pixels, (height, width), (top, left)
 
 
-def load_item(item: Item, resolution: int, min_size: int) -> tuple[dict[str, Any] | None, str | None]:
+def load_item(item: Item, resolution: int, min_size: int, max_pixels: int) -> tuple[dict[str, Any] | None, str | None]:
     """(example without latents and ids, None) or (None, skip reason)."""
+    if item.skip:
+        return None, item.skip
+    if item.caption is not None and not isinstance(item.caption, str):
+        return None, "bad_caption"
     if not item.caption or not item.caption.strip():
         return None, "no_caption"
-    try:
-        image = item.open()
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None, "unreadable"
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError):
-        return None, "corrupt"
+    image, reason = _read_image(item, max_pixels)
+    if reason:
+        return None, reason
     if min(image.size) < min_size:
         return None, "too_small"
     pixels, original_size, crop = center_crop(image, resolution)
     example = dict(key=item.key, caption=item.caption.strip(), pixels=pixels)
     example.update(original_size=np.asarray(original_size, np.int32), crop_top_left=np.asarray(crop, np.int32))
     return example, None
+
+
+def _read_image(item: Item, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """(the item's decoded image, None) or (None, skip reason); ``max_pixels`` is PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) meanwhile, and going over it is too_large."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = item.open()
+            except (UnidentifiedImageError, OSError, ValueError):
+                return None, "unreadable"
+            if image.width * image.height > max_pixels:  # decoded arrays (tfds:, digits) that PIL did not check
+                return None, "too_large"
+            try:
+                image.load()  # some formats (GIF frames) check the limit again here
+            except (OSError, ValueError, SyntaxError):
+                return None, "corrupt"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return None, "too_large"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return image, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +394,7 @@ class Encoder:
             in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
             out_shardings=sharding.batch_sharding(mesh),
         )
-        self.fingerprint = _fingerprint(self.model.configs["vae"], self.model.params["vae"], model_dir)
+        self.fingerprint = data.model_fingerprint(self.model.configs["vae"], self.model.params["vae"], model_dir)
 
     def moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, R, R, 3] in [-1, 1] -> (mean, logvar) [N, h, w, c] float32, in fixed-size batches."""
@@ -280,19 +405,6 @@ class Encoder:
             batches.append([np.asarray(moment)[: len(chunk)] for moment in self._encode(self.params, padded)])
         mean, logvar = (np.concatenate(moment) for moment in zip(*batches, strict=True))
         return mean, logvar
-
-
-def _fingerprint(vae_config: dict, params: Any, model_dir: Path) -> str:
-    """sha256 over the VAE config and weights and the tokenizer files: prepared data belongs to one model."""
-    config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for key, value in sorted(weights.flatten(params).items()):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(np.asarray(value, np.float32)).tobytes())
-    for folder in ("tokenizer", "tokenizer_2"):
-        for file in sorted((model_dir / folder).glob("*")) if (model_dir / folder).is_dir() else ():
-            digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +421,7 @@ def prepare(
     batch_size: int = 16,
     latent_dtype: str = "float16",
     min_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
     tfds_data_dir: str | None = None,
     caption_field: str | None = None,
     process_index: int | None = None,
@@ -319,6 +432,7 @@ def prepare(
     """Prepare (or resume preparing) ``out``; returns the manifest once every shard is finished.
 
     ``max_items`` stops after that many input items (a run that is interrupted on purpose).
+    ``max_pixels`` replaces PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) while an image is read.
     """
     out = Path(out)
     process_index = jax.process_index() if process_index is None else process_index
@@ -332,11 +446,24 @@ def prepare(
             f"--resolution {resolution} is not a multiple of {encoder.downsampling_factor}, "
             "the VAE's downsampling factor"
         )
-    settings = Settings(source, resolution, shard_size, latent_dtype, min_size, encoder.fingerprint, caption_field)
-    _check_settings(out, settings)
+    total, items = open_source(source, tfds_data_dir=tfds_data_dir, caption_field=caption_field)
+    files = input_files(source)
+    input_sha256 = None if files is None else hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    settings = Settings(
+        source=source,
+        resolution=resolution,
+        shard_size=shard_size,
+        latent_dtype=latent_dtype,
+        min_size=min_size,
+        model_fingerprint=encoder.fingerprint,
+        caption_field=caption_field,
+        max_pixels=max_pixels,
+        input_count=None if files is None else len(files),
+        input_sha256=input_sha256,
+    )
+    _check_settings(out, settings, files)
     for partial in out.glob("*.partial"):
         partial.unlink()
-    total, items = open_source(source, tfds_data_dir=tfds_data_dir, caption_field=caption_field)
 
     start = time.perf_counter()
     bar = tqdm(total=total, unit="item", desc="preparing", disable=not progress, dynamic_ncols=True)
@@ -359,6 +486,10 @@ def prepare(
     manifest = _finish(out, settings, num_items, encoder)
     elapsed = time.perf_counter() - start
     if manifest is not None:
+        if not manifest["count"]:
+            raise PrepareError(
+                f"{out}: no examples ({data.skip_summary(manifest)}): check --input, --min-size and --max-pixels"
+            )
         skips = ", ".join(f"{n} {reason}" for reason, n in manifest["skipped"].items() if n) or "none"
         print(
             f"prepared {manifest['count']} examples from {manifest['input_items']} items in "
@@ -367,20 +498,45 @@ def prepare(
     return manifest
 
 
-def _check_settings(out: Path, settings: Settings) -> None:
-    """Start ``out`` (its ``STATE_FILE``), or check that an ``out`` already started has the same settings."""
+def _check_settings(out: Path, settings: Settings, files: dict[str, list[int]] | None) -> None:
+    """Start ``out`` (its ``STATE_FILE`` and ``INPUT_FILE``), or check that an ``out`` already started
+    has the same settings and input files."""
     now = asdict(settings)
     state = out / STATE_FILE
     if state.is_file():
         before = json.loads(state.read_text())
-        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and not k.startswith("input_")}
         if changed:
             details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
             raise PrepareError(f"{out} was prepared with other settings ({details}): use another --out to start afresh")
+        if "input_sha256" in before and before["input_sha256"] != settings.input_sha256:  # older runs have none
+            _refuse_changed_input(out, files)
     else:
         weights.require_empty(out, PrepareError, "it is not a prepared data folder; choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps(now, indent=2) + "\n")
+        if files is not None:
+            (out / INPUT_FILE).write_bytes(gzip.compress(json.dumps(files).encode()))
+
+
+def _refuse_changed_input(out: Path, files: dict[str, list[int]] | None) -> None:
+    """Raise a PrepareError naming the input files added, removed and modified since ``out`` was started."""
+    before = json.loads(gzip.decompress((out / INPUT_FILE).read_bytes())) if (out / INPUT_FILE).is_file() else {}
+    files = files or {}
+    changes = {
+        "added": sorted(set(files) - set(before)),
+        "removed": sorted(set(before) - set(files)),
+        "modified": sorted(name for name in set(files) & set(before) if files[name] != before[name]),
+    }
+    details = "; ".join(
+        f"{len(names)} {kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        for kind, names in changes.items()
+        if names
+    )
+    raise PrepareError(
+        f"the input changed since {out} was started ({details}): restore the input as it was, or use another "
+        "--out to start afresh"
+    )
 
 
 def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -400,7 +556,7 @@ def _write_shard(out: Path, shard: int, chunk: list[Item], encoder: Encoder, set
     """Encode one shard's items and write the shard, then its sidecar (the mark of a finished shard)."""
     examples, skipped = [], Counter()
     for item in chunk:
-        example, reason = load_item(item, settings.resolution, settings.min_size)
+        example, reason = load_item(item, settings.resolution, settings.min_size, settings.max_pixels)
         if reason:
             skipped[reason] += 1
         else:
@@ -440,7 +596,7 @@ def _finish(out: Path, settings: Settings, num_items: int, encoder: Encoder) -> 
         **asdict(settings),
         "count": sum(s["count"] for s in shards),
         "input_items": num_items,
-        "skipped": {reason: sum(s["skipped"][reason] for s in shards) for reason in SKIP_REASONS},
+        "skipped": {reason: sum(s["skipped"].get(reason, 0) for s in shards) for reason in SKIP_REASONS},
         "latent_shape": [latent_size, latent_size, encoder.vae.config.latent_channels],
         "scaling_factor": encoder.vae.config.scaling_factor,
         "tokenizers": sorted(encoder.model.tokenizers),
@@ -458,11 +614,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="converted or diffusers model folder")
     parser.add_argument("--input", required=True, help="image folder, webdataset .tar(s), tfds:NAME[:SPLIT], digits")
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumed if it holds a started run)")
-    parser.add_argument("--resolution", type=int, required=True, help="square crop size in pixels, e.g. 512")
-    parser.add_argument("--shard-size", type=int, default=1000, help="input items per shard (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
+    parser.add_argument("--resolution", type=_positive, required=True, help="square crop size in pixels, e.g. 512")
+    parser.add_argument("--shard-size", type=_positive, default=1000, help="input items per shard (default 1000)")
+    parser.add_argument("--batch-size", type=_positive, default=16, help="images per VAE call (default 16)")
     parser.add_argument("--latent-dtype", default="float16", choices=("float16", "float32"), help="latents' dtype")
-    parser.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default resolution/2)")
+    parser.add_argument(
+        "--min-size", type=_positive, help="skip images whose shorter side is smaller (default resolution/2)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=MAX_PIXELS,
+        help=f"skip images of more pixels as too_large (default {MAX_PIXELS}, PIL's limit)",
+    )
     parser.add_argument("--tfds-data-dir", help="data_dir of a tfds: source")
     parser.add_argument("--caption-field", help="caption feature of a tfds: source (default caption or text)")
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
@@ -476,6 +640,17 @@ def main(argv: list[str] | None = None) -> int:
     if manifest is None:
         print("this process's shards are done; the manifest is written when every process has finished")
     return 0
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return value
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     _refuse_another_run(workdir, config)
     model = pipeline.load_model(config.model.path)
     manifest = data.read_manifest(config.data.path)
+    fingerprint = data.model_fingerprint(model.configs["vae"], model.params["vae"], config.model.path)
+    data.check_for_training(config.data.path, manifest, fingerprint, config.data.allow_other_vae)
     _validate_against_model(config, model, manifest)
 
     mesh = sharding.make_mesh(config.mesh.shape)

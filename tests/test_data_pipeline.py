@@ -131,3 +131,19 @@ def test_batch_larger_than_a_process_slice_is_refused(folder):
 def test_missing_field_is_named_with_the_fields_present(folder):
     with pytest.raises(ValueError, match="no field 'latents'; they hold caption, crop_top_left, input_ids, key"):
         data.create_iterator(folder, batch_size=2, seed=0, fields=("mean", "latents"))
+
+
+def test_data_of_another_model_is_refused_naming_both_fingerprints_unless_allowed(folder):
+    manifest = {**data.read_manifest(folder), "model_fingerprint": "aaaa"}
+    with pytest.raises(ValueError, match=r"fingerprint aaaa\) than the model's \(bbbb\): prepare it again"):
+        data.check_for_training(folder, manifest, "bbbb", allow_other_vae=False)
+    data.check_for_training(folder, manifest, "bbbb", allow_other_vae=True)
+    data.check_for_training(folder, manifest, "aaaa", allow_other_vae=False)
+
+
+def test_a_folder_without_examples_names_the_skip_reasons(tmp_path):
+    data.write_manifest(tmp_path, {"shards": [], "count": 0, "skipped": {"unreadable": 2, "too_small": 0}})
+    with pytest.raises(ValueError, match=r"has no examples \(every item was skipped: 2 unreadable\)"):
+        data.check_for_training(tmp_path, data.read_manifest(tmp_path), "aaaa", allow_other_vae=False)
+    with pytest.raises(ValueError, match=r"has no examples \(every item was skipped: 2 unreadable\)"):
+        data.create_iterator(tmp_path, batch_size=1, seed=0)

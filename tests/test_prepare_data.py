@@ -2,9 +2,12 @@
 
 import io
 import json
+import shutil
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from transformers import CLIPTokenizer
 
 from perflow_jax import data, models, weights
 from perflow_jax.convert import convert
-from perflow_jax.prepare_data import PrepareError, center_crop, prepare
+from perflow_jax.prepare_data import SKIP_REASONS, PrepareError, center_crop, main, prepare
 from tests.helpers.data import image, read_examples
 from tests.helpers.pipelines import tiny_pipeline
 from tests.helpers.processes import library_logs
@@ -58,7 +61,10 @@ def image_folder(tmp_path_factory):
 def test_folder_source_counts_skips_by_reason(model, image_folder, tmp_path):
     manifest = prepare(model, str(image_folder), tmp_path / "out", resolution=RESOLUTION, shard_size=4, progress=False)
     assert manifest["count"] == 9 and manifest["input_items"] == 13
-    assert manifest["skipped"] == {"unreadable": 1, "corrupt": 1, "too_small": 1, "no_caption": 1}
+    assert manifest["skipped"] == {
+        **dict.fromkeys(SKIP_REASONS, 0),
+        **{"unreadable": 1, "corrupt": 1, "too_small": 1, "no_caption": 1},
+    }
     assert manifest["latent_shape"] == [8, 8, 4] and manifest["schema_version"] == data.SCHEMA_VERSION
     assert sum(shard["count"] for shard in manifest["shards"]) == 9
     assert sorted(read_examples(tmp_path / "out")) == [f"good{i}.png" for i in range(9)]
@@ -110,12 +116,21 @@ def test_metadata_jsonl_captions(model, tmp_path):
     assert read_examples(tmp_path / "out")["1.png"]["caption"] == "caption 1"
 
 
-def test_webdataset_tars(model, tmp_path):
-    def add(tar, name, payload):
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+def add(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
 
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but holds no pixel data: PIL reads the size on open."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = struct.pack(">I", 0) + b"IDAT" + struct.pack(">I", zlib.crc32(b"IDAT"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + idat
+
+
+def test_webdataset_tars(model, tmp_path):
     for shard in range(2):
         with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
             for i in range(3):
@@ -132,6 +147,105 @@ def test_webdataset_tars(model, tmp_path):
     examples = read_examples(tmp_path / "out")
     assert examples["00001.tar/000010002"]["caption"] == "json caption 000010002"
     assert examples["00000.tar/000000000"]["caption"] == "text caption 000000000"
+
+
+def test_bad_tars_and_tar_metadata_are_skipped_counted_and_named(model, tmp_path, capsys):
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for key, caption_json in [("a", b'{"caption": "caf\xe9"}'), ("b", b"{not json"), ("c", b'{"caption": [1]}')]:
+            add(tar, f"{key}.png", png_bytes(image(ord(key), 40, 40)))
+            add(tar, f"{key}.json", caption_json)
+    with tarfile.open(tmp_path / "00001.tar", "w") as tar:
+        for key in ("d", "e"):
+            add(tar, f"{key}.png", png_bytes(image(ord(key), 40, 40)))
+            add(tar, f"{key}.txt", f"caption {key}".encode())
+    whole = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(whole[: whole.index(b"caption d") + 1200])  # cut inside e.png's data
+    (tmp_path / "00004.tar").write_bytes(whole[: whole.index(b"caption d") + 600])  # cut inside e.png's header
+    (tmp_path / "00002.tar").write_bytes(b"not a tar at all")
+    with tarfile.open(tmp_path / "00003.tar", "w") as tar:
+        add(tar, "f.png", png_bytes(image(ord("f"), 40, 40)))
+        add(tar, "f.txt", b"caption f")
+    manifest = prepare(model, str(tmp_path / "*.tar"), tmp_path / "out", resolution=RESOLUTION, progress=False)
+    assert manifest["skipped"] == {**dict.fromkeys(SKIP_REASONS, 0), "bad_metadata": 1, "bad_caption": 1, "bad_tar": 3}
+    examples = read_examples(tmp_path / "out")
+    assert sorted(examples) == ["00000.tar/a", "00001.tar/d", "00003.tar/f", "00004.tar/d"]
+    assert examples["00000.tar/a"]["caption"] == "caf\ufffd"  # not UTF-8: replaced, as in .txt captions
+    warnings = capsys.readouterr().err
+    assert all(f"{n:05d}.tar: not a readable tar" in warnings for n in (1, 2, 4))
+
+
+def test_bad_metadata_captions_and_oversized_images_are_skipped_and_counted(model, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("kept", "broken_line", "number_caption", "large"):
+        image(len(name), *((64, 64) if name == "large" else (40, 40))).save(folder / f"{name}.png")
+    (folder / "bomb.png").write_bytes(png_header_only(20000, 20000))  # over PIL's decompression-bomb limit
+    lines = [
+        b'{"file_name": "kept.png", "text": "caf\xe9"}',
+        b'{"file_name": "broken_line.png", "text": "unterminated',
+        b'{"file_name": "number_caption.png", "text": 5}',
+        b'{"file_name": "large.png", "text": "large"}',
+        b'{"file_name": "bomb.png", "text": "bomb"}',
+    ]
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    manifest = prepare(model, str(folder), tmp_path / "out", resolution=RESOLUTION, max_pixels=3000, progress=False)
+    assert manifest["count"] == 1 and manifest["max_pixels"] == 3000  # large.png: 64 x 64 > 3000 pixels
+    assert manifest["skipped"] == {**dict.fromkeys(SKIP_REASONS, 0), "no_caption": 1, "bad_caption": 1, "too_large": 2}
+    assert read_examples(tmp_path / "out")["kept.png"]["caption"] == "caf\ufffd"
+    assert "metadata.jsonl: 1 lines are not JSON objects (line 2)" in capsys.readouterr().err
+
+
+def test_metadata_csv_that_is_not_utf8_is_read_as_txt_captions_are(model, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image(0, 40, 40).save(folder / "0.png")
+    (folder / "metadata.csv").write_bytes(b"file_name,text\n0.png,caf\xe9 au lait\n")  # Latin-1
+    prepare(model, str(folder), tmp_path / "out", resolution=RESOLUTION, progress=False)
+    assert read_examples(tmp_path / "out")["0.png"]["caption"] == "caf\ufffd au lait"
+
+
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits():
+    levels = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")
+    source = Image.open(buffer)
+    assert source.mode == "I;16"
+    pixels, _, _ = center_crop(source, 32)  # the same size: no resampling
+    expected = np.round(levels * (255 / 65535)) / 127.5 - 1.0
+    np.testing.assert_allclose(pixels, np.repeat(expected[..., None], 3, axis=-1), atol=1e-6)
+
+
+def test_resume_with_a_changed_input_is_refused_naming_the_changes(model, image_folder, tmp_path):
+    folder = shutil.copytree(image_folder, tmp_path / "images")
+    out = tmp_path / "out"
+    assert prepare(model, str(folder), out, resolution=RESOLUTION, shard_size=3, max_items=3, progress=False) is None
+    image(30, 40, 40).save(folder / "added.png")
+    (folder / "good1.png").unlink()
+    (folder / "good2.txt").write_text("another caption, of another length\n")
+    changes = r"1 added \(added.png\); 1 removed \(good1.png\); 1 modified \(good2.txt\)"
+    with pytest.raises(PrepareError, match=rf"input changed since .*out was started \({changes}\): restore the input"):
+        prepare(model, str(folder), out, resolution=RESOLUTION, shard_size=3, progress=False)
+
+
+def test_no_examples_is_an_error_naming_the_skip_reasons(model, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        image(i, 40, 40).save(folder / f"{i}.png")  # no captions
+    with pytest.raises(PrepareError, match=r"no examples \(every item was skipped: 2 no_caption\)"):
+        prepare(model, str(folder), tmp_path / "out", resolution=RESOLUTION, progress=False)
+    with pytest.raises(ValueError, match=r"has no examples \(every item was skipped: 2 no_caption\)"):
+        data.create_iterator(tmp_path / "out", batch_size=1, seed=0)
+
+
+@pytest.mark.parametrize("flag", ["--resolution", "--shard-size", "--batch-size", "--max-pixels"])
+@pytest.mark.parametrize("value", ["0", "-8"])
+def test_sizes_below_one_are_argument_errors(flag, value, tmp_path, capsys):
+    argv = ["--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--resolution", "32"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + [flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: '{value}' is not a whole number above 0" in capsys.readouterr().err
 
 
 def test_tfds_source(model, tmp_path):
@@ -223,3 +337,4 @@ def test_cli_prints_a_summary_and_errors_exit_2(model, image_folder, tmp_path):
 def test_missing_source_is_named(model, tmp_path):
     with pytest.raises(PrepareError, match="neither a folder of images, nor webdataset .tar files, nor tfds"):
         prepare(model, str(tmp_path / "nowhere"), tmp_path / "out", resolution=RESOLUTION, progress=False)
+    assert not (tmp_path / "out").exists()  # nothing started there: the corrected command runs

@@ -16,6 +16,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from perflow_jax import checkpoint, data, recipe, sharding, training
 from tests.helpers.pipelines import tiny_model_and_data
 from tests.helpers.processes import library_logs, run_joined_processes
+from tests.helpers.recipes import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +120,22 @@ def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
     other = run(setup, tmp_path / "run", "--config.train.num_steps=3", "--config.optim.lr=0.5")
     assert other.returncode == 2
     assert "other settings (optim.lr: 0.0001 saved, 0.5 now)" in other.stderr
+
+
+def test_data_prepared_with_another_vae_is_refused_at_start(setup, tmp_path):
+    model, data_dir = setup
+    other = shutil.copytree(data_dir, tmp_path / "data")
+    manifest = data.read_manifest(other)
+    data.write_manifest(other, {**manifest, "model_fingerprint": "0123456789abcdef"})
+    config = load("tiny")
+    config.model.path, config.data.path = str(model), str(other)
+    expected = rf"fingerprint 0123456789abcdef\) than the model's \({manifest['model_fingerprint']}\)"
+    with pytest.raises(ValueError, match=expected):
+        training.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_a_workdir_saved_before_allow_other_vae_existed_resumes_with_it_set():
+    recipe.check_resumable({"data": {"seed": 0}}, {"data": {"seed": 0, "allow_other_vae": True}})
 
 
 def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tmp_path):
