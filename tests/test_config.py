@@ -216,6 +216,32 @@ def test_command_line_rejects_unknown_keys():
         parse("--config.optim.lrr=1e-4")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.num_stepz=3", "no key train.num_stepz; did you mean config.train.num_steps?"),
+        ("--config.trian.num_steps=3", "no key trian.num_steps; did you mean config.train.num_steps?"),
+        ("--config.optim.lrr=1e-4", "no key optim.lrr; did you mean config.optim.lr?"),
+        (
+            "--config.foo=1",
+            "no key foo; config holds checkpoint, data, log, mesh, model, optim, perflow, tpu_pod, train",
+        ),
+        ("--config.train.zzzzzz=1", "no key train.zzzzzz; config.train holds global_batch_size, "),
+    ],
+)
+def test_an_unknown_override_is_named_with_the_closest_keys(override, message):
+    argv = ["train", "--config", str(CONFIGS / "tiny.py"), "--config.model.path=/m", override]
+    assert recipe.unknown_override(argv).startswith(
+        f"{override.partition('=')[0]}: {CONFIGS / 'tiny.py'} has {message}"
+    )
+
+
+def test_known_overrides_and_a_config_that_does_not_load_give_no_message(tmp_path):
+    assert recipe.unknown_override(["train", f"--config={CONFIGS / 'tiny.py'}", "--config.train.num_steps=3"]) is None
+    (tmp_path / "broken.py").write_text("raise KeyError('mine')\n")
+    assert recipe.unknown_override(["train", f"--config={tmp_path / 'broken.py'}", "--config.foo=1"]) is None
+
+
 # --- validate: one test per message -----------------------------------------------------------
 
 
