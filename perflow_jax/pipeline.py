@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -349,6 +350,8 @@ class GenerateSettings:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance {self.guidance}: give a finite scale, 1 (no guidance) or more")
         if self.method not in METHODS:
             raise ValueError(f"unknown sampling method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.method == "perflow":
@@ -469,6 +472,9 @@ class Generator:
         count = len(prompts)
         if np.shape(noise)[0] != count:
             raise ValueError(f"noise for {np.shape(noise)[0]} images but {count} prompts: give one noise per prompt")
+        bad = np.size(noise) - np.count_nonzero(np.isfinite(noise))
+        if bad:
+            raise ValueError(f"the initial noise holds {bad} NaN or infinite values: give finite N(0, I) noise")
         padded = -(-count // self.mesh.size) * self.mesh.size
         ids = {k: _pad(v, padded, "edge") for k, v in self.tokenize(list(prompts)).items()}
         noise = _pad(np.asarray(noise, np.float32), padded, "constant")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import types
 from collections.abc import Sequence
@@ -125,7 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.perflow.num_windows x solver_steps is {k * s}, more than the teacher's "
             f"{schedule.NUM_TRAIN_TIMESTEPS} timesteps: each solver step must move at least one timestep"
         )
-    if perflow.teacher_guidance < 1:
+    if not (math.isfinite(perflow.teacher_guidance) and perflow.teacher_guidance >= 1):
         problems.append(
             f"config.perflow.teacher_guidance is {perflow.teacher_guidance}: use 1 for cfg_sync (one teacher pass on "
             "the student's text, the SD1.5 recipe) or more for classifier-free guidance (7.5 in the SDXL recipe)"
@@ -187,7 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.log.sample_steps is {log.sample_steps} but there are {k} windows: every window needs a step, "
             f"so the sampler would silently run {k}; set --config.log.sample_steps={k} or more"
         )
-    if log.sample_guidance < 0:
+    if not (math.isfinite(log.sample_guidance) and log.sample_guidance >= 0):
         problems.append(f"config.log.sample_guidance is {log.sample_guidance}: use 0 or more (1 turns CFG off)")
     _raise(problems)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -106,6 +107,8 @@ def make_plan(options: Options) -> Plan:
         raise SampleError("--steps counts the student's steps: give the teacher's DDIM steps as --teacher-ddim STEPS")
     if o.steps is not None and o.steps < 1:
         raise SampleError(f"--steps {o.steps}: give at least 1 (the model's window count, usually 4)")
+    if o.guidance is not None and not math.isfinite(o.guidance):
+        raise SampleError(f"--guidance {o.guidance}: give a finite classifier-free guidance scale, 1 or more")
     if o.guidance is not None and o.guidance < 1:
         raise SampleError(
             f"--guidance {o.guidance}: classifier-free guidance scales below 1 move away from the prompt; "
@@ -197,6 +200,9 @@ def initial_noise(options: Options, plan: Plan, count: int) -> np.ndarray:
             f"{len(options.prompts)} prompts x {options.num_images} images, {c} latent channels, {h} x {w} "
             f"latents for {plan.height} x {plan.width} pixels, in diffusers' [images, c, h, w] layout"
         )
+    bad = given.size - np.count_nonzero(np.isfinite(given))
+    if bad:
+        raise SampleError(f"--init-noise {options.init_noise} holds {bad} NaN or infinite values: give finite noise")
     return image_io.to_nhwc(given)
 
 

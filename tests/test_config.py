@@ -272,9 +272,17 @@ def test_float16_training_is_refused_for_want_of_loss_scaling_but_a_float16_teac
     recipe.validate(runnable(**{"model.teacher_dtype": "float16"}))
 
 
-def test_guidance_below_one_is_refused():
-    assert "config.perflow.teacher_guidance is 0.5: use 1 for cfg_sync" in problems(
-        runnable(**{"perflow.teacher_guidance": 0.5})
+@pytest.mark.parametrize("guidance", [0.5, float("nan"), float("inf")])
+def test_guidance_below_one_or_not_finite_is_refused(guidance):
+    assert f"config.perflow.teacher_guidance is {guidance}: use 1 for cfg_sync" in problems(
+        runnable(**{"perflow.teacher_guidance": guidance})
+    )
+
+
+@pytest.mark.parametrize("guidance", [-1.0, float("nan")])
+def test_sample_guidance_below_zero_or_nan_is_refused(guidance):
+    assert f"config.log.sample_guidance is {guidance}: use 0 or more" in problems(
+        runnable(**{"log.sample_guidance": guidance})
     )
 
 

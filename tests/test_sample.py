@@ -235,6 +235,8 @@ def write_perflow_folder(folders, tmp_path) -> Path:
     [
         (dict(steps=2), "2 sampling steps for a model trained with 4 windows.*the authors' code silently runs 4"),
         (dict(guidance=0.5), "--guidance 0.5: .*use 1 \\(no guidance\\) or more"),
+        (dict(guidance=float("nan")), "--guidance nan: give a finite classifier-free guidance scale, 1 or more"),
+        (dict(guidance=float("inf")), "--guidance inf: give a finite classifier-free guidance scale, 1 or more"),
         (dict(guidance=1.0, negative_prompt="blurry"), "--negative-prompt has no effect with --guidance 1"),
         (dict(height=30), "--height 30 is not a multiple of the VAE's downsampling factor 4: use 28 or 32"),
         (dict(width=50), "--width 50 is not a multiple of the VAE's downsampling factor 4: use 48 or 52"),
@@ -282,6 +284,15 @@ def test_init_noise_of_the_wrong_shape_names_the_expected_one(folders, tmp_path,
     monkeypatch.setattr(sample_module, "load", no_loading)
     np.save(tmp_path / "noise.npy", np.zeros((4, 8, 12, 4), np.float32))  # channels-last by mistake
     with pytest.raises(SampleError, match=r"holds float32 \(4, 8, 12, 4\); expected float32 \(4, 4, 8, 12\)"):
+        run(folders, tmp_path, "x", init_noise=tmp_path / "noise.npy")
+
+
+def test_init_noise_with_a_nan_is_refused_before_loading(folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_module, "load", no_loading)
+    noise = np.zeros((4, 4, 8, 12), np.float32)
+    noise[1, 2, 3, 4] = np.nan
+    np.save(tmp_path / "noise.npy", noise)
+    with pytest.raises(SampleError, match=r"noise.npy holds 1 NaN or infinite values: give finite noise"):
         run(folders, tmp_path, "x", init_noise=tmp_path / "noise.npy")
 
 
