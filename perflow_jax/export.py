@@ -46,6 +46,7 @@ from perflow_jax.weights import (
     read_model_index,
     replace_folder,
     require_empty,
+    save_safetensors,
     staging_folder,
     write_diffusers_unet,
 )
@@ -141,14 +142,12 @@ def _check_same_architecture(unet_config: dict[str, Any], base: Path) -> None:
 
 def _write_delta(student: Any, teacher: Any, path: Path) -> None:
     """student - teacher, float32, for every UNet key (diffusers' names), as one flat safetensors file."""
-    from safetensors.numpy import save_file
-
     student_state, teacher_state = params_to_state_dict(student), params_to_state_dict(teacher)
     delta = {
         key: np.asarray(value, np.float32) - np.asarray(teacher_state[key], np.float32)
         for key, value in student_state.items()
     }
-    save_file(delta, str(path), metadata={"format": "pt"})
+    save_safetensors(delta, path)
 
 
 def _write_scheduler(folder: Path, noise_schedule: dict[str, Any], parameterization: str, num_windows: int) -> None:

@@ -434,13 +434,11 @@ def write_diffusers_unet(params: Any, config: Mapping[str, Any], out: Path, dtyp
     """A diffusers-loadable UNet folder ``out`` (created if needed): ``config.json`` from ``config`` (the UNet's
     diffusers config) and ``diffusion_pytorch_model.safetensors`` from ``params`` in ``dtype`` (a key of DTYPES).
     """
-    from safetensors.numpy import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = np.dtype(DTYPES[dtype])
     state = {key: value.astype(target, copy=False) for key, value in params_to_state_dict(params).items()}
-    save_file(state, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, out / "diffusion_pytorch_model.safetensors")
     config = {"_class_name": "UNet2DConditionModel", **config}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
@@ -473,6 +471,19 @@ def replace_folder(staging: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         staging.rename(out)
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+    """``safetensors.numpy.save_file`` with the mode a plain ``open`` gives a new file (0644 under umask 022).
+
+    safetensors writes through a temporary file of mode 0600, which other users could not read.
+    """
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    umask = os.umask(0o022)  # reading the umask means setting it; the commands write from one thread
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """python -m perflow_jax.export --to-torch: diffusers folders that hold exactly the trained student."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import diffusers
@@ -182,6 +184,11 @@ def test_a_base_of_another_architecture_is_refused(run, tmp_path):
 def test_cli_exports_and_reports_errors_with_exit_status_2(run, tmp_path, capsys):
     assert export.main(["--to-torch", "--model", str(run[0]), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out/unet/diffusion_pytorch_model.safetensors").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert modes[export.DELTA_FILE] == modes["diffusion_pytorch_model.safetensors"] == 0o666 & ~umask
+    assert set(modes.values()) == {0o666 & ~umask}  # like every other file written
     assert export.main(["--to-torch", "--model", str(run[0]), "--out", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 

@@ -1,6 +1,8 @@
 """The weight rule table and the diffusers UNet folder writer."""
 
 import json
+import os
+import stat
 
 import diffusers
 import ml_dtypes
@@ -77,3 +79,13 @@ def test_bfloat16_unet_folder_holds_the_rounded_weights(tmp_path):
     for key, value in loaded.state_dict().items():
         assert value.dtype == torch.bfloat16
         np.testing.assert_array_equal(value.float().numpy(), state[key].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_safetensors_files_get_the_mode_of_a_plain_open_under_the_umask(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        weights.save_safetensors({"a": np.arange(3, dtype=np.float32)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o666 & ~umask
