@@ -66,7 +66,7 @@ def convert(
                 f"--perflow-windows {perflow_windows}: give the delta's window count K (4 for the releases)"
             )
 
-    staging = weights.staging_folder(out)
+    staging = weights.staging_folder(out, log)
     start = time.perf_counter()
     try:
         counts = {}

@@ -102,7 +102,7 @@ def export_to_torch(
     what = f"checkpoint {described.step} ({weights} weights)" if described.workdir else "the student"
     log(f"read {what} of {model} in {time.perf_counter() - start:.1f} s")
 
-    staging = staging_folder(out)
+    staging = staging_folder(out, log)
     try:
         write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
         log(f"unet/ ({dtype})")

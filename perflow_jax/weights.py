@@ -21,11 +21,13 @@ are not parameters (``IGNORED_TORCH_KEYS``). Pickled ``.bin`` files are read onl
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -454,18 +456,43 @@ def require_empty(out: Path, error: type[Exception], fix: str) -> None:
         raise error(f"{out} exists and is not empty: {fix}")
 
 
-def staging_folder(out: Path) -> Path:
-    """A new, empty hidden folder beside ``out`` to write into before ``replace_folder``."""
-    staging = Path(out).parent / f".{Path(out).name}.writing-{os.getpid()}"
+def staging_folder(out: Path, log: Callable[[str], Any] = print) -> Path:
+    """A new, empty hidden folder beside ``out`` to write into before ``replace_folder``.
+
+    The hidden folders that runs killed while writing ``out`` left beside it are removed first:
+    those of this host whose process is gone. A live process's (a run writing the same ``out`` now)
+    and another host's (on a shared disk, whose processes this host cannot see) are kept.
+    """
+    out = Path(out)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        kind, _, pid = stale.name[len(out.name) + 2 :].rpartition("-")
+        if kind in (f"writing-{_HOST}", f"replaced-{_HOST}") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            log(f"removed {stale}, left by a run that stopped while writing {out} (process {pid} is gone)")
+    staging = out.parent / f".{out.name}.writing-{_HOST}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
 
 
+_HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def replace_folder(staging: Path, out: Path) -> None:
     """Move the finished ``staging`` folder to ``out``, replacing what was there: nothing half-written."""
     if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        old = out.parent / f".{out.name}.replaced-{_HOST}-{os.getpid()}"
         out.rename(old)
         staging.rename(out)
         shutil.rmtree(old) if old.is_dir() else old.unlink()

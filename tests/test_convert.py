@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -264,6 +265,13 @@ def test_non_empty_out_is_refused_without_overwrite(sd, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     convert(sd[0], out, overwrite=True, log=quiet)
     assert not (out / "keep.txt").exists() and (out / "unet/params").is_dir()
+
+
+def test_staging_folders_of_a_killed_conversion_go_with_the_next_one(sd, tmp_path):
+    stale = tmp_path / f".out.writing-{socket.gethostname()}-{2**31 - 1}"
+    (stale / "unet").mkdir(parents=True)
+    convert(sd[0], tmp_path / "out", log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_cli_error_exits_2_with_the_message_on_stderr(tmp_path, capsys):

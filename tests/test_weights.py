@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import stat
 
 import diffusers
@@ -79,6 +80,20 @@ def test_bfloat16_unet_folder_holds_the_rounded_weights(tmp_path):
     for key, value in loaded.state_dict().items():
         assert value.dtype == torch.bfloat16
         np.testing.assert_array_equal(value.float().numpy(), state[key].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_staging_folders_left_by_dead_processes_of_this_host_are_removed_and_others_kept(tmp_path):
+    host, dead, alive = socket.gethostname(), 2**31 - 1, os.getppid()  # no pid reaches 2**31 - 1
+    names = [f".out.writing-{host}-{dead}", f".out.replaced-{host}-{dead}", f".out.writing-{host}-{alive}",
+             f".out.writing-otherhost-{dead}", f".output.writing-{host}-{dead}", ".out.txt"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).mkdir()
+    logged = []
+    staging = weights.staging_folder(tmp_path / "out", logged.append)
+    assert staging == tmp_path / f".out.writing-{host}-{os.getpid()}" and staging.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staging.name, *names[2:]])
+    why = f"left by a run that stopped while writing {tmp_path / 'out'} (process {dead} is gone)"
+    assert sorted(logged) == [f"removed {tmp_path / name}, {why}" for name in sorted(names[:2])]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
