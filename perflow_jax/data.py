@@ -32,6 +32,8 @@ import jax
 import numpy as np
 from flax import serialization
 
+from perflow_jax import weights
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".array_record"
@@ -62,7 +64,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{folder} has no {MANIFEST}: prepare the data first with python -m perflow_jax.prepare_data "
             f"(an interrupted preparation resumes when run again with the same arguments)"
         )
-    manifest = json.loads(path.read_text())
+    manifest = weights.read_json(path)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
             f"{folder} holds records of schema version {manifest.get('schema_version')}, but this code reads "

@@ -43,6 +43,7 @@ from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
     params_to_state_dict,
+    read_json,
     read_model_index,
     replace_folder,
     require_empty,
@@ -131,7 +132,7 @@ def _diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_same_architecture(unet_config: dict[str, Any], base: Path) -> None:
-    base_config = _diffusers_config(json.loads((base / "unet" / "config.json").read_text()))
+    base_config = _diffusers_config(read_json(base / "unet" / "config.json"))
     different = sorted(k for k in unet_config.keys() | base_config.keys() if unet_config.get(k) != base_config.get(k))
     if different:
         raise ExportError(
@@ -158,7 +159,7 @@ def _write_scheduler(folder: Path, noise_schedule: dict[str, Any], parameterizat
 
 def _write_pipeline(staging: Path, base: Path, components: dict[str, str]) -> None:
     """Copy the base's other parts and write a model_index.json that names the PeRFlow scheduler."""
-    index = json.loads((base / "model_index.json").read_text())
+    index = read_json(base / "model_index.json")
     for name in components:
         if name not in ("unet", "scheduler"):
             shutil.copytree(base / name, staging / name)

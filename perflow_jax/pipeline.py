@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 
 from perflow_jax import checkpoint, models, sampler, schedule, sharding, solver
 from perflow_jax import weights as weights_io
+from perflow_jax.weights import read_json  # every JSON file of a model is read through it
 
 TOKENIZER_FIELDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
 
@@ -216,11 +216,6 @@ def is_model_folder(folder: Path) -> bool:
     return all(
         (folder / name).is_file() for name in ("vae/config.json", "unet/config.json", "scheduler/scheduler_config.json")
     )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's object."""
-    return json.loads(path.read_text())
 
 
 @dataclasses.dataclass

@@ -195,7 +195,7 @@ def _mismatch_message(
 
 
 class WeightsFileError(ValueError):
-    """A weight file is missing, truncated, corrupt or of an unsupported kind."""
+    """A weight file (or a model's JSON file) is missing, truncated, corrupt or of an unsupported kind."""
 
 
 # diffusers names its weight files diffusion_pytorch_model.*, transformers model.*.
@@ -248,7 +248,7 @@ def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
                 return [single]
             index = folder / (name.format("") + f".index{tag}.json")
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                shards = sorted(set(read_json(index)["weight_map"].values()))
                 missing = [shard for shard in shards if not (folder / shard).is_file()]
                 if missing:
                     raise WeightsFileError(f"{index} names shards that are not there: {', '.join(missing[:10])}")
@@ -369,7 +369,7 @@ def read_model_index(source: Path) -> dict[str, str]:
             f"{source} is not a diffusers pipeline folder (no model_index.json): give the folder that "
             "DiffusionPipeline.save_pretrained wrote (or a complete download of the model repository)"
         )
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file)
     components = {}
     for name, entry in index.items():
         if name.startswith("_") or name in PIPELINE_IGNORED or not isinstance(entry, list) or entry[1] is None:
@@ -500,6 +500,23 @@ def replace_folder(staging: Path, out: Path) -> None:
         staging.rename(out)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """The object of a JSON file; a file that is not JSON raises WeightsFileError naming its line and column."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        raise WeightsFileError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}: "
+            "repair the file or copy it again"
+        ) from None
+    except UnicodeDecodeError:
+        raise WeightsFileError(f"{path} is not UTF-8 text: repair the file or copy it again") from None
+    if not isinstance(value, dict):
+        raise WeightsFileError(f"{path} holds a JSON {type(value).__name__}, not an object: repair the file")
+    return value
+
+
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
     """``safetensors.numpy.save_file`` with the mode a plain ``open`` gives a new file (0644 under umask 022).
 
@@ -542,5 +559,5 @@ def read_component(folder: Path, name: str) -> tuple[str, dict[str, Any], Any]:
     if not config_file.is_file():
         present = sorted(p.name for p in folder.iterdir() if (p / "params").is_dir())
         raise WeightsFileError(f"{folder} has no network {name!r}; it has {', '.join(present)}")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     return config["_class_name"], config, load_params(folder / name / "params")

@@ -267,6 +267,12 @@ def test_non_empty_out_is_refused_without_overwrite(sd, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "unet/params").is_dir()
 
 
+def test_invalid_json_in_the_source_is_named_with_its_line_and_column(sd, tmp_path):
+    source = copy_of(sd[0], tmp_path)
+    (source / "unet/config.json").write_text('{\n  "in_channels": 4,,\n}')
+    assert_fails_cleanly(source, tmp_path / "out", f"{source}/unet/config.json is not valid JSON: .* line 2, column 20")
+
+
 def test_staging_folders_of_a_killed_conversion_go_with_the_next_one(sd, tmp_path):
     stale = tmp_path / f".out.writing-{socket.gethostname()}-{2**31 - 1}"
     (stale / "unet").mkdir(parents=True)

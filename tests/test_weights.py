@@ -1,4 +1,4 @@
-"""The weight rule table and the diffusers UNet folder writer."""
+"""The weight rule table, the diffusers UNet folder writer and the commands' output folders and JSON files."""
 
 import json
 import os
@@ -94,6 +94,25 @@ def test_staging_folders_left_by_dead_processes_of_this_host_are_removed_and_oth
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staging.name, *names[2:]])
     why = f"left by a run that stopped while writing {tmp_path / 'out'} (process {dead} is gone)"
     assert sorted(logged) == [f"removed {tmp_path / name}, {why}" for name in sorted(names[:2])]
+
+
+def test_invalid_json_is_named_with_its_line_and_column(tmp_path):
+    (tmp_path / "config.json").write_text('{\n  "a": 1,\n  "b": \n}\n')
+    with pytest.raises(weights.WeightsFileError) as info:
+        weights.read_json(tmp_path / "config.json")
+    assert str(info.value) == (
+        f"{tmp_path / 'config.json'} is not valid JSON: Expecting value at line 4, column 1: "
+        "repair the file or copy it again"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message", [(b"[1, 2]", "holds a JSON list, not an object"), (b'{"a": "\xff"}', "is not UTF-8 text")]
+)
+def test_json_that_is_no_object_or_no_utf8_is_named(tmp_path, content, message):
+    (tmp_path / "x.json").write_bytes(content)
+    with pytest.raises(weights.WeightsFileError, match=message):
+        weights.read_json(tmp_path / "x.json")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
