@@ -16,7 +16,8 @@ parameterization and window count: the released SD1.5 delta is ``diff_eps`` with
 defaults), so that ``python -m perflow_jax.sample`` samples DIR as the student it is.
 
 Nothing partial is written: the conversion happens in a hidden folder beside DIR that replaces
-DIR only once everything succeeded (one left by a killed conversion goes with the next one).
+DIR only once everything succeeded (one left by a killed conversion goes with the next one). DIR
+may not be, hold or lie inside DIFFUSERS_DIR or the delta file.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def convert(
     source, out = Path(source), Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
+    weights.check_out(out, {"--from": source, "--perflow-delta": perflow_delta}, ConversionError)
     components = weights.read_model_index(source)
     if not overwrite:
         weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")

@@ -21,7 +21,9 @@ DIR then holds:
 
 ``--model`` is a training run's WORKDIR (the newest checkpoint unless ``--step``; EMA weights
 unless ``--weights student``) or a converted / diffusers folder whose scheduler is the PeRFlow
-scheduler. Nothing partial is written: DIR appears only once everything succeeded. No torch is
+scheduler. Nothing partial is written: DIR appears only once everything succeeded (a hidden
+folder left beside it by a killed export goes with the next one), and DIR may not be, hold or lie
+inside --model, --base or the run's teacher. Files are written 0644 (under umask 022). No torch is
 needed to export.
 """
 
@@ -42,6 +44,7 @@ from perflow_jax import checkpoint, pipeline
 from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
+    check_out,
     params_to_state_dict,
     read_json,
     read_model_index,
@@ -76,13 +79,16 @@ def export_to_torch(
     model, out = Path(model), Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
-    if not overwrite:
-        require_empty(out, ExportError, "choose another --out or pass --overwrite")
     if not checkpoint.is_workdir(model) and (step is not None or weights != "ema"):
         raise ExportError(
             f"--step and --weights choose a training checkpoint, but {model} is a model folder, not a training "
             "run's WORKDIR (one with checkpoints/)"
         )
+    teacher_dir = pipeline.describe(model, step=step).folder  # a WORKDIR's config.model.path, else model
+    inputs = {"--model": model, "--base": base, "the teacher folder (config.model.path)": teacher_dir}
+    check_out(out, inputs, ExportError)
+    if not overwrite:
+        require_empty(out, ExportError, "choose another --out or pass --overwrite")
     components = read_model_index(Path(base)) if base else None
     start = time.perf_counter()
     trained = pipeline.load_trained(model, step=step, weights=weights, networks=())
@@ -96,7 +102,7 @@ def export_to_torch(
     student, unet_config = trained.model.params["unet"], _diffusers_config(trained.model.configs["unet"])
     if base:
         _check_same_architecture(unet_config, Path(base))
-    teacher_dir = described.folder if described.workdir else (Path(base) if base else None)
+    teacher_dir = teacher_dir if described.workdir else (Path(base) if base else None)
     teacher = pipeline.load_model(teacher_dir, networks=("unet",)) if teacher_dir else None
     if teacher is not None and _diffusers_config(teacher.configs["unet"]) != unet_config:
         raise ExportError(f"the teacher in {teacher_dir} is not the student's architecture: no delta can be taken")

@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from perflow_jax import checkpoint, image_io, models, pipeline, sharding
-from perflow_jax.weights import COMPUTE_DTYPES
+from perflow_jax.weights import COMPUTE_DTYPES, check_out
 
 DEFAULT_STEPS = 4
 STUDENT_GUIDANCE = 4.5  # the released SD1.5 setting at 4 steps
@@ -243,6 +243,9 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
         raise SampleError(f"--out {o.out}: the grid is written as a PNG; give a path ending in .png")
     if o.init_noise is not None and not Path(o.init_noise).is_file():
         raise SampleError(f"--init-noise {o.init_noise} does not exist: give a .npy file (see --help for its layout)")
+    for flag, path in (("--out", o.out), ("--save-noise", o.save_noise), ("--save-latents", o.save_latents)):
+        if path is not None:
+            check_out(path, {"--model": o.model}, SampleError, flag)
     plan = make_plan(o)
     batch = [prompt for prompt in o.prompts for _ in range(o.num_images)]
     noise = initial_noise(o, plan, len(batch))

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -454,6 +455,38 @@ def require_empty(out: Path, error: type[Exception], fix: str) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise error(f"{out} exists and is not empty: {fix}")
+
+
+def check_out(out: Path, inputs: Mapping[str, Any], error: type[Exception], flag: str = "--out") -> None:
+    """Raise ``error`` before any work if writing ``out`` would destroy an input or cannot succeed.
+
+    Refused: an ``out`` that is, contains or lies inside one of ``inputs`` ({flag: path or None}, the
+    command's existing inputs, symlinks resolved), since writing or replacing it deletes that input;
+    and an ``out`` whose folder (or ``out`` itself, when a folder) takes no new file. That is tried,
+    not read from permission bits, which say nothing for root or a read-only mount.
+    """
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise error(f"{flag} {out} {relation} {name} {path}, which this command reads: write the output elsewhere")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    for place in (folder, target) if target.is_dir() else (folder,):
+        try:
+            tempfile.TemporaryFile(dir=place).close()
+        except OSError as problem:
+            raise error(f"{flag} {out} cannot be written: {place}: {problem.strerror}; choose another {flag}") from None
 
 
 def staging_folder(out: Path, log: Callable[[str], Any] = print) -> Path:

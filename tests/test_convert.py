@@ -267,6 +267,14 @@ def test_non_empty_out_is_refused_without_overwrite(sd, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "unet/params").is_dir()
 
 
+@pytest.mark.parametrize("out", ["source", ".", "source/converted"])
+def test_an_out_over_the_source_is_refused_and_the_source_kept(sd, tmp_path, out):
+    source = copy_of(sd[0], tmp_path)
+    with pytest.raises(ConversionError, match=f"--out {tmp_path / out} (is|contains|lies inside) --from {source}, "):
+        convert(source, tmp_path / out, overwrite=True, log=quiet)
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in sd[0].iterdir())
+
+
 def test_invalid_json_in_the_source_is_named_with_its_line_and_column(sd, tmp_path):
     source = copy_of(sd[0], tmp_path)
     (source / "unet/config.json").write_text('{\n  "in_channels": 4,,\n}')

@@ -181,6 +181,20 @@ def test_a_base_of_another_architecture_is_refused(run, tmp_path):
     assert_fails_cleanly(tmp_path / "out", "another UNet architecture", run[0], base=tmp_path / "xl")
 
 
+def test_an_out_over_an_input_is_refused_and_the_input_kept(run, tmp_path):
+    workdir, diffusers_dir, teacher = run
+    before = sorted(p.name for p in workdir.iterdir())
+    for out, flag, model, base in [
+        (workdir, "--model", workdir, None),
+        (workdir / "export", "--model", workdir, None),
+        (diffusers_dir / "unet", "--base", workdir, diffusers_dir),
+        (teacher, r"the teacher folder \(config.model.path\)", workdir, None),
+    ]:
+        with pytest.raises(ExportError, match=f"--out {out} (is|contains|lies inside) {flag} .*, which this command"):
+            export_to_torch(model, out, base=base, overwrite=True, log=quiet)
+    assert sorted(p.name for p in workdir.iterdir()) == before and (teacher / "unet/config.json").is_file()
+
+
 def test_cli_exports_and_reports_errors_with_exit_status_2(run, tmp_path, capsys):
     assert export.main(["--to-torch", "--model", str(run[0]), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out/unet/diffusion_pytorch_model.safetensors").is_file()

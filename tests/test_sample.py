@@ -296,6 +296,23 @@ def test_init_noise_with_a_nan_is_refused_before_loading(folders, tmp_path, monk
         run(folders, tmp_path, "x", init_noise=tmp_path / "noise.npy")
 
 
+@pytest.mark.parametrize("flag", ["out", "save_noise"])
+def test_an_out_inside_the_model_is_refused_before_anything_is_read(folders, tmp_path, monkeypatch, flag):
+    monkeypatch.setattr(sample_module, "make_plan", no_loading)
+    inside = folders[0] / "checkpoints/grid.png"
+    options = {"out": inside} if flag == "out" else {"out": tmp_path / "grid.png", flag: inside}
+    with pytest.raises(SampleError, match=f"--{flag.replace('_', '-')} {inside} lies inside --model {folders[0]}, "):
+        sample(Options(folders[0], PROMPTS, **options), log=quiet)
+    assert not inside.exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_is_read(folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_module, "make_plan", no_loading)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SampleError, match=f"--out {tmp_path}/file/grid.png cannot be written: {tmp_path}/file: "):
+        sample(Options(folders[0], PROMPTS, tmp_path / "file/grid.png"), log=quiet)
+
+
 def test_an_empty_prompt_file_is_refused(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n  \n")
     assert main(["--model", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"), "--out", "x.png"]) == 2

@@ -82,6 +82,53 @@ def test_bfloat16_unet_folder_holds_the_rounded_weights(tmp_path):
         np.testing.assert_array_equal(value.float().numpy(), state[key].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+# ---- output folders: never over an input, never into a folder that takes no file ----------
+
+
+@pytest.mark.parametrize(
+    "out, relation",
+    [
+        ("model", "is"),
+        (".", "contains"),
+        ("model/export", "lies inside"),
+        ("link", "is"),
+        ("link/export", "lies inside"),
+    ],
+)
+def test_an_out_that_is_contains_or_lies_inside_an_input_is_refused_naming_both(tmp_path, out, relation):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    with pytest.raises(ValueError) as info:
+        weights.check_out(tmp_path / out, {"--model": tmp_path / "model", "--base": None}, ValueError)
+    assert str(info.value) == (
+        f"--out {tmp_path / out} {relation} --model {tmp_path / 'model'}, which this command reads: "
+        "write the output elsewhere"
+    )
+
+
+def test_an_out_beside_its_inputs_or_naming_a_missing_input_passes(tmp_path):
+    (tmp_path / "model").mkdir()
+    inputs = {"--model": tmp_path / "model", "--input": "tfds:mnist", "--from": tmp_path / "gone"}
+    weights.check_out(tmp_path / "model-export", inputs, ValueError)
+    weights.check_out(tmp_path / "gone/out", inputs, ValueError)  # lies inside an input that does not exist
+
+
+def test_an_out_below_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"--save-noise {tmp_path}/file/a/n.npy cannot be written: {tmp_path}/file: "):
+        weights.check_out(tmp_path / "file/a/n.npy", {}, ValueError, "--save-noise")
+
+
+def test_an_out_in_a_read_only_folder_is_refused(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if os.access(tmp_path / "ro", os.W_OK):
+        pytest.skip("this user (root) may write into a read-only folder")
+    with pytest.raises(
+        ValueError, match=f"--out {tmp_path}/ro/out cannot be written: {tmp_path}/ro: Permission denied"
+    ):
+        weights.check_out(tmp_path / "ro/out", {}, ValueError)
+
+
 def test_staging_folders_left_by_dead_processes_of_this_host_are_removed_and_others_kept(tmp_path):
     host, dead, alive = socket.gethostname(), 2**31 - 1, os.getppid()  # no pid reaches 2**31 - 1
     names = [f".out.writing-{host}-{dead}", f".out.replaced-{host}-{dead}", f".out.writing-{host}-{alive}",
