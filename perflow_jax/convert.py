@@ -16,7 +16,8 @@ parameterization and window count: the released SD1.5 delta is ``diff_eps`` with
 defaults), so that ``python -m perflow_jax.sample`` samples DIR as the student it is.
 
 Nothing partial is written: the conversion happens in a hidden folder beside DIR that replaces
-DIR only once everything succeeded.
+DIR only once everything succeeded (one left by a killed conversion goes with the next one). DIR
+may not be, hold or lie inside DIFFUSERS_DIR or the delta file.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def convert(
     source, out = Path(source), Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
+    weights.check_out(out, {"--from": source, "--perflow-delta": perflow_delta}, ConversionError)
     components = weights.read_model_index(source)
     if not overwrite:
         weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")
@@ -66,7 +68,7 @@ def convert(
                 f"--perflow-windows {perflow_windows}: give the delta's window count K (4 for the releases)"
             )
 
-    staging = weights.staging_folder(out)
+    staging = weights.staging_folder(out, log)
     start = time.perf_counter()
     try:
         counts = {}
@@ -76,7 +78,7 @@ def convert(
             shutil.copytree(source / name, staging / name)
         if delta is not None:
             components = {**components, "scheduler": pipeline.PERFLOW_SCHEDULER}
-            teacher = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+            teacher = weights.read_json(source / "scheduler" / "scheduler_config.json")
             student = pipeline.perflow_scheduler_config(teacher, perflow_parameterization, perflow_windows)
             (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(student, indent=2) + "\n")
         manifest = {
@@ -105,7 +107,7 @@ def convert(
 
 def _convert_network(source, staging, name, class_name, dtype, variant, delta, log) -> int:
     start = time.perf_counter()
-    config = json.loads((source / name / "config.json").read_text())
+    config = weights.read_json(source / name / "config.json")
     try:
         module = models.from_config(class_name, config)
     except ValueError as error:

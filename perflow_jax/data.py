@@ -68,7 +68,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{folder} has no {MANIFEST}: prepare the data first with python -m perflow_jax.prepare_data "
             f"(an interrupted preparation resumes when run again with the same arguments)"
         )
-    manifest = json.loads(path.read_text())
+    manifest = weights.read_json(path)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
             f"{folder} holds records of schema version {manifest.get('schema_version')}, but this code reads "

@@ -21,7 +21,9 @@ DIR then holds:
 
 ``--model`` is a training run's WORKDIR (the newest checkpoint unless ``--step``; EMA weights
 unless ``--weights student``) or a converted / diffusers folder whose scheduler is the PeRFlow
-scheduler. Nothing partial is written: DIR appears only once everything succeeded. No torch is
+scheduler. Nothing partial is written: DIR appears only once everything succeeded (a hidden
+folder left beside it by a killed export goes with the next one), and DIR may not be, hold or lie
+inside --model, --base or the run's teacher. Files are written 0644 (under umask 022). No torch is
 needed to export.
 """
 
@@ -42,10 +44,13 @@ from perflow_jax import checkpoint, console, pipeline
 from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
+    check_out,
     params_to_state_dict,
+    read_json,
     read_model_index,
     replace_folder,
     require_empty,
+    save_safetensors,
     staging_folder,
     write_diffusers_unet,
 )
@@ -74,13 +79,16 @@ def export_to_torch(
     model, out = Path(model), Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
-    if not overwrite:
-        require_empty(out, ExportError, "choose another --out or pass --overwrite")
     if not checkpoint.is_workdir(model) and (step is not None or weights != "ema"):
         raise ExportError(
             f"--step and --weights choose a training checkpoint, but {model} is a model folder, not a training "
             "run's WORKDIR (one with checkpoints/)"
         )
+    teacher_dir = pipeline.describe(model, step=step).folder  # a WORKDIR's config.model.path, else model
+    inputs = {"--model": model, "--base": base, "the teacher folder (config.model.path)": teacher_dir}
+    check_out(out, inputs, ExportError)
+    if not overwrite:
+        require_empty(out, ExportError, "choose another --out or pass --overwrite")
     components = read_model_index(Path(base)) if base else None
     start = time.perf_counter()
     trained = pipeline.load_trained(model, step=step, weights=weights, networks=())
@@ -94,14 +102,14 @@ def export_to_torch(
     student, unet_config = trained.model.params["unet"], _diffusers_config(trained.model.configs["unet"])
     if base:
         _check_same_architecture(unet_config, Path(base))
-    teacher_dir = described.folder if described.workdir else (Path(base) if base else None)
+    teacher_dir = teacher_dir if described.workdir else (Path(base) if base else None)
     teacher = pipeline.load_model(teacher_dir, networks=("unet",)) if teacher_dir else None
     if teacher is not None and _diffusers_config(teacher.configs["unet"]) != unet_config:
         raise ExportError(f"the teacher in {teacher_dir} is not the student's architecture: no delta can be taken")
     what = f"checkpoint {described.step} ({weights} weights)" if described.workdir else "the student"
     log(f"read {what} of {model} in {time.perf_counter() - start:.1f} s")
 
-    staging = staging_folder(out)
+    staging = staging_folder(out, log)
     try:
         write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
         log(f"unet/ ({dtype})")
@@ -130,7 +138,7 @@ def _diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_same_architecture(unet_config: dict[str, Any], base: Path) -> None:
-    base_config = _diffusers_config(json.loads((base / "unet" / "config.json").read_text()))
+    base_config = _diffusers_config(read_json(base / "unet" / "config.json"))
     different = sorted(k for k in unet_config.keys() | base_config.keys() if unet_config.get(k) != base_config.get(k))
     if different:
         raise ExportError(
@@ -141,14 +149,12 @@ def _check_same_architecture(unet_config: dict[str, Any], base: Path) -> None:
 
 def _write_delta(student: Any, teacher: Any, path: Path) -> None:
     """student - teacher, float32, for every UNet key (diffusers' names), as one flat safetensors file."""
-    from safetensors.numpy import save_file
-
     student_state, teacher_state = params_to_state_dict(student), params_to_state_dict(teacher)
     delta = {
         key: np.asarray(value, np.float32) - np.asarray(teacher_state[key], np.float32)
         for key, value in student_state.items()
     }
-    save_file(delta, str(path), metadata={"format": "pt"})
+    save_safetensors(delta, path)
 
 
 def _write_scheduler(folder: Path, noise_schedule: dict[str, Any], parameterization: str, num_windows: int) -> None:
@@ -159,7 +165,7 @@ def _write_scheduler(folder: Path, noise_schedule: dict[str, Any], parameterizat
 
 def _write_pipeline(staging: Path, base: Path, components: dict[str, str]) -> None:
     """Copy the base's other parts and write a model_index.json that names the PeRFlow scheduler."""
-    index = json.loads((base / "model_index.json").read_text())
+    index = read_json(base / "model_index.json")
     for name in components:
         if name not in ("unet", "scheduler"):
             shutil.copytree(base / name, staging / name)

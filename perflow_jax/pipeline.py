@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 
 from perflow_jax import checkpoint, models, sampler, schedule, sharding, solver
 from perflow_jax import weights as weights_io
+from perflow_jax.weights import read_json  # every JSON file of a model is read through it
 
 TOKENIZER_FIELDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
 
@@ -217,11 +218,6 @@ def is_model_folder(folder: Path) -> bool:
     )
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's object."""
-    return json.loads(path.read_text())
-
-
 @dataclasses.dataclass
 class Trained:
     """A student UNet with the pipeline parts it runs with.
@@ -349,6 +345,8 @@ class GenerateSettings:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance {self.guidance}: give a finite scale, 1 (no guidance) or more")
         if self.method not in METHODS:
             raise ValueError(f"unknown sampling method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.method == "perflow":
@@ -469,6 +467,9 @@ class Generator:
         count = len(prompts)
         if np.shape(noise)[0] != count:
             raise ValueError(f"noise for {np.shape(noise)[0]} images but {count} prompts: give one noise per prompt")
+        bad = np.size(noise) - np.count_nonzero(np.isfinite(noise))
+        if bad:
+            raise ValueError(f"the initial noise holds {bad} NaN or infinite values: give finite N(0, I) noise")
         padded = -(-count // self.mesh.size) * self.mesh.size
         ids = {k: _pad(v, padded, "edge") for k, v in self.tokenize(list(prompts)).items()}
         noise = _pad(np.asarray(noise, np.float32), padded, "constant")

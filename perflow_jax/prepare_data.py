@@ -435,6 +435,7 @@ def prepare(
     ``max_pixels`` replaces PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) while an image is read.
     """
     out = Path(out)
+    weights.check_out(out, {"--input": source, "--model": model}, PrepareError)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if latent_dtype not in ("float16", "float32"):

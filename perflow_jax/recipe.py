@@ -12,7 +12,9 @@ the base recipe it overrides.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
+import math
 import os
 import types
 from collections.abc import Sequence
@@ -126,7 +128,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.perflow.num_windows x solver_steps is {k * s}, more than the teacher's "
             f"{schedule.NUM_TRAIN_TIMESTEPS} timesteps: each solver step must move at least one timestep"
         )
-    if perflow.teacher_guidance < 1:
+    if not (math.isfinite(perflow.teacher_guidance) and perflow.teacher_guidance >= 1):
         problems.append(
             f"config.perflow.teacher_guidance is {perflow.teacher_guidance}: use 1 for cfg_sync (one teacher pass on "
             "the student's text, the SD1.5 recipe) or more for classifier-free guidance (7.5 in the SDXL recipe)"
@@ -188,7 +190,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.log.sample_steps is {log.sample_steps} but there are {k} windows: every window needs a step, "
             f"so the sampler would silently run {k}; set --config.log.sample_steps={k} or more"
         )
-    if log.sample_guidance < 0:
+    if not (math.isfinite(log.sample_guidance) and log.sample_guidance >= 0):
         problems.append(f"config.log.sample_guidance is {log.sample_guidance}: use 0 or more (1 turns CFG off)")
     _raise(problems)
 
@@ -233,6 +235,41 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
         raise ResumeError(
             f"this WORKDIR holds a run with other settings ({details}): use another --workdir, or the saved settings"
         )
+
+
+def unknown_override(argv: Sequence[str]) -> str | None:
+    """The error for the first ``--config.KEY`` of ``argv`` whose key its ``--config`` file lacks, naming the
+    closest valid keys; None when every key exists or the config file does not load (its own error stands).
+
+    config_flags raises a bare AttributeError or KeyError for such a key while absl parses the flags.
+    """
+    path = next((arg.partition("=")[2] for arg in argv if arg.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[list(argv).index("--config") + 1]
+    try:
+        config = config_module(path).get_config().to_dict()
+    except Exception:  # any failure: config_flags' own error is the one to see
+        return None
+    leaves = _flatten(config)
+    groups = {prefix for key in leaves for prefix in _prefixes(key)}
+    for key in (arg[len("--config.") :].partition("=")[0] for arg in argv if arg.startswith("--config.")):
+        if key in leaves or key in groups:
+            continue
+        close = difflib.get_close_matches(key, sorted(leaves.keys() | groups), n=3, cutoff=0.8)
+        if close:
+            hint = f"did you mean {' or '.join(f'config.{k}' for k in close)}?"
+        else:
+            parent = max((g for g in _prefixes(key) if g in groups), key=len, default="")
+            below = sorted({k[len(parent) :].lstrip(".").partition(".")[0] for k in leaves if k.startswith(parent)})
+            hint = f"config{'.' if parent else ''}{parent} holds {', '.join(below)}"
+        return f"--config.{key}: {path} has no key {key}; {hint}"
+    return None
+
+
+def _prefixes(key: str) -> list[str]:
+    """'a.b.c' -> ['a', 'a.b']."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

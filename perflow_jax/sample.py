@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ import jax
 import numpy as np
 
 from perflow_jax import checkpoint, console, image_io, models, pipeline, sharding
-from perflow_jax.weights import COMPUTE_DTYPES
+from perflow_jax.weights import COMPUTE_DTYPES, check_out
 
 DEFAULT_STEPS = 4
 STUDENT_GUIDANCE = 4.5  # the released SD1.5 setting at 4 steps
@@ -106,6 +107,8 @@ def make_plan(options: Options) -> Plan:
         raise SampleError("--steps counts the student's steps: give the teacher's DDIM steps as --teacher-ddim STEPS")
     if o.steps is not None and o.steps < 1:
         raise SampleError(f"--steps {o.steps}: give at least 1 (the model's window count, usually 4)")
+    if o.guidance is not None and not math.isfinite(o.guidance):
+        raise SampleError(f"--guidance {o.guidance}: give a finite classifier-free guidance scale, 1 or more")
     if o.guidance is not None and o.guidance < 1:
         raise SampleError(
             f"--guidance {o.guidance}: classifier-free guidance scales below 1 move away from the prompt; "
@@ -197,6 +200,9 @@ def initial_noise(options: Options, plan: Plan, count: int) -> np.ndarray:
             f"{len(options.prompts)} prompts x {options.num_images} images, {c} latent channels, {h} x {w} "
             f"latents for {plan.height} x {plan.width} pixels, in diffusers' [images, c, h, w] layout"
         )
+    bad = given.size - np.count_nonzero(np.isfinite(given))
+    if bad:
+        raise SampleError(f"--init-noise {options.init_noise} holds {bad} NaN or infinite values: give finite noise")
     return image_io.to_nhwc(given)
 
 
@@ -237,6 +243,9 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
         raise SampleError(f"--out {o.out}: the grid is written as a PNG; give a path ending in .png")
     if o.init_noise is not None and not Path(o.init_noise).is_file():
         raise SampleError(f"--init-noise {o.init_noise} does not exist: give a .npy file (see --help for its layout)")
+    for flag, path in (("--out", o.out), ("--save-noise", o.save_noise), ("--save-latents", o.save_latents)):
+        if path is not None:
+            check_out(path, {"--model": o.model}, SampleError, flag)
     plan = make_plan(o)
     batch = [prompt for prompt in o.prompts for _ in range(o.num_images)]
     noise = initial_noise(o, plan, len(batch))

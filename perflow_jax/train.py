@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from perflow_jax import console, training
+from perflow_jax import console, recipe, training
 
 
 def main(argv: list[str]) -> None:
@@ -34,10 +34,22 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a --config.KEY that the config lacks ends the run in one line (exit 2)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):  # what config_flags raises for such a key
+        message = recipe.unknown_override(argv)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/sd15.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics.jsonl, TensorBoard and samples")
 _VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

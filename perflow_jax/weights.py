@@ -21,11 +21,14 @@ are not parameters (``IGNORED_TORCH_KEYS``). Pickled ``.bin`` files are read onl
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import socket
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -193,7 +196,7 @@ def _mismatch_message(
 
 
 class WeightsFileError(ValueError):
-    """A weight file is missing, truncated, corrupt or of an unsupported kind."""
+    """A weight file (or a model's JSON file) is missing, truncated, corrupt or of an unsupported kind."""
 
 
 # diffusers names its weight files diffusion_pytorch_model.*, transformers model.*.
@@ -246,7 +249,7 @@ def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
                 return [single]
             index = folder / (name.format("") + f".index{tag}.json")
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                shards = sorted(set(read_json(index)["weight_map"].values()))
                 missing = [shard for shard in shards if not (folder / shard).is_file()]
                 if missing:
                     raise WeightsFileError(f"{index} names shards that are not there: {', '.join(missing[:10])}")
@@ -367,7 +370,7 @@ def read_model_index(source: Path) -> dict[str, str]:
             f"{source} is not a diffusers pipeline folder (no model_index.json): give the folder that "
             "DiffusionPipeline.save_pretrained wrote (or a complete download of the model repository)"
         )
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file)
     components = {}
     for name, entry in index.items():
         if name.startswith("_") or name in PIPELINE_IGNORED or not isinstance(entry, list) or entry[1] is None:
@@ -434,13 +437,11 @@ def write_diffusers_unet(params: Any, config: Mapping[str, Any], out: Path, dtyp
     """A diffusers-loadable UNet folder ``out`` (created if needed): ``config.json`` from ``config`` (the UNet's
     diffusers config) and ``diffusion_pytorch_model.safetensors`` from ``params`` in ``dtype`` (a key of DTYPES).
     """
-    from safetensors.numpy import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = np.dtype(DTYPES[dtype])
     state = {key: value.astype(target, copy=False) for key, value in params_to_state_dict(params).items()}
-    save_file(state, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, out / "diffusion_pytorch_model.safetensors")
     config = {"_class_name": "UNet2DConditionModel", **config}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
@@ -456,23 +457,110 @@ def require_empty(out: Path, error: type[Exception], fix: str) -> None:
         raise error(f"{out} exists and is not empty: {fix}")
 
 
-def staging_folder(out: Path) -> Path:
-    """A new, empty hidden folder beside ``out`` to write into before ``replace_folder``."""
-    staging = Path(out).parent / f".{Path(out).name}.writing-{os.getpid()}"
+def check_out(out: Path, inputs: Mapping[str, Any], error: type[Exception], flag: str = "--out") -> None:
+    """Raise ``error`` before any work if writing ``out`` would destroy an input or cannot succeed.
+
+    Refused: an ``out`` that is, contains or lies inside one of ``inputs`` ({flag: path or None}, the
+    command's existing inputs, symlinks resolved), since writing or replacing it deletes that input;
+    and an ``out`` whose folder (or ``out`` itself, when a folder) takes no new file. That is tried,
+    not read from permission bits, which say nothing for root or a read-only mount.
+    """
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise error(f"{flag} {out} {relation} {name} {path}, which this command reads: write the output elsewhere")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    for place in (folder, target) if target.is_dir() else (folder,):
+        try:
+            tempfile.TemporaryFile(dir=place).close()
+        except OSError as problem:
+            raise error(f"{flag} {out} cannot be written: {place}: {problem.strerror}; choose another {flag}") from None
+
+
+def staging_folder(out: Path, log: Callable[[str], Any] = print) -> Path:
+    """A new, empty hidden folder beside ``out`` to write into before ``replace_folder``.
+
+    The hidden folders that runs killed while writing ``out`` left beside it are removed first:
+    those of this host whose process is gone. A live process's (a run writing the same ``out`` now)
+    and another host's (on a shared disk, whose processes this host cannot see) are kept.
+    """
+    out = Path(out)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        kind, _, pid = stale.name[len(out.name) + 2 :].rpartition("-")
+        if kind in (f"writing-{_HOST}", f"replaced-{_HOST}") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            log(f"removed {stale}, left by a run that stopped while writing {out} (process {pid} is gone)")
+    staging = out.parent / f".{out.name}.writing-{_HOST}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
 
 
+_HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def replace_folder(staging: Path, out: Path) -> None:
     """Move the finished ``staging`` folder to ``out``, replacing what was there: nothing half-written."""
     if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        old = out.parent / f".{out.name}.replaced-{_HOST}-{os.getpid()}"
         out.rename(old)
         staging.rename(out)
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         staging.rename(out)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The object of a JSON file; a file that is not JSON raises WeightsFileError naming its line and column."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        raise WeightsFileError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}: "
+            "repair the file or copy it again"
+        ) from None
+    except UnicodeDecodeError:
+        raise WeightsFileError(f"{path} is not UTF-8 text: repair the file or copy it again") from None
+    if not isinstance(value, dict):
+        raise WeightsFileError(f"{path} holds a JSON {type(value).__name__}, not an object: repair the file")
+    return value
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+    """``safetensors.numpy.save_file`` with the mode a plain ``open`` gives a new file (0644 under umask 022).
+
+    safetensors writes through a temporary file of mode 0600, which other users could not read.
+    """
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    umask = os.umask(0o022)  # reading the umask means setting it; the commands write from one thread
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,5 +592,5 @@ def read_component(folder: Path, name: str) -> tuple[str, dict[str, Any], Any]:
     if not config_file.is_file():
         present = sorted(p.name for p in folder.iterdir() if (p / "params").is_dir())
         raise WeightsFileError(f"{folder} has no network {name!r}; it has {', '.join(present)}")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     return config["_class_name"], config, load_params(folder / name / "params")

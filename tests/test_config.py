@@ -216,6 +216,32 @@ def test_command_line_rejects_unknown_keys():
         parse("--config.optim.lrr=1e-4")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.num_stepz=3", "no key train.num_stepz; did you mean config.train.num_steps?"),
+        ("--config.trian.num_steps=3", "no key trian.num_steps; did you mean config.train.num_steps?"),
+        ("--config.optim.lrr=1e-4", "no key optim.lrr; did you mean config.optim.lr?"),
+        (
+            "--config.foo=1",
+            "no key foo; config holds checkpoint, data, log, mesh, model, optim, perflow, tpu_pod, train",
+        ),
+        ("--config.train.zzzzzz=1", "no key train.zzzzzz; config.train holds global_batch_size, "),
+    ],
+)
+def test_an_unknown_override_is_named_with_the_closest_keys(override, message):
+    argv = ["train", "--config", str(CONFIGS / "tiny.py"), "--config.model.path=/m", override]
+    assert recipe.unknown_override(argv).startswith(
+        f"{override.partition('=')[0]}: {CONFIGS / 'tiny.py'} has {message}"
+    )
+
+
+def test_known_overrides_and_a_config_that_does_not_load_give_no_message(tmp_path):
+    assert recipe.unknown_override(["train", f"--config={CONFIGS / 'tiny.py'}", "--config.train.num_steps=3"]) is None
+    (tmp_path / "broken.py").write_text("raise KeyError('mine')\n")
+    assert recipe.unknown_override(["train", f"--config={tmp_path / 'broken.py'}", "--config.foo=1"]) is None
+
+
 # --- validate: one test per message -----------------------------------------------------------
 
 
@@ -246,9 +272,17 @@ def test_float16_training_is_refused_for_want_of_loss_scaling_but_a_float16_teac
     recipe.validate(runnable(**{"model.teacher_dtype": "float16"}))
 
 
-def test_guidance_below_one_is_refused():
-    assert "config.perflow.teacher_guidance is 0.5: use 1 for cfg_sync" in problems(
-        runnable(**{"perflow.teacher_guidance": 0.5})
+@pytest.mark.parametrize("guidance", [0.5, float("nan"), float("inf")])
+def test_guidance_below_one_or_not_finite_is_refused(guidance):
+    assert f"config.perflow.teacher_guidance is {guidance}: use 1 for cfg_sync" in problems(
+        runnable(**{"perflow.teacher_guidance": guidance})
+    )
+
+
+@pytest.mark.parametrize("guidance", [-1.0, float("nan")])
+def test_sample_guidance_below_zero_or_nan_is_refused(guidance):
+    assert f"config.log.sample_guidance is {guidance}: use 0 or more" in problems(
+        runnable(**{"log.sample_guidance": guidance})
     )
 
 

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,27 @@ def test_non_empty_out_is_refused_without_overwrite(sd, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     convert(sd[0], out, overwrite=True, log=quiet)
     assert not (out / "keep.txt").exists() and (out / "unet/params").is_dir()
+
+
+@pytest.mark.parametrize("out", ["source", ".", "source/converted"])
+def test_an_out_over_the_source_is_refused_and_the_source_kept(sd, tmp_path, out):
+    source = copy_of(sd[0], tmp_path)
+    with pytest.raises(ConversionError, match=f"--out {tmp_path / out} (is|contains|lies inside) --from {source}, "):
+        convert(source, tmp_path / out, overwrite=True, log=quiet)
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in sd[0].iterdir())
+
+
+def test_invalid_json_in_the_source_is_named_with_its_line_and_column(sd, tmp_path):
+    source = copy_of(sd[0], tmp_path)
+    (source / "unet/config.json").write_text('{\n  "in_channels": 4,,\n}')
+    assert_fails_cleanly(source, tmp_path / "out", f"{source}/unet/config.json is not valid JSON: .* line 2, column 20")
+
+
+def test_staging_folders_of_a_killed_conversion_go_with_the_next_one(sd, tmp_path):
+    stale = tmp_path / f".out.writing-{socket.gethostname()}-{2**31 - 1}"
+    (stale / "unet").mkdir(parents=True)
+    convert(sd[0], tmp_path / "out", log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_cli_error_exits_2_with_the_message_on_stderr(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """python -m perflow_jax.export --to-torch: diffusers folders that hold exactly the trained student."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import diffusers
@@ -179,10 +181,29 @@ def test_a_base_of_another_architecture_is_refused(run, tmp_path):
     assert_fails_cleanly(tmp_path / "out", "another UNet architecture", run[0], base=tmp_path / "xl")
 
 
+def test_an_out_over_an_input_is_refused_and_the_input_kept(run, tmp_path):
+    workdir, diffusers_dir, teacher = run
+    before = sorted(p.name for p in workdir.iterdir())
+    for out, flag, model, base in [
+        (workdir, "--model", workdir, None),
+        (workdir / "export", "--model", workdir, None),
+        (diffusers_dir / "unet", "--base", workdir, diffusers_dir),
+        (teacher, r"the teacher folder \(config.model.path\)", workdir, None),
+    ]:
+        with pytest.raises(ExportError, match=f"--out {out} (is|contains|lies inside) {flag} .*, which this command"):
+            export_to_torch(model, out, base=base, overwrite=True, log=quiet)
+    assert sorted(p.name for p in workdir.iterdir()) == before and (teacher / "unet/config.json").is_file()
+
+
 def test_cli_exports_and_reports_errors_with_exit_status_2(run, tmp_path, capsys, caplog):
     assert export.main(["--to-torch", "--model", str(run[0]), "--out", str(tmp_path / "out")]) == 0
     assert [record.getMessage() for record in caplog.records if record.name == "absl"] == []  # Orbax's: on --verbose
     assert (tmp_path / "out/unet/diffusion_pytorch_model.safetensors").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert modes[export.DELTA_FILE] == modes["diffusion_pytorch_model.safetensors"] == 0o666 & ~umask
+    assert set(modes.values()) == {0o666 & ~umask}  # like every other file written
     assert export.main(["--to-torch", "--model", str(run[0]), "--out", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 

@@ -7,7 +7,7 @@ import pytest
 
 from perflow_jax import weights
 from perflow_jax.convert import convert
-from perflow_jax.pipeline import TextEncoders, load_model
+from perflow_jax.pipeline import GenerateSettings, Generator, TextEncoders, load_model
 from tests.helpers.pipelines import tiny_pipeline
 
 
@@ -82,3 +82,16 @@ def test_sdxl_size_ids_are_the_resolutions_or_each_examples_own(folders, sdxl_ti
 def test_unknown_sdxl_size_ids_are_named(folders):
     with pytest.raises(ValueError, match="sdxl_time_ids is 'crop': use one of fixed, original"):
         TextEncoders(None, sdxl_time_ids="crop")
+
+
+def test_nan_or_infinite_guidance_is_refused():
+    for guidance in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"guidance {guidance}: give a finite scale"):
+            GenerateSettings(guidance=guidance)
+
+
+def test_initial_noise_with_a_nan_is_refused_before_anything_runs():
+    noise = np.zeros((2, 4, 4, 4), np.float32)
+    noise[1, 0, 0, 0], noise[0, 1, 1, 1] = np.nan, np.inf
+    with pytest.raises(ValueError, match="the initial noise holds 2 NaN or infinite values"):
+        Generator.inputs(None, ["a", "b"], noise)  # refused before the generator's parts are used

@@ -338,3 +338,14 @@ def test_missing_source_is_named(model, tmp_path):
     with pytest.raises(PrepareError, match="neither a folder of images, nor webdataset .tar files, nor tfds"):
         prepare(model, str(tmp_path / "nowhere"), tmp_path / "out", resolution=RESOLUTION, progress=False)
     assert not (tmp_path / "out").exists()  # nothing started there: the corrected command runs
+
+
+@pytest.mark.parametrize("out, flag", [("images/prepared", "--input"), ("model", "--model")])
+def test_an_out_over_an_input_is_refused_before_the_model_loads(tmp_path, out, flag):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "model").mkdir()  # no model in it: the check comes first
+    with pytest.raises(PrepareError, match=f"--out {tmp_path / out} (is|lies inside) {flag} "):
+        prepare(tmp_path / "model", str(tmp_path / "images"), tmp_path / out, resolution=RESOLUTION, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model"] and not any(
+        (tmp_path / "images").iterdir()
+    )

@@ -237,6 +237,8 @@ def write_perflow_folder(folders, tmp_path) -> Path:
     [
         (dict(steps=2), "2 sampling steps for a model trained with 4 windows.*the authors' code silently runs 4"),
         (dict(guidance=0.5), "--guidance 0.5: .*use 1 \\(no guidance\\) or more"),
+        (dict(guidance=float("nan")), "--guidance nan: give a finite classifier-free guidance scale, 1 or more"),
+        (dict(guidance=float("inf")), "--guidance inf: give a finite classifier-free guidance scale, 1 or more"),
         (dict(guidance=1.0, negative_prompt="blurry"), "--negative-prompt has no effect with --guidance 1"),
         (dict(height=30), "--height 30 is not a multiple of the VAE's downsampling factor 4: use 28 or 32"),
         (dict(width=50), "--width 50 is not a multiple of the VAE's downsampling factor 4: use 48 or 52"),
@@ -285,6 +287,32 @@ def test_init_noise_of_the_wrong_shape_names_the_expected_one(folders, tmp_path,
     np.save(tmp_path / "noise.npy", np.zeros((4, 8, 12, 4), np.float32))  # channels-last by mistake
     with pytest.raises(SampleError, match=r"holds float32 \(4, 8, 12, 4\); expected float32 \(4, 4, 8, 12\)"):
         run(folders, tmp_path, "x", init_noise=tmp_path / "noise.npy")
+
+
+def test_init_noise_with_a_nan_is_refused_before_loading(folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_module, "load", no_loading)
+    noise = np.zeros((4, 4, 8, 12), np.float32)
+    noise[1, 2, 3, 4] = np.nan
+    np.save(tmp_path / "noise.npy", noise)
+    with pytest.raises(SampleError, match=r"noise.npy holds 1 NaN or infinite values: give finite noise"):
+        run(folders, tmp_path, "x", init_noise=tmp_path / "noise.npy")
+
+
+@pytest.mark.parametrize("flag", ["out", "save_noise"])
+def test_an_out_inside_the_model_is_refused_before_anything_is_read(folders, tmp_path, monkeypatch, flag):
+    monkeypatch.setattr(sample_module, "make_plan", no_loading)
+    inside = folders[0] / "checkpoints/grid.png"
+    options = {"out": inside} if flag == "out" else {"out": tmp_path / "grid.png", flag: inside}
+    with pytest.raises(SampleError, match=f"--{flag.replace('_', '-')} {inside} lies inside --model {folders[0]}, "):
+        sample(Options(folders[0], PROMPTS, **options), log=quiet)
+    assert not inside.exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_is_read(folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_module, "make_plan", no_loading)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SampleError, match=f"--out {tmp_path}/file/grid.png cannot be written: {tmp_path}/file: "):
+        sample(Options(folders[0], PROMPTS, tmp_path / "file/grid.png"), log=quiet)
 
 
 def test_an_empty_prompt_file_is_refused(tmp_path, capsys):

@@ -110,6 +110,18 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
+def test_an_unknown_config_key_ends_the_command_in_one_line_with_the_closest_key(tmp_path):
+    command = [sys.executable, "-m", "perflow_jax.train", "--config", "configs/tiny.py"]
+    command += ["--workdir", str(tmp_path / "w"), "--config.train.num_stepz=3"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: --config.train.num_stepz: configs/tiny.py has no key train.num_stepz; "
+        "did you mean config.train.num_steps?\n"
+    )
+    assert not (tmp_path / "w").exists()
+
+
 def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
     assert run(setup, tmp_path / "run", "--config.train.num_steps=1").returncode == 0
     # Length, logging and how the step is computed may change: here the gradient in 2 microbatches.

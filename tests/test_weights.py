@@ -1,6 +1,9 @@
-"""The weight rule table and the diffusers UNet folder writer."""
+"""The weight rule table, the diffusers UNet folder writer and the commands' output folders and JSON files."""
 
 import json
+import os
+import socket
+import stat
 
 import diffusers
 import ml_dtypes
@@ -77,3 +80,93 @@ def test_bfloat16_unet_folder_holds_the_rounded_weights(tmp_path):
     for key, value in loaded.state_dict().items():
         assert value.dtype == torch.bfloat16
         np.testing.assert_array_equal(value.float().numpy(), state[key].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+# ---- output folders: never over an input, never into a folder that takes no file ----------
+
+
+@pytest.mark.parametrize(
+    "out, relation",
+    [
+        ("model", "is"),
+        (".", "contains"),
+        ("model/export", "lies inside"),
+        ("link", "is"),
+        ("link/export", "lies inside"),
+    ],
+)
+def test_an_out_that_is_contains_or_lies_inside_an_input_is_refused_naming_both(tmp_path, out, relation):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    with pytest.raises(ValueError) as info:
+        weights.check_out(tmp_path / out, {"--model": tmp_path / "model", "--base": None}, ValueError)
+    assert str(info.value) == (
+        f"--out {tmp_path / out} {relation} --model {tmp_path / 'model'}, which this command reads: "
+        "write the output elsewhere"
+    )
+
+
+def test_an_out_beside_its_inputs_or_naming_a_missing_input_passes(tmp_path):
+    (tmp_path / "model").mkdir()
+    inputs = {"--model": tmp_path / "model", "--input": "tfds:mnist", "--from": tmp_path / "gone"}
+    weights.check_out(tmp_path / "model-export", inputs, ValueError)
+    weights.check_out(tmp_path / "gone/out", inputs, ValueError)  # lies inside an input that does not exist
+
+
+def test_an_out_below_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"--save-noise {tmp_path}/file/a/n.npy cannot be written: {tmp_path}/file: "):
+        weights.check_out(tmp_path / "file/a/n.npy", {}, ValueError, "--save-noise")
+
+
+def test_an_out_in_a_read_only_folder_is_refused(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if os.access(tmp_path / "ro", os.W_OK):
+        pytest.skip("this user (root) may write into a read-only folder")
+    with pytest.raises(
+        ValueError, match=f"--out {tmp_path}/ro/out cannot be written: {tmp_path}/ro: Permission denied"
+    ):
+        weights.check_out(tmp_path / "ro/out", {}, ValueError)
+
+
+def test_staging_folders_left_by_dead_processes_of_this_host_are_removed_and_others_kept(tmp_path):
+    host, dead, alive = socket.gethostname(), 2**31 - 1, os.getppid()  # no pid reaches 2**31 - 1
+    names = [f".out.writing-{host}-{dead}", f".out.replaced-{host}-{dead}", f".out.writing-{host}-{alive}",
+             f".out.writing-otherhost-{dead}", f".output.writing-{host}-{dead}", ".out.txt"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).mkdir()
+    logged = []
+    staging = weights.staging_folder(tmp_path / "out", logged.append)
+    assert staging == tmp_path / f".out.writing-{host}-{os.getpid()}" and staging.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staging.name, *names[2:]])
+    why = f"left by a run that stopped while writing {tmp_path / 'out'} (process {dead} is gone)"
+    assert sorted(logged) == [f"removed {tmp_path / name}, {why}" for name in sorted(names[:2])]
+
+
+def test_invalid_json_is_named_with_its_line_and_column(tmp_path):
+    (tmp_path / "config.json").write_text('{\n  "a": 1,\n  "b": \n}\n')
+    with pytest.raises(weights.WeightsFileError) as info:
+        weights.read_json(tmp_path / "config.json")
+    assert str(info.value) == (
+        f"{tmp_path / 'config.json'} is not valid JSON: Expecting value at line 4, column 1: "
+        "repair the file or copy it again"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message", [(b"[1, 2]", "holds a JSON list, not an object"), (b'{"a": "\xff"}', "is not UTF-8 text")]
+)
+def test_json_that_is_no_object_or_no_utf8_is_named(tmp_path, content, message):
+    (tmp_path / "x.json").write_bytes(content)
+    with pytest.raises(weights.WeightsFileError, match=message):
+        weights.read_json(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_safetensors_files_get_the_mode_of_a_plain_open_under_the_umask(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        weights.save_safetensors({"a": np.arange(3, dtype=np.float32)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o666 & ~umask
