@@ -216,8 +216,8 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
     A relative folder in ``saved`` (a WORKDIR written before folders were saved absolute) is read
     from the current directory, as that run read it; a key missing from ``saved`` has its ``ADDED_KEYS`` value.
     """
-    new_flat = _flatten(config)
-    saved_flat = {**{k: v for k, v in ADDED_KEYS.items() if k in new_flat}, **_flatten(saved)}
+    new_flat = {k: list(v) if isinstance(v, tuple) else v for k, v in weights.flatten(config).items()}
+    saved_flat = {**{k: v for k, v in ADDED_KEYS.items() if k in new_flat}, **weights.flatten(saved)}
     for key in PATH_KEYS:
         if saved_flat.get(key):
             saved_flat[key] = absolute_path(saved_flat[key])
@@ -231,16 +231,6 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
         raise ResumeError(
             f"this WORKDIR holds a run with other settings ({details}): use another --workdir, or the saved settings"
         )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 def _mesh_problems(shape: tuple[int, ...], device_count: int | None = None) -> list[str]:
@@ -369,8 +359,5 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW on ``learning_rate(config)`` (step.make_optimizer)."""
-    optim = config.optim
-    return step.make_optimizer(
-        learning_rate(config), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-        grad_clip=optim.grad_clip,
-    )  # fmt: skip
+    keys = ("b1", "b2", "eps", "weight_decay", "grad_clip")
+    return step.make_optimizer(learning_rate(config), **{key: config.optim[key] for key in keys})
