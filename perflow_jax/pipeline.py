@@ -66,12 +66,9 @@ class Model:
         """Token ids of each tokenizer, [len(prompts), 77] int32, padded and truncated as in training."""
         return {
             field: np.asarray(
-                tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)[
-                    "input_ids"
-                ],
-                np.int32,
+                tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids, np.int32
             )
-            for field, tokenizer in self.tokenizers.items()
+            for field, tok in self.tokenizers.items()
         }
 
 

@@ -220,8 +220,8 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
     A relative folder in ``saved`` (a WORKDIR written before folders were saved absolute) is read
     from the current directory, as that run read it; a key missing from ``saved`` has its ``ADDED_KEYS`` value.
     """
-    new_flat = _flatten(config)
-    saved_flat = {**{k: v for k, v in ADDED_KEYS.items() if k in new_flat}, **_flatten(saved)}
+    new_flat = {k: list(v) if isinstance(v, tuple) else v for k, v in weights.flatten(config).items()}
+    saved_flat = {**{k: v for k, v in ADDED_KEYS.items() if k in new_flat}, **weights.flatten(saved)}
     for key in PATH_KEYS:
         if saved_flat.get(key):
             saved_flat[key] = absolute_path(saved_flat[key])
@@ -250,7 +250,7 @@ def unknown_override(argv: Sequence[str]) -> str | None:
         config = config_module(path).get_config().to_dict()
     except Exception:  # any failure: config_flags' own error is the one to see
         return None
-    leaves = _flatten(config)
+    leaves = weights.flatten(config)
     groups = {prefix for key in leaves for prefix in _prefixes(key)}
     for key in (arg[len("--config.") :].partition("=")[0] for arg in argv if arg.startswith("--config.")):
         if key in leaves or key in groups:
@@ -270,16 +270,6 @@ def _prefixes(key: str) -> list[str]:
     """'a.b.c' -> ['a', 'a.b']."""
     parts = key.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 def _mesh_problems(shape: tuple[int, ...], device_count: int | None = None) -> list[str]:
@@ -408,8 +398,5 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW on ``learning_rate(config)`` (step.make_optimizer)."""
-    optim = config.optim
-    return step.make_optimizer(
-        learning_rate(config), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-        grad_clip=optim.grad_clip,
-    )  # fmt: skip
+    keys = ("b1", "b2", "eps", "weight_decay", "grad_clip")
+    return step.make_optimizer(learning_rate(config), **{key: config.optim[key] for key in keys})

@@ -16,7 +16,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp")
-BATCH_AXES = MESH_AXES
 
 # Environment variables that start a multi-process GPU run (set by launch/ scripts, or by hand):
 # the coordinator's host:port, the number of processes and this process's index.
@@ -98,7 +97,7 @@ def parameter_shardings(tree: Any, mesh: Mesh) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """The batch dimension split over both mesh axes."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    return NamedSharding(mesh, PartitionSpec(MESH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

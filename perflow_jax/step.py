@@ -247,17 +247,10 @@ def train_step(
       (new state, metrics: loss, window_loss_sum [K], window_count [K], grad_norm).
     """
     examples = draw_examples(rng, batch, components=components, settings=settings)
-    if accumulation_steps == 1:
-        grads, metrics = reflow_gradients(state.params, examples, frozen, components=components, settings=settings)
-    else:
-        grads, metrics = accumulated_gradients(
-            state.params,
-            examples,
-            frozen,
-            components=components,
-            settings=settings,
-            accumulation_steps=accumulation_steps,
-        )
+    gradients = reflow_gradients
+    if accumulation_steps > 1:
+        gradients = functools.partial(accumulated_gradients, accumulation_steps=accumulation_steps)
+    grads, metrics = gradients(state.params, examples, frozen, components=components, settings=settings)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads, optimizer=optimizer, settings=settings), metrics
 

@@ -63,8 +63,6 @@ SD_VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-
 # transformers CLIPTextConfig values.
 SD15_TEXT_ENCODER = {  # OpenAI CLIP ViT-L/14 text tower; also SDXL's text_encoder
     "vocab_size": 49408,

@@ -57,7 +57,6 @@ _REQUIRED_DEFAULTS = {
     "num_attention_heads": None,
     "dropout": 0.0,
 }
-_IGNORED_KEYS = {"sample_size", "upcast_attention", "addition_embed_type_num_heads", "attention_head_dim"}
 
 
 @dataclasses.dataclass(frozen=True)

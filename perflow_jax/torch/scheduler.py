@@ -176,11 +176,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         return lambda_s * (t_e - t_s) / d, eta_s * (t_e - t) / d, t_e - t
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """One Euler step z <- z + dt v from ``timestep`` to the next one of ``self.timesteps`` (0 after the last).
 
