@@ -15,8 +15,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # The copy of this checkout that setup unpacks on every worker (in its home).
 REMOTE_TARBALL=perflow_code.tar.gz
-# train.py prints this (from training.py's loop) when SIGTERM or Ctrl-C stopped it before the last step (exit 0 too).
-STOPPED_MARK="stopped at step"
+# train.py's exit status when SIGTERM (143) or Ctrl-C (130) stopped it before the last step, with a checkpoint.
+STOPPED_CODES="143 130"
 
 usage() {
   cat <<EOF
@@ -399,15 +399,16 @@ EOF
 # One line per worker: "perflow-worker HOST STATE", STATE one of no-setup, running, done, stopped,
 # failed RC, killed, idle.
 status_script() {
-  printf 'mark=%s\n' "$(remote_value "$STOPPED_MARK")"
+  printf 'stopped_codes=%s\n' "$(remote_value "$STOPPED_CODES")"
   cat <<'EOF'
 if [ ! -x "$venv/bin/python" ]; then state=no-setup
 elif running; then state=running
 elif [ -f "$logs/train.rc" ]; then
   rc=$(cat "$logs/train.rc")
-  if [ "$rc" != 0 ]; then state="failed $rc"
-  elif grep -q "$mark" "$logs/train.log"; then state=stopped
-  else state=done; fi
+  case " $stopped_codes " in
+    *" $rc "*) state=stopped ;;
+    *) if [ "$rc" = 0 ]; then state=done; else state="failed $rc"; fi ;;
+  esac
 elif [ -f "$logs/train.pgid" ]; then state=killed
 else state=idle; fi
 echo "perflow-worker $(hostname) $state"
@@ -446,8 +447,9 @@ cmd_logs() { on_workers "$(logs_script)"; }
 worker_lines() { on_workers "$(status_script)" 2>/dev/null | grep '^perflow-worker ' || true; }
 
 # Worker status lines (stdin) summed up: unknown (no answer), no-setup, running, done, refused (train
-# exited with status 2: bad settings, another run's WORKDIR or a non-finite loss, which a restart would
-# repeat), idle, or failed (anything else: a failure, a stop, a mixture).
+# exited with status 2: bad settings, another run's WORKDIR, a failed save or a non-finite loss, which a
+# restart would repeat), stopped (every worker stopped by SIGTERM or Ctrl-C before the last step, with a
+# checkpoint: resume), idle, or failed (anything else: a failure, a mixture).
 summarize() {
   local states
   states=$(cut -d' ' -f3- | sort -u)
@@ -456,6 +458,7 @@ summarize() {
   elif [[ $states == running ]]; then echo running
   elif [[ $states == "done" ]]; then echo "done"
   elif grep -qx 'failed 2' <<<"$states"; then echo refused
+  elif [[ $states == stopped ]]; then echo stopped
   elif [[ $states == idle ]]; then echo idle
   else echo failed; fi
 }
@@ -513,11 +516,15 @@ cmd_watch() {
             ;;
           refused)
             cmd_logs || true
-            die "train refused the run (exit status 2: bad settings, another run's WORKDIR or a non-finite loss; the \
-logs above say which): fix it, then watch again"
+            die "train refused the run (exit status 2: bad settings, another run's WORKDIR, a failed save or a \
+non-finite loss; the logs above say which): fix it, then watch again"
             ;;
           no-setup) attempt cmd_setup ;;
           idle) attempt cmd_train "$@" ;;
+          stopped)
+            say "training was stopped before its last step (a preemption or launch/tpu_pod.sh stop): resuming"
+            attempt cmd_train "$@"
+            ;;
           failed)
             restarts=$((restarts + 1))
             cmd_logs || true

@@ -180,7 +180,7 @@ class Description:
 
 
 def describe(path: str | Path, *, step: int | None = None) -> Description:
-    """The Description of a training WORKDIR (checkpoint ``step``, default the newest) or a model folder."""
+    """The Description of a training WORKDIR (checkpoint ``step``, default the newest readable) or a model folder."""
     path = Path(path)
     if checkpoint.is_workdir(path):
         step, config = checkpoint.run_config(path, step=step)
@@ -232,7 +232,7 @@ def load_trained(
 ) -> Trained:
     """A training run's folder (WORKDIR), a converted folder or a diffusers folder, as a Trained.
 
-    For a WORKDIR the student is checkpoint ``step`` (default the newest), ``weights``: "ema" or
+    For a WORKDIR the student is checkpoint ``step`` (default the newest readable), ``weights``: "ema" or
     "student"; the other networks come from the run's teacher folder. ``networks``: the networks
     besides the UNet to load (default all).
     """
@@ -240,7 +240,9 @@ def load_trained(
     others = None if networks is None else tuple(n for n in networks if n != "unet")
     if not description.workdir:
         return Trained(load_model(path, networks=None if others is None else ("unet", *others)), description)
-    _, student, _ = checkpoint.trained_unet(path, step=description.step, weights=weights)
+    read_step, student, _ = checkpoint.trained_unet(path, step=step, weights=weights)
+    if read_step != description.step:  # the newest checkpoint's weights are unreadable: an older one's were read
+        description = describe(path, step=read_step)
     everything = tuple(n for n in weights_io.PIPELINE_NETWORKS if n != "unet")
     model = load_model(description.folder, networks=everything if others is None else others)
     unet_config = read_json(description.folder / "unet" / "config.json")

@@ -5,10 +5,16 @@
 
 The same command runs on one CPU, one GPU, or every host of a TPU pod (``--config.tpu_pod``; on
 GPU clusters set PERFLOW_COORDINATOR, PERFLOW_NUM_PROCESSES and PERFLOW_PROCESS_ID). A WORKDIR
-that holds checkpoints resumes from the newest. SIGTERM (preemption) or Ctrl-C saves a
-checkpoint after the current step and exits (a second Ctrl-C exits at once, without one). WORKDIR
-gets checkpoints/, metrics.jsonl, TensorBoard events and samples/. Exit status 2: refused settings
-or WORKDIR, or a non-finite loss or gradient (the last checkpoint is kept).
+that holds checkpoints resumes from the newest readable one (an unreadable newer one is named and
+moved to WORKDIR/broken_checkpoints/). SIGTERM (preemption) or Ctrl-C saves a checkpoint after the
+current step and exits (a second Ctrl-C exits at once, without one). WORKDIR gets checkpoints/,
+metrics.jsonl, TensorBoard events, samples/ and, while the run lasts, a lock file naming it (a
+second run on the same WORKDIR is refused).
+
+Exit status: 0 the run reached config.train.num_steps; 143 (SIGTERM) or 130 (Ctrl-C) it was
+stopped before that, with a checkpoint: run the same command again to resume; 2 refused settings
+or WORKDIR, a failed checkpoint save (e.g. a full disk), or a non-finite loss or gradient (the
+last checkpoint is kept).
 
 The work is ``perflow_jax.training.train_and_evaluate(config, workdir)``.
 """
@@ -29,7 +35,10 @@ def main(argv: list[str]) -> None:
     console.set_log_levels(_VERBOSE.value)
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (training.TrainingError, FileNotFoundError, ValueError) as error:  # and recipe's ConfigError, ResumeError
+    except training.Stopped as stopped:
+        sys.exit(stopped.exit_code)
+    # ValueError: recipe's ConfigError and ResumeError, checkpoint's CheckpointError
+    except (training.TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

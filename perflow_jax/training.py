@@ -3,7 +3,8 @@
 The setup checks the config, loads the model, places the frozen parameters and the student's
 state on the devices, opens the data and the checkpoints (resuming from the newest) and jits the
 step; then one loop steps, reports, checkpoints and samples until ``config.train.num_steps``, a
-stop request (``Stop``) or a non-finite loss or gradient.
+stop request (``Stop``, then ``Stopped`` is raised), a failed save or a non-finite loss or gradient.
+Process 0 holds WORKDIR's lock (``checkpoint.WorkdirLock``) from the start to the end.
 """
 
 from __future__ import annotations
@@ -28,7 +29,18 @@ from perflow_jax import checkpoint, data, flops, pipeline, recipe, reporting, sh
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, or a student_init of another architecture)."""
+    """The run cannot go on (a non-finite loss, a student_init of another architecture, a WORKDIR that is a file)."""
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C stopped the run before its last step, after a checkpoint; resume by running it again.
+
+    ``exit_code``: the shell's status of that signal, 143 (SIGTERM, e.g. a preemption) or 130 (Ctrl-C).
+    """
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped at step {step} by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
 
 
 @dataclasses.dataclass
@@ -50,12 +62,20 @@ class Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> step.TrainState:
-    """Train (or resume training) per ``config`` in ``workdir``; returns the final state."""
+    """Train (or resume training) per ``config`` in ``workdir``; returns the final state, or raises ``Stopped``."""
     sharding.initialize_distributed(config.tpu_pod)
     recipe.validate(config)
     config = recipe.with_absolute_paths(config)
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainingError(f"--workdir {workdir} is a file, not a folder: give a new folder or a training run's")
     workdir.mkdir(parents=True, exist_ok=True)
+    with checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path) -> step.TrainState:
+    """The setup, then ``_loop``."""
     _refuse_another_run(workdir, config)
     model = pipeline.load_model(config.model.path)
     manifest = data.read_manifest(config.data.path)
@@ -79,11 +99,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep)
     first_step = 0
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, _ = checkpoints.restore(latest, checkpoint.abstract_like(state), iterator)
-        first_step = latest
-        print(f"resuming from the checkpoint of step {latest} in {workdir}")
+    restored = checkpoints.restore_newest(checkpoint.abstract_like(state), iterator)
+    if restored is not None:
+        first_step, state = restored
+        print(f"resuming from the checkpoint of step {first_step} in {workdir}")
 
     replicated = sharding.replicated(mesh)
     train_step = jax.jit(
@@ -231,7 +250,7 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
         progress = reporting.Progress(total, config.train.global_batch_size, run.learning_rate)
         base_key = jax.random.key(config.train.seed)
         pending: list[tuple[int, dict]] = []  # (step, metrics) not yet brought to the host
-        compiled = None
+        compiled, stopped_at = None, None
         if run.first_step == 0:
             samples.teacher()
         for step_number in range(run.first_step, total):
@@ -241,6 +260,7 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
                 compiled, progress.flops_per_step = _compile(run, state, batch, rng)
                 progress.restart(step_number)
             state, metrics = compiled(state, batch, rng, run.frozen)
+            run.checkpoints.check()  # a save that failed stops the run here
             done = step_number + 1
             pending.append((done, metrics))
             # Several processes must stop at the same step, soon enough for a preempted pod's grace period.
@@ -258,7 +278,10 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
                 samples.student(done, state.ema_params)
             if stopping:
                 print(f"stopped at step {done} on request; the checkpoint of step {done} resumes the run", flush=True)
+                stopped_at = done
                 break
+    if stopped_at is not None and stopped_at < total:
+        raise Stopped(stopped_at, stop.signum)
     return state
 
 
@@ -296,6 +319,7 @@ class Stop:
 
     def __init__(self, mesh):
         self.requested = False
+        self.signum = signal.SIGTERM  # the signal this process got (another process's request counts as SIGTERM)
         self._previous = {}
         self._mesh = mesh
         self._any = jax.jit(jnp.any, out_shardings=sharding.replicated(mesh))
@@ -313,7 +337,7 @@ class Stop:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(
             f"{signal.Signals(signum).name}: stopping after this step with a checkpoint"
             + (" (Ctrl-C again: stop at once, without one)" if signum == signal.SIGINT else ""),

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from perflow_jax import sharding
+from perflow_jax import sharding, training
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU_SCRIPT = ROOT / "launch/tpu_pod.sh"
@@ -145,7 +145,7 @@ def test_train_refuses_arguments_other_than_config_overrides():
 FAKE_TRAIN = r"""#!/bin/bash
 # Stands in for the virtualenv's python: records its arguments, then runs until SIGTERM (mode run)
 # or exits at once with status N (mode exit-N).
-trap 'echo "stopped at step 3 on request; the checkpoint of step 3 resumes the run"; exit 0' TERM
+trap 'echo "stopped at step 3 on request; the checkpoint of step 3 resumes the run"; exit 143' TERM
 printf '%s\n' "$@" > "$HOME/train_args.new" && mv "$HOME/train_args.new" "$HOME/train_args"
 case $FAKE_TRAIN_MODE in
   run) while true; do sleep 0.05; done ;;
@@ -338,7 +338,8 @@ def test_watch_stops_when_train_refuses_the_settings(worker):
         (["done", "done"], "done"),
         (["running", "failed 2"], "refused"),
         (["running", "failed 1"], "failed"),
-        (["stopped", "stopped"], "failed"),
+        (["stopped", "stopped"], "stopped"),
+        (["stopped", "failed 1"], "failed"),
         (["running", "idle"], "failed"),
         (["idle", "no-setup"], "no-setup"),
         ([], "unknown"),
@@ -354,9 +355,9 @@ def test_watch_sums_the_worker_states_up(states, summary):
     assert result.stdout.strip() == summary
 
 
-def test_the_stop_message_watch_reads_is_the_one_train_prints():
-    assert 'STOPPED_MARK="stopped at step"' in TPU_SCRIPT.read_text()
-    assert 'print(f"stopped at step {done} on request' in (ROOT / "perflow_jax/training.py").read_text()
+def test_the_stopped_exit_codes_watch_resumes_are_the_ones_train_exits_with():
+    assert 'STOPPED_CODES="143 130"' in TPU_SCRIPT.read_text()
+    assert [training.Stopped(1, s).exit_code for s in (signal.SIGTERM, signal.SIGINT)] == [143, 130]
 
 
 # --- launch/slurm_gpu.sbatch --------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup
     assert library_logs(result.stderr) == []  # Orbax's and JAX's INFO lines: only with --verbose
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "run/checkpoints/4").is_dir()
+    assert not (tmp_path / "run/lock").exists()  # released at the end
     samples = sorted(p.name for p in (tmp_path / "run/samples").glob("*.png"))
     assert "teacher_ddim.png" in samples and "step_000004.png" in samples
 
@@ -87,8 +88,9 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
             process.send_signal(signal.SIGTERM)
             break
     out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
+    assert process.returncode == 143, err[-3000:]  # stopped before the last step: resume me
     assert "SIGTERM: stopping after this step with a checkpoint" in err
+    assert not (tmp_path / "resumed/lock").exists()
     stopped_at = max(int(p.name) for p in (tmp_path / "resumed/checkpoints").iterdir() if p.name.isdigit())
     assert 3 <= stopped_at < 6
     assert f"stopped at step {stopped_at} on request" in out
@@ -102,6 +104,20 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
             np.testing.assert_array_equal(x, y)
     # Same data order and noise: every step's loss is the same.
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+    # An unreadable newest checkpoint: the run resumes from the one before (step 3) and saves step 6 again.
+    for path in (tmp_path / "straight/checkpoints/6").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    again = run(setup, tmp_path / "straight", "--config.train.num_steps=6")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"the checkpoint {tmp_path / 'straight/checkpoints/6'} cannot be read" in again.stderr
+    assert "resuming from the checkpoint of step 3" in again.stdout
+    assert [p.name[:2] for p in (tmp_path / "straight/broken_checkpoints").iterdir()] == ["6-"]
+    a = saved_state(tmp_path / "straight", 6)
+    for key in ("params", "ema_params", "opt_state"):
+        for x, y in zip(jax_leaves(a[key]), jax_leaves(b[key]), strict=True):
+            np.testing.assert_array_equal(x, y)
 
 
 def jax_leaves(tree):
@@ -178,7 +194,7 @@ def test_two_processes_stop_together_on_one_sigterm_save_and_resume(setup, tmp_p
         return run_joined_processes(run, 2, timeout=600, **kwargs)
 
     # A preemption notice reaches one worker only (here process 1, which prints nothing): both stop.
-    out = pair(8, sigterm_at=("step 2/8", 1))[0]
+    out = pair(8, sigterm_at=("step 2/8", 1), returncode=143)[0]
     saved = [int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 2 <= saved[0] < 8, saved
     assert f"stopped at step {saved[0]} on request" in out
@@ -200,6 +216,7 @@ def test_ctrl_c_asks_to_stop_twice_aborts_and_the_handlers_come_back():
     with training.Stop(sharding.make_mesh((-1, 1))) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.agreed()
+        assert training.Stopped(3, stop.signum).exit_code == 130
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
@@ -244,3 +261,13 @@ def test_a_workdir_saved_before_a_key_existed_resumes_only_with_the_behaviour_it
 def test_a_workdir_saved_before_gradient_accumulation_existed_resumes():
     now = {"train": {"num_steps": 8, "gradient_accumulation_steps": 2}, "model": {"remat": "full"}}
     recipe.check_resumable({"train": {"num_steps": 4}, "model": {"remat": "none"}}, now)
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_any_work(setup, tmp_path):
+    model, data_dir = setup
+    config = recipe.config_module(ROOT / "configs/tiny.py").get_config()
+    config.model.path, config.data.path = str(model), str(data_dir)
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(training.TrainingError, match=f"--workdir {tmp_path / 'notes.txt'} is a file, not a folder"):
+        training.train_and_evaluate(config, tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "not a run"

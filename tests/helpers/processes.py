@@ -47,11 +47,13 @@ def run_joined_processes(
     timeout: float,
     env: dict | None = None,
     sigterm_at: tuple[str, int] | None = None,
+    returncode: int = 0,
 ) -> list[str]:
     """Run ``command`` as ``count`` processes joined through the PERFLOW_* variables on a free local port.
 
     ``sigterm_at`` = (prefix, i): send SIGTERM to process i once process 0 prints a line starting
-    with prefix. Asserts that every process exits 0; returns their standard outputs, process 0's first.
+    with prefix. Asserts that every process exits with ``returncode``; returns their standard outputs,
+    process 0's first.
     """
     port = free_port()
     processes = [
@@ -81,5 +83,5 @@ def run_joined_processes(
                 break
     outputs = [p.communicate(timeout=timeout) for p in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
+        assert process.returncode == returncode, err[-3000:]
     return [seen + outputs[0][0]] + [out for out, _ in outputs[1:]]
