@@ -3,7 +3,7 @@
 # `python -m perflow_jax.train ... --config.tpu_pod=True` on all workers at once, and keep a spot run
 # going through preemptions (each restart resumes from WORKDIR's newest checkpoint).
 #
-#   launch/tpu_pod.sh [--dry-run] COMMAND [--config.KEY=VALUE ...]
+#   launch/tpu_pod.sh [--dry-run] COMMAND [--config.KEY=VALUE ...] [--verbose]
 #
 # Settings come from environment variables; `launch/tpu_pod.sh help` lists them with their values.
 # launch/README.md walks through a whole run.
@@ -20,7 +20,7 @@ STOPPED_CODES="143 130"
 
 usage() {
   cat <<EOF
-Usage: launch/tpu_pod.sh [--dry-run] COMMAND [--config.KEY=VALUE ...]
+Usage: launch/tpu_pod.sh [--dry-run] COMMAND [--config.KEY=VALUE ...] [--verbose]
 
 Commands:
   create   create the TPU (a queued resource when SPOT=1) and wait until it is ready
@@ -36,7 +36,7 @@ Commands:
   help     this text
 
 --config.KEY=VALUE arguments (train, watch) go to python -m perflow_jax.train; give the same ones on
-every restart, or train refuses the WORKDIR. --dry-run (or DRY_RUN=1) prints the gcloud commands
+every restart, or train refuses the WORKDIR. --verbose goes there too (Orbax's and JAX's INFO logs). --dry-run (or DRY_RUN=1) prints the gcloud commands
 instead of running them.
 
 Settings: environment variables (current value after =)
@@ -175,11 +175,11 @@ check_portable() {
   [[ $1 != *"'"* && $1 != *$'\n'* ]] || die "$1: single quotes and newlines cannot go to the workers; leave them out"
 }
 
-# Extra arguments for train.py must be --config.KEY=VALUE (the script sets --config, --workdir itself).
+# Extra arguments for train.py must be --config.KEY=VALUE or --verbose (the script sets --config, --workdir itself).
 check_overrides() {
   local arg
   for arg in "$@"; do
-    [[ $arg == --config.?*=* ]] || die "unexpected argument '$arg': give training settings as --config.KEY=VALUE \
+    [[ $arg == --config.?*=* || $arg == --verbose ]] || die "unexpected argument '$arg': give training settings as --config.KEY=VALUE \
 (CONFIG, WORKDIR, MODEL and DATA are environment variables)"
     check_portable "$arg"
   done

@@ -100,14 +100,14 @@ def test_setup_copies_the_checkout_and_installs_requirements_on_every_worker():
 
 
 def test_train_starts_the_same_command_on_all_workers_at_once():
-    result = tpu("train", "--config.train.num_steps=4000", BUCKET="b", MOUNT="/mnt/b")
+    result = tpu("train", "--config.train.num_steps=4000", "--verbose", BUCKET="b", MOUNT="/mnt/b")
     assert result.returncode == 0, result.stderr
     (ssh,) = commands(result.stdout)
     assert "--worker=all" in ssh
     assert (
         'setsid nohup bash "$logs/wrapper.sh" "$venv/bin/python" -m perflow_jax.train '
         "--config=configs/sd15.py --workdir=/mnt/b/runs/perflow --config.model.path=/mnt/b/converted/sd15 "
-        "--config.data.path=/mnt/b/data/sd15-512 --config.tpu_pod=True --config.train.num_steps=4000 "
+        "--config.data.path=/mnt/b/data/sd15-512 --config.tpu_pod=True --config.train.num_steps=4000 --verbose "
         '> "$log" 2>&1 < /dev/null &'
     ) in worker_script(ssh)
 
