@@ -505,7 +505,7 @@ def _check_settings(out: Path, settings: Settings, files: dict[str, list[int]] |
     now = asdict(settings)
     state = out / STATE_FILE
     if state.is_file():
-        before = json.loads(state.read_text())
+        before = weights.read_json(state)
         changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and not k.startswith("input_")}
         if changed:
             details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
@@ -591,7 +591,7 @@ def _finish(out: Path, settings: Settings, num_items: int, encoder: Encoder) -> 
     sidecars = [_sidecar(out, shard) for shard in range(num_shards)]
     if not all(s.is_file() for s in sidecars):
         return None
-    shards = [json.loads(s.read_text()) for s in sidecars]
+    shards = [weights.read_json(s) for s in sidecars]
     latent_size = settings.resolution // encoder.downsampling_factor
     manifest = {
         **asdict(settings),

@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 
 from perflow_jax import data, models, weights
 from perflow_jax.convert import convert
-from perflow_jax.prepare_data import SKIP_REASONS, PrepareError, center_crop, main, prepare
+from perflow_jax.prepare_data import SKIP_REASONS, STATE_FILE, PrepareError, center_crop, main, prepare
 from tests.helpers.data import image, read_examples
 from tests.helpers.pipelines import tiny_pipeline
 from tests.helpers.processes import library_logs
@@ -305,6 +305,14 @@ def test_resume_with_other_settings_is_refused(model, image_folder, tmp_path):
     )
     with pytest.raises(PrepareError, match="prepared with other settings .*resolution: 32 then, 64 now"):
         prepare(model, str(image_folder), tmp_path / "out", resolution=64, shard_size=3, progress=False)
+
+
+def test_a_settings_file_that_is_not_json_is_named_with_its_line_and_column(model, image_folder, tmp_path):
+    out = tmp_path / "out"
+    prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3, max_items=3, progress=False)
+    (out / STATE_FILE).write_text('{"resolution": 32,\n  "shard_size": 3')  # cut off
+    with pytest.raises(weights.WeightsFileError, match=f"{out / STATE_FILE} is not valid JSON: .* line 2"):
+        prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=3, progress=False)
 
 
 def test_two_processes_prepare_disjoint_shards_and_one_manifest(model, image_folder, tmp_path):
