@@ -147,11 +147,16 @@ def test_clip_score_is_torchmetrics_clip_score(mean_sign):
 
 
 def save_tiny_clip(folder: Path):
-    """A random CLIPModel (the demo's text encoder and tokenizer, TINY_VISION) saved as transformers does."""
+    """A random CLIPModel (the demo's text encoder and tokenizer, TINY_VISION) saved as transformers does,
+    its sub-configs' projection_dim changed to 512; returns it and its CLIPProcessor."""
     text_config = json.loads((DEMO_TEACHER / "text_encoder" / "config.json").read_text())
     config = transformers.CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=16)
     model = random_module(lambda: transformers.CLIPModel(config))
     model.save_pretrained(folder)
+    # CLIPModel sizes both projections by its own projection_dim; older files' sub-configs say 512.
+    saved = json.loads((folder / "config.json").read_text())
+    saved["vision_config"]["projection_dim"] = saved["text_config"]["projection_dim"] = 512
+    (folder / "config.json").write_text(json.dumps(saved))
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(DEMO_TEACHER / "tokenizer"))
     tokenizer.save_pretrained(folder)
     processor = transformers.CLIPProcessor(
@@ -209,8 +214,27 @@ def test_missing_clip_folder_says_where_to_get_the_weights(tmp_path):
         cs.load_clip(tmp_path / "clip")
 
 
-def test_clip_folder_without_weights_says_where_to_get_them(tmp_path):
+def write_clip_folder(folder: Path, model_type: str = "clip", tokenizer: bool = True) -> None:
+    """A CLIP folder without weights: config.json (TINY_VISION's tower) and, if asked, the demo's tokenizer."""
     config = transformers.CLIPConfig(vision_config=TINY_VISION).to_dict()
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    if tokenizer:
+        transformers.CLIPTokenizer.from_pretrained(str(DEMO_TEACHER / "tokenizer")).save_pretrained(folder)
+
+
+def test_clip_folder_without_weights_says_where_to_get_them(tmp_path):
+    write_clip_folder(tmp_path)
     with pytest.raises(WeightsFileError, match=r"holds no weight file .*; download .*openai/clip-vit-large-patch14"):
+        cs.load_clip(tmp_path)
+
+
+def test_clip_folder_without_tokenizer_says_where_to_get_it(tmp_path):
+    write_clip_folder(tmp_path, tokenizer=False)
+    with pytest.raises(WeightsFileError, match=r"no tokenizer files .*: download .*openai/clip-vit-large-patch14"):
+        cs.load_clip(tmp_path)
+
+
+def test_a_single_tower_folder_is_refused(tmp_path):
+    write_clip_folder(tmp_path, model_type="clip_vision_model")
+    with pytest.raises(WeightsFileError, match=r"model_type 'clip_vision_model', not 'clip': CLIP score needs"):
         cs.load_clip(tmp_path)
