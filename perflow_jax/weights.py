@@ -5,13 +5,14 @@ parameter path joined with "." is the state-dict key up to its last part. ``LEAF
 whole mapping, read one way by ``params_to_state_dict`` and the other by
 ``state_dict_to_params``:
 
-| Flax leaf  | rank | PyTorch leaf | layout change                                   |
-|------------|------|--------------|-------------------------------------------------|
-| kernel     | 4    | weight       | conv HWIO <-> OIHW                              |
-| kernel     | 2    | weight       | dense [in, out] <-> Linear [out, in]            |
-| scale      | 1    | weight       | GroupNorm / LayerNorm                           |
-| embedding  | 2    | weight       | Embedding                                       |
-| bias       | 1    | bias         |                                                 |
+| Flax leaf       | rank | PyTorch leaf    | layout change                                    |
+|-----------------|------|-----------------|--------------------------------------------------|
+| kernel          | 4    | weight          | conv HWIO <-> OIHW                               |
+| kernel          | 2    | weight          | dense [in, out] <-> Linear [out, in]             |
+| scale           | 1    | weight          | GroupNorm / LayerNorm                            |
+| embedding       | 2    | weight          | Embedding                                        |
+| bias            | 1    | bias            |                                                  |
+| class_embedding | 1    | class_embedding | CLIP image tower's class token, a bare parameter |
 
 Reading also accepts the key names older diffusers checkpoints use (``LEGACY_RENAMES``), text
 encoders saved by transformers >= 5 without their ``text_model.`` prefix, and drops buffers that
@@ -55,6 +56,7 @@ LEAF_RULES = (
     LeafRule("scale", 1, "weight", None),
     LeafRule("embedding", 2, "weight", None),
     LeafRule("bias", 1, "bias", None),
+    LeafRule("class_embedding", 1, "class_embedding", None),
 )
 
 # Older diffusers VAE checkpoints (e.g. SD1.5's) name the mid-block attention projections the

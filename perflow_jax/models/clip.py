@@ -1,7 +1,10 @@
-"""transformers' CLIPTextModel and CLIPTextModelWithProjection (the SD / SDXL text encoders).
+"""transformers' CLIPTextModel and CLIPTextModelWithProjection (the SD / SDXL text encoders), and
+CLIPVisionModelWithProjection (CLIP's image tower, for CLIP score). Both towers share the encoder
+layers; the text tower attends causally, the image tower to every token.
 
 Parameter names follow the PyTorch modules: ``text_model.embeddings.token_embedding``,
-``text_model.encoder.layers.0.self_attn.q_proj``, ..., ``text_projection``. transformers >= 5
+``text_model.encoder.layers.0.self_attn.q_proj``, ..., ``text_projection``;
+``vision_model.embeddings.patch_embedding``, ..., ``visual_projection``. transformers >= 5
 names CLIPTextModel's weights without the ``text_model.`` prefix (older files have it); the tree
 keeps it for both networks and ``perflow_jax.weights`` accepts either when reading.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,6 +32,7 @@ ACTIVATIONS = {
 class CLIPTextConfig:
     """The fields of transformers' CLIPTextConfig that the forward pass reads, with its defaults."""
 
+    is_causal: ClassVar[bool] = True  # each token attends to itself and the tokens before it
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -82,6 +86,65 @@ class CLIPTextConfig:
         return cls(**{key: value for key, value in d.items() if key in names})
 
 
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """The fields of transformers' CLIPVisionConfig that the forward pass reads, with its defaults (ViT-B/32)."""
+
+    is_causal: ClassVar[bool] = False  # every patch attends to every patch
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"image tower config has hidden_act {self.hidden_act!r}, which is not supported: "
+                f"use one of {', '.join(ACTIVATIONS)} (OpenAI's CLIP uses quick_gelu)"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"image tower config has hidden_size {self.hidden_size} not divisible by num_attention_heads "
+                f"{self.num_attention_heads}: fix one of them"
+            )
+        if not (isinstance(self.image_size, int) and isinstance(self.patch_size, int)):
+            raise ValueError(
+                f"image tower config has image_size {self.image_size!r} and patch_size {self.patch_size!r}: "
+                "square images and patches are supported, give each as one integer"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
+        """From ``transformers.CLIPVisionConfig.to_dict()`` or a CLIPConfig's ``vision_config`` dict.
+
+        Keys that do not change the forward pass are ignored; missing fields take transformers' defaults.
+        """
+        if "vision_config" in d:
+            raise ValueError("this is a CLIPConfig (it has vision_config): pass its d['vision_config'] instead")
+        model_type = d.get("model_type", "clip_vision_model")
+        if model_type != "clip_vision_model":
+            raise ValueError(
+                f"image tower config has model_type {model_type!r}, expected 'clip_vision_model': "
+                "is this the vision_config of a CLIP model?"
+            )
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in d.items() if key in names})
+
+
 class CLIPTextOutput(NamedTuple):
     """What the text encoders return.
 
@@ -110,7 +173,7 @@ def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
 
 
-def _layer_norm(config: CLIPTextConfig, dtype, name: str) -> nn.LayerNorm:
+def _layer_norm(config: CLIPTextConfig | CLIPVisionConfig, dtype, name: str) -> nn.LayerNorm:
     """torch.nn.LayerNorm(hidden_size, eps); statistics in float32."""
     return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, name=name)
 
@@ -137,9 +200,9 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention: [B, T, D] -> [B, T, D]."""
+    """Multi-head self-attention, causal in the text tower: [B, T, D] -> [B, T, D]."""
 
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_backend: str = "auto"
 
@@ -153,14 +216,14 @@ class CLIPAttention(nn.Module):
             return y.reshape(b, t, config.num_attention_heads, config.head_dim)
 
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
-        out = dot_product_attention(q, k, v, is_causal=True, backend=self.attention_backend)
+        out = dot_product_attention(q, k, v, is_causal=config.is_causal, backend=self.attention_backend)
         return nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, t, d))
 
 
 class CLIPMLP(nn.Module):
     """fc1, activation, fc2: [B, T, D] -> [B, T, D]."""
 
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -174,7 +237,7 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm transformer block: [B, T, D] -> [B, T, D]."""
 
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_backend: str = "auto"
 
@@ -189,7 +252,7 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     """The stack of layers: [B, T, D] -> its input and every layer's output, num_hidden_layers + 1 arrays."""
 
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_backend: str = "auto"
 
@@ -251,3 +314,85 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         out = CLIPTextTransformer(self.config, self.dtype, self.attention_backend, name="text_model")(input_ids)
         projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")
         return out._replace(text_embeds=projection(out.pooler_output))
+
+
+class CLIPVisionOutput(NamedTuple):
+    """What the image tower returns.
+
+    last_hidden_state: [B, 1 + num_patches, D], the last layer's output (no layer norm after it).
+    pooler_output: [B, D], post_layernorm of the class token's last state.
+    image_embeds: [B, projection_dim], visual_projection(pooler_output).
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array
+    image_embeds: jax.Array
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Patches, class token and positions: pixel_values [B, S, S, C] -> [B, 1 + num_patches, D]."""
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        config = self.config
+        b, h, w, _ = pixel_values.shape
+        if (h, w) != (config.image_size, config.image_size):
+            raise ValueError(
+                f"images of {h}x{w} pixels but the image tower takes {config.image_size}x{config.image_size}: "
+                "resize and crop them first (perflow_jax.clip_score.preprocess)"
+            )
+        d, p = config.hidden_size, config.patch_size
+        class_embedding = self.param("class_embedding", nn.initializers.normal(1.0), (d,))
+        patch = nn.Conv(
+            d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype, name="patch_embedding"
+        )
+        patches = patch(pixel_values).reshape(b, -1, d)  # row by row, as torch's flatten(2)
+        tokens = jnp.concatenate([jnp.broadcast_to(class_embedding.astype(patches.dtype), (b, 1, d)), patches], axis=1)
+        position = nn.Embed(1 + config.num_patches, d, dtype=self.dtype, name="position_embedding")
+        return tokens + position(jnp.arange(1 + config.num_patches))[None]
+
+
+class CLIPVisionTransformer(nn.Module):
+    """Embeddings, pre_layrnorm (transformers' spelling), encoder, post_layernorm of the class token."""
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        hidden_states = CLIPVisionEmbeddings(self.config, self.dtype, name="embeddings")(pixel_values)
+        hidden_states = _layer_norm(self.config, self.dtype, "pre_layrnorm")(hidden_states)
+        last_hidden_state = CLIPEncoder(self.config, self.dtype, self.attention_backend, name="encoder")(hidden_states)[
+            -1
+        ]
+        pooler_output = _layer_norm(self.config, self.dtype, "post_layernorm")(last_hidden_state[:, 0])
+        return last_hidden_state, pooler_output
+
+
+class CLIPVisionModelWithProjection(nn.Module):
+    """transformers.CLIPVisionModelWithProjection (CLIP's image tower).
+
+    ``__call__(pixel_values: [B, S, S, C] float32, normalized as perflow_jax.clip_score.preprocess does)
+    -> CLIPVisionOutput``, S = config.image_size.
+    """
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
+        tower = CLIPVisionTransformer(self.config, self.dtype, self.attention_backend, name="vision_model")
+        last_hidden_state, pooler_output = tower(pixel_values)
+        projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="visual_projection")
+        return CLIPVisionOutput(last_hidden_state, pooler_output, projection(pooler_output))
+
+    def abstract_params(self) -> dict[str, Any]:
+        """The parameter tree as jax.ShapeDtypeStruct leaves (float32)."""
+        s = self.config.image_size
+        pixels = jnp.zeros((1, s, s, self.config.num_channels), jnp.float32)
+        return jax.eval_shape(self.init, jax.random.key(0), pixels)["params"]

@@ -98,3 +98,27 @@ SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14 text tower, with projection
     "num_attention_heads": 20,
     "hidden_act": "gelu",
 }
+
+# transformers CLIPVisionConfig values of OpenAI's CLIP image towers (for CLIP score), with the
+# CLIPModel's projection_dim.
+CLIP_VIT_B32_VISION = {  # openai/clip-vit-base-patch32
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-05,
+}
+
+CLIP_VIT_L14_VISION = {  # openai/clip-vit-large-patch14, the image tower paired with SD1.5's text encoder
+    **CLIP_VIT_B32_VISION,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "projection_dim": 768,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+}

@@ -70,6 +70,17 @@ TINY_TEXT = dict(
     pad_token_id=1,
 )
 
+# A CLIP image tower 32 wide on 32 x 32 images in 8 x 8 patches (transformers.CLIPVisionConfig's arguments).
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    projection_dim=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
 # One UNet level and an 8-token text encoder 16 wide, so that compiling the training step's
 # gradient stays quick on the CPU.
 QUICK_UNET = dict(
