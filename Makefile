@@ -15,6 +15,9 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	# pytorch-fid's Frechet distance is a reference in tests/test_fid.py; its torchvision (not
+	# importable beside the CPU torch) is left out, and the test imports it without.
+	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
