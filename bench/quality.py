@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from perflow_jax import checkpoint, image_io, pipeline, sample
+from perflow_jax import checkpoint, console, image_io, pipeline, sample
 from perflow_jax.demo import classifier, digits
 
 TEACHER_STEPS = (1, 2, 4, 8, 50)
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--guidance", type=float, help="CFG of every row, teacher and student (default: the run's log.sample_guidance)"
     )
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
+    console.set_log_levels(args.verbose)
     if args.guidance is None:
         args.guidance = float(checkpoint.run_config(args.workdir)[1]["log"]["sample_guidance"])
     rows = quality_table(args.teacher, args.workdir, args.export, args.out, per_digit=args.per_digit, seed=args.seed,

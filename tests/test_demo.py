@@ -15,6 +15,7 @@ from perflow_jax.demo import TEACHER, digits
 from perflow_jax.prepare_data import prepare
 from perflow_jax.training import train_and_evaluate
 from tests.helpers.pipelines import quiet
+from tests.helpers.processes import library_logs
 from tests.helpers.recipes import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,7 @@ def test_quality_table_has_every_row_and_writes_grids(table, demo):
         "PeRFlow 4 steps", "PeRFlow 8 steps", "PeRFlow 4 steps, PyTorch export",
     ]  # fmt: skip
     assert "| teacher DDIM 50 steps |" in result.stdout and report["verdict"] in result.stdout
+    assert library_logs(result.stderr) == []  # Orbax's routine warnings: on --verbose
     assert len(list((demo / "quality").glob("*.png"))) == len(names)
 
 
