@@ -36,6 +36,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from perflow_jax import weights as weights_io  # trained_unet has a `weights` parameter
+
 
 class Checkpoints:
     """Save and restore a training run's checkpoints.
@@ -208,23 +210,13 @@ class WorkdirLock:
                 f"{self.path.parent} is in use by {who}, which cannot be checked from here: wait for it to end, "
                 f"use another --workdir, or, if you know that run is gone, remove {self.path}"
             )
-        if _alive(int(holder["pid"])):
+        if weights_io.process_alive(int(holder["pid"])):
             raise CheckpointError(
                 f"{self.path.parent} is in use by {who}: wait for it to end (or stop it) or use another --workdir; "
                 f"{remove}"
             )
         print(f"warning: taking over {self.path} from {who}, which runs no more", file=sys.stderr, flush=True)
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

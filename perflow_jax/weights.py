@@ -501,7 +501,7 @@ def staging_folder(out: Path, log: Callable[[str], Any] = print) -> Path:
     out = Path(out)
     for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
         kind, _, pid = stale.name[len(out.name) + 2 :].rpartition("-")
-        if kind in (f"writing-{_HOST}", f"replaced-{_HOST}") and pid.isdigit() and not _alive(int(pid)):
+        if kind in (f"writing-{_HOST}", f"replaced-{_HOST}") and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
             log(f"removed {stale}, left by a run that stopped while writing {out} (process {pid} is gone)")
     staging = out.parent / f".{out.name}.writing-{_HOST}-{os.getpid()}"
@@ -513,7 +513,7 @@ def staging_folder(out: Path, log: Callable[[str], Any] = print) -> Path:
 _HOST = socket.gethostname()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
