@@ -418,11 +418,12 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
     return generate
 
 
-def seed_noise(seed: int, count: int, shape: Sequence[int]) -> np.ndarray:
-    """[count, h, w, c] float32: image j's noise is normal(fold_in(key(seed), j), shape), whatever ``count``."""
+def seed_noise(seed: int, count: int, shape: Sequence[int], start: int = 0) -> np.ndarray:
+    """[count, h, w, c] float32, images start .. start + count - 1: image j's noise is
+    normal(fold_in(key(seed), j), shape), whatever the batch it is drawn in."""
     key = jax.random.key(seed)
     draw = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), tuple(shape), jnp.float32))
-    return np.asarray(jax.jit(draw)(jnp.arange(count)))
+    return np.asarray(jax.jit(draw)(start + jnp.arange(count)))
 
 
 @dataclasses.dataclass
@@ -443,7 +444,8 @@ class Generator:
     ``params`` ({"unet", "text", "vae"}, see ``make_generate``) are global arrays placed as the
     caller chose (replicated by ``load_generator``; a training run passes its sharded ones). The
     batch is split over all devices of ``mesh``, padded to a multiple of their count (the padding
-    dropped from the results). One compilation per padded batch size.
+    dropped from the results). One compilation per padded batch size: a caller that runs many
+    batches passes ``pad_to`` (its batch size) so that a short last batch reuses the compilation.
     """
 
     def __init__(
@@ -456,20 +458,26 @@ class Generator:
         negative_prompt: str = "",
     ):
         self.pipe, self.settings, self.params, self.tokenize, self.mesh = pipe, settings, params, tokenize, mesh
+        self.negative_prompt = negative_prompt
         self.null_ids = sharding.place(tokenize([negative_prompt]), sharding.replicated(mesh))
         self._jitted = jax.jit(make_generate(pipe, settings), out_shardings=sharding.replicated(mesh))
         self._compiled: dict[int, Any] = {}
 
-    def inputs(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None) -> tuple:
+    def with_settings(self, settings: GenerateSettings) -> Generator:
+        """A Generator of the same networks and parameters (not copied) that draws per ``settings``."""
+        return Generator(self.pipe, settings, self.params, self.tokenize, self.mesh, self.negative_prompt)
+
+    def inputs(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None, pad_to: int = 0) -> tuple:
         """The compiled function's arguments: ``prompts`` (one per image) and ``noise`` [B, h, w, c], padded
-        and placed; ``unet_params`` in place of ``params["unet"]`` (e.g. a training run's EMA)."""
+        (to ``pad_to`` rows at least) and placed; ``unet_params`` in place of ``params["unet"]`` (e.g. a
+        training run's EMA)."""
         count = len(prompts)
         if np.shape(noise)[0] != count:
             raise ValueError(f"noise for {np.shape(noise)[0]} images but {count} prompts: give one noise per prompt")
         bad = np.size(noise) - np.count_nonzero(np.isfinite(noise))
         if bad:
             raise ValueError(f"the initial noise holds {bad} NaN or infinite values: give finite N(0, I) noise")
-        padded = -(-count // self.mesh.size) * self.mesh.size
+        padded = -(-max(count, pad_to) // self.mesh.size) * self.mesh.size
         ids = {k: _pad(v, padded, "edge") for k, v in self.tokenize(list(prompts)).items()}
         noise = _pad(np.asarray(noise, np.float32), padded, "constant")
         params = self.params if unet_params is None else {**self.params, "unet": unet_params}
@@ -485,9 +493,9 @@ class Generator:
         self._compiled[padded] = self._jitted.lower(*args).compile()
         return self._compiled[padded], time.perf_counter() - start
 
-    def __call__(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None) -> Output:
+    def __call__(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None, pad_to: int = 0) -> Output:
         """Images of ``prompts`` (one per image) from ``noise`` [B, h, w, c] (channels-last)."""
-        args = self.inputs(prompts, noise, unet_params)
+        args = self.inputs(prompts, noise, unet_params, pad_to)
         function, compile_seconds = self.compiled(args)
         start = time.perf_counter()
         images, latents = jax.block_until_ready(function(*args))

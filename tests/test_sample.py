@@ -92,6 +92,19 @@ def test_another_seed_gives_other_images(folders, seeded, tmp_path):
     assert np.abs(other.images - seeded[0].images).mean() > 1e-3
 
 
+def test_batches_of_three_give_the_images_of_one_batch_in_order(folders, seeded, tmp_path):
+    """Four images, --batch-size 3: a full batch and a short one padded to 3 (one compilation for both)."""
+    batched = run(folders, tmp_path, "batched", seed=0, batch_size=3)
+    assert batched.images.shape == seeded[0].images.shape
+    expected = seeded[0].latents
+    np.testing.assert_allclose(batched.latents, expected, atol=FLOAT32_RECOMPILED_ATOL * np.abs(expected).max())
+    assert np.abs(batched.images[3] - batched.images[2]).mean() > 1e-3  # the last batch is not the padding
+
+
+def test_seed_noise_from_an_offset_continues_the_sequence():
+    np.testing.assert_array_equal(seed_noise(3, 2, (2, 2, 1), start=3), seed_noise(3, 5, (2, 2, 1))[3:])
+
+
 def test_each_image_has_its_own_noise_drawn_from_the_seed_as_documented(seeded):
     noise = np.load(seeded[1].parent / "noise.npy")
     expected = np.stack([jax.random.normal(jax.random.fold_in(jax.random.key(0), j), (8, 12, 4)) for j in range(4)])
@@ -337,6 +350,8 @@ def test_num_images_below_one_is_refused(folders, tmp_path, monkeypatch):
     monkeypatch.setattr(sample_module, "load", no_loading)
     with pytest.raises(SampleError, match="--num-images 0: give at least 1"):
         run(folders, tmp_path, "x", num_images=0)
+    with pytest.raises(SampleError, match="--batch-size 0: give at least 1"):
+        run(folders, tmp_path, "x", batch_size=0)
 
 
 def test_seed_noise_of_an_image_does_not_depend_on_the_batch_size():
