@@ -334,7 +334,7 @@ def load_item(item: Item, resolution: int, min_size: int, max_pixels: int) -> tu
         return None, "bad_caption"
     if not item.caption or not item.caption.strip():
         return None, "no_caption"
-    image, reason = _read_image(item, max_pixels)
+    image, reason = read_image(item, max_pixels)
     if reason:
         return None, reason
     if min(image.size) < min_size:
@@ -345,7 +345,7 @@ def load_item(item: Item, resolution: int, min_size: int, max_pixels: int) -> tu
     return example, None
 
 
-def _read_image(item: Item, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+def read_image(item: Item, max_pixels: int) -> tuple[Image.Image | None, str | None]:
     """(the item's decoded image, None) or (None, skip reason); ``max_pixels`` is PIL's
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) meanwhile, and going over it is too_large."""
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
@@ -471,7 +471,7 @@ def prepare(
     skipped: Counter = Counter()
     written = 0
     num_items = 0
-    for shard, chunk in enumerate(_chunks(items, shard_size)):
+    for shard, chunk in enumerate(chunks(items, shard_size)):
         num_items += len(chunk)
         bar.update(len(chunk))
         if shard % process_count != process_index or _sidecar(out, shard).is_file():
@@ -540,7 +540,7 @@ def _refuse_changed_input(out: Path, files: dict[str, list[int]] | None) -> None
     )
 
 
-def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+def chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
     while chunk := list(itertools.islice(items, size)):
         yield chunk
 
