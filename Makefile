@@ -6,20 +6,26 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCHVISION := $(VENV)/torchvision-models
 
 .PHONY: env demo test test-fast lint clean
 
-env: $(STAMP)
+env: $(STAMP) $(TORCHVISION)
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	# pytorch-fid's Frechet distance is a reference in tests/test_fid.py; its torchvision (not
-	# importable beside the CPU torch) is left out, and the test imports it without.
+	# pytorch-fid is a reference in tests/test_fid.py and tests/test_inception.py; its torchvision
+	# (not importable beside the CPU torch) is left out here and installed below, off the path.
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# tests build pytorch-fid's Inception-v3 from torchvision, which does not import beside the CPU torch:
+# it lives off the path, imported from there with two op schemas defined (tests/helpers/torchvision_models.py)
+$(TORCHVISION): | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/torchvision-models torchvision==0.28.0
 
 # The demo's outputs go to $(DEMO); run again, it resumes (the training from its last checkpoint).
 DEMO ?= runs/demo
@@ -36,10 +42,10 @@ demo: $(STAMP)
 	$(PY) bench/quality.py --teacher $(DEMO)/teacher --workdir $(DEMO)/work --export $(DEMO)/torch \
 		--out $(DEMO)/quality.json
 
-test: $(STAMP)
+test: $(STAMP) $(TORCHVISION)
 	$(PY) -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(TORCHVISION)
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)

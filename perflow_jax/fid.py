@@ -28,7 +28,7 @@ class FIDError(ValueError):
 class FeatureSpec:
     """How features were made: the feature network, the image size and the resize rule that gave its input."""
 
-    feature: str  # e.g. "inception-v3-pool3"
+    feature: str  # e.g. "inception-v3-pool3" (perflow_jax.fid_inception.FEATURE)
     image_size: int  # pixels of the square images fed to the feature network's own preprocessing
     resize: str  # e.g. "center-crop": how the source images were brought to image_size
 

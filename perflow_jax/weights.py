@@ -13,6 +13,8 @@ whole mapping, read one way by ``params_to_state_dict`` and the other by
 | embedding       | 2    | weight          | Embedding                                        |
 | bias            | 1    | bias            |                                                  |
 | class_embedding | 1    | class_embedding | CLIP image tower's class token, a bare parameter |
+| running_mean    | 1    | running_mean    | BatchNorm statistics (Inception-v3 of FID)       |
+| running_var     | 1    | running_var     |                                                  |
 
 Reading also accepts the key names older diffusers checkpoints use (``LEGACY_RENAMES``), text
 encoders saved by transformers >= 5 without their ``text_model.`` prefix, and drops buffers that
@@ -57,6 +59,8 @@ LEAF_RULES = (
     LeafRule("embedding", 2, "weight", None),
     LeafRule("bias", 1, "bias", None),
     LeafRule("class_embedding", 1, "class_embedding", None),
+    LeafRule("running_mean", 1, "running_mean", None),
+    LeafRule("running_var", 1, "running_var", None),
 )
 
 # Older diffusers VAE checkpoints (e.g. SD1.5's) name the mid-block attention projections the
@@ -71,12 +75,20 @@ LEGACY_RENAMES = (
 # transformers >= 5 saves CLIPTextModel's weights without this prefix; older files have it.
 OPTIONAL_PREFIX = "text_model."
 
-# Buffers some transformers versions save beside the parameters.
-IGNORED_TORCH_KEYS = re.compile(r"(^|\.)position_ids$")
+# Buffers saved beside the parameters: position ids (some transformers versions), BatchNorm's step count.
+IGNORED_TORCH_KEYS = re.compile(r"(^|\.)(position_ids|num_batches_tracked)$")
 
 
 class WeightsMismatchError(ValueError):
-    """A state dict does not fit a network: keys missing, unexpected or of the wrong shape."""
+    """A state dict does not fit a network: keys missing, unexpected or of the wrong shape.
+
+    ``missing``, ``unexpected``, ``misshaped``: every such PyTorch key ("key: shape, expected shape"
+    for the mis-shaped), for callers that word the error their own way.
+    """
+
+    def __init__(self, message: str, missing=(), unexpected=(), misshaped=()):
+        super().__init__(message)
+        self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,7 +171,10 @@ def state_dict_to_params(
     missing = [key for key in wanted if key not in seen]
     if missing or unexpected or misshaped:
         raise WeightsMismatchError(
-            _mismatch_message(f"the {name} weights do not fit the {name} config", missing, unexpected, misshaped)
+            _mismatch_message(f"the {name} weights do not fit the {name} config", missing, unexpected, misshaped),
+            missing,
+            unexpected,
+            misshaped,
         )
     return tree
 
@@ -294,6 +309,8 @@ def read_torch_pickle(file: Path) -> dict[str, np.ndarray]:
             f"{file} cannot be read as a PyTorch state dict with weights_only=True ({error}); "
             "pickled files that need code to load are refused: use its safetensors version"
         ) from error
+    if not isinstance(state, Mapping):
+        raise WeightsFileError(f"{file} holds a {type(state).__name__}, not a PyTorch state dict (a dict of tensors)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return {key: _torch_to_numpy(value) for key, value in state.items() if hasattr(value, "detach")}

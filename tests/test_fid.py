@@ -1,10 +1,7 @@
 """perflow_jax.fid: streaming statistics equal numpy's, the Frechet distance equals pytorch-fid's and
 torchmetrics', reference files round-trip and refuse another setup."""
 
-import sys
-import types
 import warnings
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,6 +9,7 @@ import torch
 from torchmetrics.image.fid import _compute_fid
 
 from perflow_jax import fid
+from tests.helpers.torchvision_models import torchvision_imported
 
 # pytorch-fid 0.3.0 passes sqrtm's disp=, deprecated in SciPy 1.16
 pytorch_fid_disp = pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
@@ -20,25 +18,8 @@ SPEC = fid.FeatureSpec("inception-v3-pool3", 512, "center-crop")
 
 @pytest.fixture(scope="module")
 def pytorch_fid_distance():
-    """pytorch-fid's calculate_frechet_distance, imported with a stub torchvision where none is installed
-    (pytorch-fid is installed with --no-deps: its torchvision would replace the pinned torch)."""
-    try:
-        import torchvision  # noqa: F401
-
-        stubs = {}
-    except ImportError:
-        inception = types.ModuleType("torchvision.models.inception")
-        inception.__getattr__ = lambda name: type(name, (torch.nn.Module,), {})  # the FID blocks' base classes
-        models = types.ModuleType("torchvision.models")
-        models.inception = inception
-        stubs = {
-            "torchvision": types.ModuleType("torchvision"),
-            "torchvision.transforms": types.ModuleType("torchvision.transforms"),
-            "torchvision.models": models,
-            "torchvision.models.inception": inception,
-        }
-        stubs["torchvision"].models = models
-    with mock.patch.dict(sys.modules, stubs):  # restores sys.modules, stub and pytorch_fid gone, on exit
+    """pytorch-fid's calculate_frechet_distance (its module imports torchvision: see torchvision_imported)."""
+    with torchvision_imported():
         from pytorch_fid.fid_score import calculate_frechet_distance
     return calculate_frechet_distance
 
