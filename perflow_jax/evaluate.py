@@ -55,10 +55,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from perflow_jax import console, fid, image_io, pipeline, prepare_data, sample, sharding
+from perflow_jax import console, fid, fid_inception, image_io, pipeline, prepare_data, sample, sharding
 from perflow_jax.weights import COMPUTE_DTYPES, read_json
 
-FEATURES = {"inception": "inception-v3-pool3", "digits": "digits-mlp-64"}  # --features -> fid.FeatureSpec.feature
+FEATURES = {"inception": fid_inception.FEATURE, "digits": "digits-mlp-64"}  # --features -> fid.FeatureSpec.feature
 DEFAULT_BATCH_SIZE = sample.DEFAULT_BATCH_SIZE
 TEACHER_REFERENCE = re.compile(r"teacher:(\d+)$")
 RESIZE = "center-crop"  # how every image reaches the evaluation's size (see ``reference_images``)
@@ -94,11 +94,9 @@ class Agreement:
 
 def inception_features(path: str | Path, mesh: jax.sharding.Mesh) -> Features:
     """pytorch-fid's Inception-v3 pool3 features (2048), computed over ``mesh``'s devices."""
-    from perflow_jax.models import inception
-
-    module, params = inception.load_inception(path)
+    module, params = fid_inception.load_inception(path)
     params = sharding.place(params, sharding.replicated(mesh))
-    apply = jax.jit(lambda p, x: inception.features(module, p, x / 255.0), out_shardings=sharding.replicated(mesh))
+    apply = jax.jit(lambda p, x: module.apply({"params": p}, x / 255.0), out_shardings=sharding.replicated(mesh))
     return Features(FEATURES["inception"], 2048, lambda images: _on_devices(apply, params, images, mesh))
 
 
@@ -551,9 +549,12 @@ def _check(o: Options) -> None:
         raise EvaluateError(f"--features {o.features!r}: use one of {', '.join(FEATURES)}")
     if o.features == "inception" and o.inception is None:
         raise EvaluateError(
-            "--inception is missing: FID needs pytorch-fid's Inception weights, pt_inception-2015-12-05-6726825d.pth "
-            "(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth)"
-            "; download it and pass its path"
+            f"--inception is missing: FID needs pytorch-fid's Inception weights; download {fid_inception.WEIGHTS_URL} "
+            "and pass its path"
+        )
+    if o.inception is not None and not Path(o.inception).is_file():
+        raise EvaluateError(
+            f"--inception {o.inception} does not exist: download {fid_inception.WEIGHTS_URL} and pass its path"
         )
     if o.dtype not in COMPUTE_DTYPES:
         raise EvaluateError(f"--dtype {o.dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")

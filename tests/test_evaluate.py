@@ -101,9 +101,7 @@ def test_an_interrupted_evaluation_resumes_to_the_same_figures(workdir, whole, t
 def test_an_out_with_other_settings_is_refused_unless_overwrite(workdir, whole, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     shutil.copytree(whole[1], out)
-    with pytest.raises(
-        ev.EvaluateError, match="--out .* other settings \\(num_images: 10 then, 12 now;.*--overwrite"
-    ):
+    with pytest.raises(ev.EvaluateError, match="--out .* other settings \\(num_images: 10 then, 12 now;.*--overwrite"):
         ev.evaluate(options(workdir, out, num_images=12), log=quiet)
 
     def stop(*args, **kwargs):
@@ -157,3 +155,27 @@ def test_missing_inception_weights_say_where_to_get_them(workdir, tmp_path, caps
     assert ev.main([*argv, "--out", str(tmp_path / "eval")]) == 2
     error = capsys.readouterr().err
     assert "--inception is missing" in error and "pt_inception-2015-12-05-6726825d.pth" in error
+
+
+def test_clip_score_of_the_evaluation_is_clip_scores_formula(tmp_path):
+    """Per-image 100 x cosines summed by the evaluation, then clipped, equal clip_score.clip_score of the
+    same towers on the same images and captions (batch of 3 on the mesh, padded as the devices need)."""
+    import jax
+    import jax.numpy as jnp
+
+    from perflow_jax import clip_score as cs
+    from perflow_jax import sharding
+    from tests.test_clip_vision import images, save_tiny_clip
+
+    save_tiny_clip(tmp_path)
+    agreement = ev.clip_agreement(tmp_path, sharding.make_mesh((-1, 1)))
+    pictures, captions = images((3, 48, 48)), ["a 3", "the digit 7", "zero"]
+    actual = agreement.final(float(np.mean(agreement.score(pictures, captions))))
+    clip = cs.load_clip(tmp_path)
+    pixels = cs.preprocess(jnp.asarray(pictures), clip.vision.config.image_size)
+    image_embeds = jax.jit(clip.vision.apply)({"params": clip.vision_params}, pixels).image_embeds
+    text_embeds = jax.jit(clip.text.apply)(
+        {"params": clip.text_params}, jnp.asarray(clip.tokenize(captions))
+    ).text_embeds
+    assert actual == pytest.approx(float(cs.clip_score(image_embeds, text_embeds)), rel=1e-5, abs=1e-4)
+    assert agreement.final(-3.0) == 0.0  # torchmetrics clips the mean at 0
