@@ -1,22 +1,24 @@
 """The demo's quality table: is the 4-step PeRFlow student better than the teacher's own 4 steps?
 
-For each way of sampling, the same prompts ("a handwritten digit zero" ... "nine", ``--per-digit``
-images each) from the same initial noise:
-- the teacher's DDIM at 1, 2, 4, 8 and 50 steps (``python -m perflow_jax.sample --teacher-ddim``);
-- the PeRFlow student (a training run's EMA weights) at 4 and 8 steps (``python -m perflow_jax.sample``);
+For each way of sampling, ``--per-digit`` images of each prompt ("a handwritten digit zero" ...
+"nine", image j asking for digit j mod 10) from the same initial noise (image j's from the seed):
+- the teacher's DDIM at 1, 2, 4, 8 and 50 steps and the PeRFlow student (a training run's EMA
+  weights) at 4 and 8 steps, each measured by ``python -m perflow_jax.evaluate --features digits``
+  (its evaluations, resumable, and their grids go to ``quality/teacher`` and ``quality/student``
+  beside ``--out``);
 - the PyTorch export at 4 steps: diffusers' StableDiffusionPipeline with the exported UNet and
-  ``perflow_jax.torch.PeRFlowScheduler`` (``python -m perflow_jax.export --to-torch --base ...``).
+  ``perflow_jax.torch.PeRFlowScheduler`` (``python -m perflow_jax.export --to-torch --base ...``),
+  its images measured by evaluate's functions.
 Two measures with the digit classifier of ``perflow_jax.demo.classifier`` (trained on the
 held-out real digits, which neither the teacher nor the student saw): its accuracy on the
 generated images against the digit asked for, and the Frechet distance between its features of
-the generated images and of the real training digits (FID's formula on the classifier's
+the generated images and of the real training digits (evaluate's FID on the classifier's
 penultimate layer; lower is closer to real digits).
 
     python bench/quality.py --teacher runs/demo/teacher --workdir runs/demo/work --export runs/demo/torch \
         --out runs/demo/quality.json
 
-Writes the table to ``--out`` (JSON, with the command, date and versions) and one grid PNG per row
-beside it (``quality/<row>.png``, a row of the grid per digit), and prints a markdown table and the
+Writes the table to ``--out`` (JSON, with the command, date and versions) and prints a markdown table and the
 verdict: whether PeRFlow at 4 steps beats the teacher's DDIM at 4 steps on both measures (a higher
 accuracy and a lower Frechet distance), and how it compares with DDIM at 50 steps. Every row uses
 the same classifier-free guidance (``--guidance``, default the run's ``log.sample_guidance``: 1,
@@ -40,31 +42,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from perflow_jax import checkpoint, console, image_io, pipeline, sample
+from perflow_jax import checkpoint, console, fid, image_io, pipeline, sample
+from perflow_jax import evaluate as ev
 from perflow_jax.demo import classifier, digits
 
 TEACHER_STEPS = (1, 2, 4, 8, 50)
 STUDENT_STEPS = (4, 8)
 EXPORT_STEPS = 4
+REFERENCE = "digits:train"  # the real training digits, by prepare_data's source name
+BATCH_SIZE = 100
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, H, W, 3] floats in [0, 1] -> uint8, as a PNG would store them (what the classifier reads)."""
-    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def score(images: np.ndarray, labels: np.ndarray, real_features: np.ndarray) -> dict[str, float]:
-    """Classifier accuracy against ``labels`` and Frechet distance to the real digits' features."""
-    pixels = to_uint8(images)
-    accuracy = float(np.mean(classifier.predict(pixels) == labels))
-    distance = classifier.frechet_distance(classifier.features(pixels), real_features)
-    return {"accuracy": accuracy, "frechet_distance": float(distance)}
-
-
-def jax_images(options: sample.Options, noise: np.ndarray) -> tuple[np.ndarray, float]:
-    """Images of this project's sampler, and seconds per image (compilation excluded)."""
-    result = sample.load(options, sample.make_plan(options))(options.prompts, noise)
-    return result.images, result.run_seconds / len(options.prompts)
+def evaluate(model: Path, steps: tuple[int, ...], teacher: bool, out: Path, per_digit: int, seed: int, guidance: float):
+    """``python -m perflow_jax.evaluate`` of ``model`` with the digit classifier against the real training
+    digits: {row name: {"accuracy", "frechet_distance", "seconds_per_image"}} (resumed if run before)."""
+    prompts = out.parent / "prompts.txt"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(digits.caption(label) + "\n" for label in range(10)))
+    options = ev.Options(
+        model=model,
+        prompts=prompts,
+        references=[REFERENCE],
+        out=out,
+        steps=steps,
+        teacher_ddim=teacher,
+        guidance=guidance,
+        num_images=10 * per_digit,
+        batch_size=BATCH_SIZE,
+        seed=seed,
+        features="digits",
+    )
+    metrics = ev.evaluate(options, log=lambda line: None)["samplers"]
+    rows = {}
+    for n in steps:
+        entry = metrics[f"teacher_ddim_{n}" if teacher else f"perflow_{n}"]
+        name = f"teacher DDIM {n} step{'s' if n > 1 else ''}" if teacher else f"PeRFlow {n} steps"
+        rows[name] = {
+            "accuracy": entry["classifier_accuracy"],
+            "frechet_distance": entry["fid"][REFERENCE],
+            "seconds_per_image": entry["seconds"] / entry["images"],
+        }
+    return rows
 
 
 def torch_images(export: Path, prompts: list[str], noise: np.ndarray, steps: int, guidance: float):
@@ -85,6 +103,26 @@ def torch_images(export: Path, prompts: list[str], noise: np.ndarray, steps: int
     return np.asarray(images, np.float32), (time.perf_counter() - start) / len(prompts)
 
 
+def torch_row(export: Path, out: Path, per_digit: int, seed: int, guidance: float) -> dict[str, float]:
+    """The PyTorch export's images of the same prompts and noise, measured by evaluate's functions."""
+    count = 10 * per_digit
+    prompts = [digits.caption(j % 10) for j in range(count)]
+    shape = sample.make_plan(sample.Options(export, prompts=prompts[:1])).latent_shape
+    noise = pipeline.seed_noise(seed, count, shape)  # evaluate's: image j from the seed's noise j
+    images, seconds = torch_images(export, prompts, noise, EXPORT_STEPS, guidance)
+    pixels = ev.to_uint8(images)
+    stats = fid.FeatureStats(ev.digit_features().dim)
+    stats.add(ev.digit_features().compute(pixels))
+    spec = fid.FeatureSpec(ev.FEATURES["digits"], digits.RESOLUTION, ev.RESIZE)
+    reference = fid.load_reference(out / "references" / "digits_train.npz", spec)
+    image_io.save_png(image_io.grid(images[:64]), out / "torch_export_4.png")
+    return {
+        "accuracy": float(np.mean(ev.digit_agreement().score(pixels, prompts))),
+        "frechet_distance": fid.frechet_distance(stats.mean, stats.sigma, reference.mu, reference.sigma),
+        "seconds_per_image": seconds,
+    }
+
+
 def quality_table(
     teacher: Path,
     workdir: Path,
@@ -95,36 +133,20 @@ def quality_table(
     seed: int = 0,
     guidance: float = 1.0,
 ) -> list[dict]:
-    """The rows of the table (see the module docstring); grids go to ``out.parent / "quality"``.
+    """The rows of the table (see the module docstring); evaluations and grids go to ``out.parent / "quality"``.
 
     ``guidance``: the classifier-free guidance of every row, teacher and student alike (1: none).
     """
-    labels = np.repeat(np.arange(10), per_digit)
-    prompts = [digits.caption(int(label)) for label in labels]
-    real_features = classifier.features(digits.load("train")[0])
-    ways = [
-        (f"teacher DDIM {n} step{'s' if n > 1 else ''}", "jax", dict(model=teacher, teacher_ddim=n, guidance=guidance))
-        for n in TEACHER_STEPS
-    ]
-    ways += [(f"PeRFlow {n} steps", "jax", dict(model=workdir, steps=n, guidance=guidance)) for n in STUDENT_STEPS]
+    folder = out.parent / "quality"
+    rows = evaluate(teacher, TEACHER_STEPS, True, folder / "teacher", per_digit, seed, guidance)
+    rows.update(evaluate(workdir, STUDENT_STEPS, False, folder / "student", per_digit, seed, guidance))
     if export is not None:
-        ways.append((f"PeRFlow {EXPORT_STEPS} steps, PyTorch export", "torch", {}))
-    noise, rows = None, []
-    for name, framework, args in ways:
-        if framework == "jax":
-            options = sample.Options(prompts=prompts, **args)
-            if noise is None:
-                noise = pipeline.seed_noise(seed, len(prompts), sample.make_plan(options).latent_shape)
-            images, seconds = jax_images(options, noise)
-        else:
-            images, seconds = torch_images(export, prompts, noise, EXPORT_STEPS, guidance)
-        row = {"sampler": name, **score(images, labels, real_features), "seconds_per_image": seconds}
-        rows.append(row)
-        grid_path = out.parent / "quality" / (name.replace(" ", "_").replace(",", "") + ".png")
-        shown = images.reshape(10, per_digit, *images.shape[1:])[:, : min(per_digit, 10)]  # a row per digit
-        image_io.save_png(image_io.grid(shown.reshape(-1, *images.shape[1:]), columns=shown.shape[1]), grid_path)
+        rows[f"PeRFlow {EXPORT_STEPS} steps, PyTorch export"] = torch_row(
+            export, folder / "teacher", per_digit, seed, guidance
+        )
+    for name, row in rows.items():
         print(f"{name}: accuracy {row['accuracy']:.3f}, Frechet distance {row['frechet_distance']:.2f}", flush=True)
-    return rows
+    return [{"sampler": name, **row} for name, row in rows.items()]
 
 
 def markdown(rows: list[dict]) -> str:

@@ -361,7 +361,7 @@ def evaluate(options: Options, log: Callable[[str], Any] = print) -> dict[str, A
     for n in o.steps:
         sample_options = _sample_options(o, n, teacher=o.teacher_ddim, prompts=prompts)
         plans[_sampler_name(n, o.teacher_ddim)] = (sample_options, _plan(sample_options))
-    first_options, first_plan = next(iter(plans.values()))
+    first_plan = next(iter(plans.values()))[1]
     size = first_plan.height
     teachers = {}
     for reference in o.references:
@@ -373,7 +373,7 @@ def evaluate(options: Options, log: Callable[[str], Any] = print) -> dict[str, A
             _read_reference(reference, fid.FeatureSpec(FEATURES[o.features], size, RESIZE))
         else:
             reference_images(reference, size, o.batch_size, 0)  # checks that the source opens
-    settings = _settings(o, prompts, size)
+    settings = {**_settings(o, prompts, size), "model_step": first_plan.description.step}
     _prepare_out(o, settings)
 
     mesh = sharding.make_mesh((-1, 1))

@@ -81,7 +81,7 @@ def test_quality_table_has_every_row_and_writes_grids(table, demo):
     ]  # fmt: skip
     assert "| teacher DDIM 50 steps |" in result.stdout and report["verdict"] in result.stdout
     assert library_logs(result.stderr) == []  # Orbax's routine warnings: on --verbose
-    assert len(list((demo / "quality").glob("*.png"))) == len(names)
+    assert len(list((demo / "quality").rglob("*.png"))) == len(names)  # evaluate's grid of each row
 
 
 def test_the_embedded_teacher_draws_the_digits_it_is_asked_for(table):

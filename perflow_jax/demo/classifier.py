@@ -6,8 +6,8 @@ seed, one BLAS thread: deterministic, 2 s on a CPU) trained on the "heldout" spl
 the grey value of the 32x32 image in [0, 1]; its features are the 64 activations of its last
 hidden layer. On generated images it gives
 - accuracy: the fraction classified as the digit their prompt asked for;
-- Frechet distance: FID's formula on the classifier's features instead of Inception's, against
-  the features of real digits.
+- Frechet distance: FID's formula (``perflow_jax.fid``) on the classifier's features instead of
+  Inception's, against the features of real digits.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
+from perflow_jax import fid
 from perflow_jax.demo import digits
 
 HIDDEN = (128, 64)
@@ -73,19 +74,9 @@ def features(images: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID's formula between the Gaussians fitted to two feature sets [N, F] and [M, F], in float64.
-
-    d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2), with the sample
-    covariances S (ddof 1). The trace of the matrix square root is taken from the eigenvalues of
-    the symmetric S_a^1/2 S_b S_a^1/2, which is equal to tr((S_a S_b)^1/2) and stays real.
-    """
+    """FID's formula (``perflow_jax.fid.frechet_distance``) between the Gaussians fitted to two feature
+    sets [N, F] and [M, F] (sample covariances, ddof 1), in float64."""
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"frechet_distance takes two [N, F] feature sets with N >= 2, got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    S_a, S_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, V = np.linalg.eigh(S_a)
-    sqrt_S_a = (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
-    M = sqrt_S_a @ S_b @ sqrt_S_a
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0.0, None)).sum()
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(S_a) + np.trace(S_b) - 2.0 * trace_sqrt)
+    return fid.frechet_distance(a.mean(axis=0), np.cov(a, rowvar=False), b.mean(axis=0), np.cov(b, rowvar=False))
