@@ -2,7 +2,11 @@
 the feature network (32 x 32 images), on the CPU."""
 
 import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +17,13 @@ from perflow_jax import evaluate as ev
 from perflow_jax import fid, sample
 from perflow_jax.demo import classifier, digits
 from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
+from tests.helpers.processes import library_logs
 from tests.test_sample import compilation_cache  # noqa: F401  (a module-scoped autouse fixture)
 
 PROMPTS = [digits.caption(label) for label in (0, 1, 2)]
 NUM_IMAGES, BATCH_SIZE = 10, 4  # three batches, the last one short
 REFERENCES = ("digits:heldout", "teacher:2")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +185,24 @@ def test_clip_score_of_the_evaluation_is_clip_scores_formula(tmp_path):
     ).text_embeds
     assert actual == pytest.approx(float(cs.clip_score(image_embeds, text_embeds)), rel=1e-5, abs=1e-4)
     assert agreement.final(-3.0) == 0.0  # torchmetrics clips the mean at 0
+
+
+def test_cli_on_two_devices_gives_the_figures_of_one_device(workdir, whole, tmp_path):
+    """The command on two CPU devices (each batch of 4 split 2 + 2, the last one padded): the same images
+    up to float32 recompilation, so the same figures to well within their own precision."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    command = [
+        sys.executable, "-m", "perflow_jax.evaluate", "--model", str(workdir), "--prompts",
+        str(workdir.parent / "prompts.txt"), "--reference", *REFERENCES, "--features", "digits", "--height", "32",
+        "--num-images", str(NUM_IMAGES), "--batch-size", str(BATCH_SIZE), "--out", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert library_logs(result.stderr) == []
+    assert "perflow_4: FID" in result.stdout
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert metrics["machine"].startswith(f"{platform.machine()}, 2 x ")
+    entry, expected = metrics["samplers"]["perflow_4"], whole[0]["samplers"]["perflow_4"]
+    assert entry["images"] == NUM_IMAGES
+    for reference, value in expected["fid"].items():
+        assert entry["fid"][reference] == pytest.approx(value, rel=1e-3)
