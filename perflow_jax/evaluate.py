@@ -245,16 +245,17 @@ class Progress:
 def accumulate(
     name: str,
     batches: Iterator[tuple[np.ndarray, Sequence[str] | None, Counter]],
-    total: int,
+    total: int | None,
     features: Features,
     agreement: Agreement | None,
     state: Path,
     on_batch: Callable[[int, np.ndarray], None] = lambda index, images: None,
 ) -> Progress:
-    """Runs the not yet finished ``batches`` (images uint8, prompts or None, skip counts) of ``total``.
+    """Measures ``batches`` (images uint8, their prompts or None, skip counts) into the progress saved at ``state``.
 
-    ``batches`` yields only from the first unfinished batch on: it is called with the finished count
-    (see callers). After each batch the state goes to ``state`` (process 0), then ``on_batch``.
+    ``batches`` starts at the first batch that progress has not counted (the callers build it from
+    the saved batch count). After each batch, on process 0, ``on_batch(index, images)`` runs and then
+    the state is saved, so a stop between batches loses nothing and counts nothing twice.
     """
     progress = Progress.load(state, features.dim)
     bar = tqdm(total=total, initial=progress.batches, desc=name, unit="batch", dynamic_ncols=True, file=sys.stderr)
@@ -415,8 +416,7 @@ def evaluate(options: Options, log: Callable[[str], Any] = print) -> dict[str, A
             if not path.is_file():
                 reused = generator if o.teacher_ddim else None
                 progress = draw(f"reference_{name}", *teachers[reference], o.seed + 1, reused)[0]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                stats[reference] = fid.save_reference(path, progress.stats, spec)
+                stats[reference] = _save_reference(path, progress.stats, spec)
             else:
                 stats[reference] = fid.load_reference(path, spec)
         elif reference.endswith(".npz"):
@@ -436,6 +436,14 @@ def _read_reference(path: str, spec: fid.FeatureSpec) -> fid.Reference:
         raise EvaluateError(f"--reference {error}") from error
 
 
+def _save_reference(path: Path, stats: fid.FeatureStats, spec: fid.FeatureSpec) -> fid.Reference:
+    """The statistics as a Reference, written to ``path`` by process 0 (every process has the same)."""
+    if jax.process_index() != 0:
+        return fid.Reference(stats.mean, stats.sigma, stats.count, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return fid.save_reference(path, stats, spec)
+
+
 def _reference_stats(reference: str, o: Options, spec: fid.FeatureSpec, features: Features, size: int, log):
     """An image source's statistics, computed (resumably) once into DIR/references/NAME.npz."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", reference.strip("/")).strip("_")[-80:] or "reference"
@@ -445,15 +453,14 @@ def _reference_stats(reference: str, o: Options, spec: fid.FeatureSpec, features
     state = o.out / "progress" / f"reference_{name}.npz"
     first = Progress.load(state, features.dim).batches
     total, batches = reference_images(reference, size, o.batch_size, first)
-    progress = accumulate(f"reference_{name}", batches, total or 0, features, None, state)
+    progress = accumulate(f"reference_{name}", batches, total, features, None, state)
     skipped = sum(progress.skipped.values())
     if skipped:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(progress.skipped.items()))
         log(f"warning: --reference {reference}: {skipped} images skipped ({reasons})")
     if progress.stats.count < 2:
         raise EvaluateError(f"--reference {reference} gave {progress.stats.count} readable images: FID needs many")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    reference_stats = fid.save_reference(path, progress.stats, spec)
+    reference_stats = _save_reference(path, progress.stats, spec)
     log(f"reference {reference}: {progress.stats.count} images, statistics written to {path} (reuse with --reference)")
     return reference_stats
 
