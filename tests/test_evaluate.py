@@ -16,14 +16,20 @@ from PIL import Image
 from perflow_jax import evaluate as ev
 from perflow_jax import fid, sample
 from perflow_jax.demo import classifier, digits
-from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
+from tests.helpers.pipelines import persistent_compilation_cache, quiet, tiny_model_and_data, tiny_workdir
 from tests.helpers.processes import library_logs
-from tests.test_sample import compilation_cache  # noqa: F401  (a module-scoped autouse fixture)
 
 PROMPTS = [digits.caption(label) for label in (0, 1, 2)]
 NUM_IMAGES, BATCH_SIZE = 10, 4  # three batches, the last one short
 REFERENCES = ("digits:heldout", "teacher:2")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every evaluation compiles its generators anew; JAX's persistent cache makes the repeats cheap."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +177,7 @@ def test_clip_score_of_the_evaluation_is_clip_scores_formula(tmp_path):
 
     from perflow_jax import clip_score as cs
     from perflow_jax import sharding
-    from tests.test_clip_vision import images, save_tiny_clip
+    from tests.helpers.clip import images, save_tiny_clip
 
     save_tiny_clip(tmp_path)
     agreement = ev.clip_agreement(tmp_path, sharding.make_mesh((-1, 1)))

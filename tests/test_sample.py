@@ -19,7 +19,7 @@ from perflow_jax import sample as sample_module
 from perflow_jax.image_io import to_nchw, to_nhwc
 from perflow_jax.pipeline import seed_noise
 from perflow_jax.sample import Options, SampleError, main, make_plan, sample
-from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
+from tests.helpers.pipelines import persistent_compilation_cache, quiet, tiny_model_and_data, tiny_workdir
 from tests.helpers.processes import library_logs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,21 +34,8 @@ FLOAT32_RECOMPILED_ATOL = 1e-5
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Each sample() call compiles its program anew; JAX's persistent cache makes the repeats cheap."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    saved = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield
 
 
 @pytest.fixture(scope="module")
