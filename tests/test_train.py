@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import checkpoint, data, recipe, sharding, training
-from tests.helpers.pipelines import tiny_model_and_data
+from perflow_jax import checkpoint, data, evaluate, fid, recipe, sample, sharding, training
+from perflow_jax.demo import classifier, digits
+from tests.helpers.pipelines import quiet, tiny_model_and_data
 from tests.helpers.processes import library_logs, run_joined_processes
 from tests.helpers.recipes import load
 
@@ -49,17 +50,29 @@ def saved_state(workdir: Path, step: int) -> dict:
     return restored["state"]
 
 
+def rows(workdir: Path, key: str) -> dict[int, float]:
+    """{step: value} of the metrics.jsonl rows that hold ``key``."""
+    logged = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    return {row["step"]: row[key] for row in logged if key in row}
+
+
 def losses(workdir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+    return rows(workdir, "loss")
 
 
-def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup, tmp_path):
+def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_samples_and_fid(setup, tmp_path):
     model, data_dir = setup
     relative = [
         f"--config.model.path={os.path.relpath(model, ROOT)}",
         f"--config.data.path={os.path.relpath(data_dir, ROOT)}",
     ]
-    result = run(setup, tmp_path / "run", "--config.train.num_steps=4", *relative)
+    # Train-time FID of 6 images (batches of 4) every 3 steps and at the last, with the digits classifier.
+    real = fid.FeatureStats(64)
+    real.add(classifier.features(digits.load("heldout")[0]))
+    reference = fid.save_reference(tmp_path / "heldout.npz", real, fid.FeatureSpec("digits-mlp-64", 32, "center-crop"))
+    measure = [f"--config.eval.{key}" for key in ("fid_every=3", "features=digits", "num_images=6", "batch_size=4")]
+    measure.append(f"--config.eval.reference={tmp_path / 'heldout.npz'}")
+    result = run(setup, tmp_path / "run", "--config.train.num_steps=4", *relative, *measure)
     assert result.returncode == 0, result.stderr[-3000:]
     # The saved config names the folders absolutely: export and sample find them from anywhere.
     saved = checkpoint.run_config(tmp_path / "run")[1]
@@ -73,6 +86,21 @@ def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup
     assert not (tmp_path / "run/lock").exists()  # released at the end
     samples = sorted(p.name for p in (tmp_path / "run/samples").glob("*.png"))
     assert "teacher_ddim.png" in samples and "step_000004.png" in samples
+    # The FID is that of the last checkpoint's EMA images (image j: the grid's prompt j mod 2, the seed's noise j).
+    scores = rows(tmp_path / "run", "eval/fid")
+    assert sorted(scores) == [3, 4] and scores[3] != scores[4]
+    config = load("tiny")
+    prompts = [config.log.sample_prompts[j % 2] for j in range(6)]
+    log = config.log
+    grid = tmp_path / "grid.png"
+    options = sample.Options(
+        tmp_path / "run", prompts, grid, log.sample_steps, log.sample_guidance, seed=log.sample_seed
+    )
+    drawn = fid.FeatureStats(64)
+    drawn.add(classifier.features(evaluate.to_uint8(sample.sample(options, log=quiet).images)))
+    expected = fid.frechet_distance(drawn.mean, drawn.sigma, reference.mu, reference.sigma)
+    assert scores[4] == pytest.approx(expected, rel=1e-6)  # float64 statistics of the same uint8 images
+    assert f"step 4/4 | FID {expected:.3f} vs {tmp_path / 'heldout.npz'} (6 images, 4 steps)" in result.stdout
 
 
 def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
@@ -164,6 +192,10 @@ def test_data_prepared_with_another_vae_is_refused_at_start(setup, tmp_path):
 
 def test_a_workdir_saved_before_allow_other_vae_existed_resumes_with_it_set():
     recipe.check_resumable({"data": {"seed": 0}}, {"data": {"seed": 0, "allow_other_vae": True}})
+
+
+def test_a_workdir_saved_before_train_time_fid_existed_resumes_with_it_on():
+    recipe.check_resumable({"data": {"seed": 0}}, {"data": {"seed": 0}, "eval": {"fid_every": 100}})
 
 
 def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tmp_path):
