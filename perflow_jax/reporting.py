@@ -204,12 +204,8 @@ class FIDEval:
 
     def __init__(self, config, generator: pipeline.Generator, reporter: Reporter):
         e = config.eval
-        self.reporter, self.total, self.batch_size, self.seed = (
-            reporter,
-            config.train.num_steps,
-            e.batch_size,
-            config.log.sample_seed,
-        )
+        self.reporter, self.total = reporter, config.train.num_steps
+        self.batch_size, self.seed = e.batch_size, config.log.sample_seed
         self.reference_path = e.reference
         self.reference = fid.load_reference(e.reference, recipe.eval_spec(config))
         if e.features == "inception":

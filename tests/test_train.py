@@ -29,6 +29,21 @@ def setup(tmp_path_factory):
     return model, data_dir
 
 
+@pytest.fixture(scope="module")
+def heldout_reference(tmp_path_factory):
+    """(path, statistics) of the held-out digits' classifier features, as evaluate writes a 32 px reference."""
+    real = fid.FeatureStats(64)
+    real.add(classifier.features(digits.load("heldout")[0]))
+    path = tmp_path_factory.mktemp("reference") / "heldout.npz"
+    return path, fid.save_reference(path, real, fid.FeatureSpec("digits-mlp-64", 32, "center-crop"))
+
+
+def fid_overrides(reference, every: int) -> list[str]:
+    """Train-time FID of 6 images (batches of 4) every ``every`` steps and at the last, with the digits classifier."""
+    keys = (f"fid_every={every}", "features=digits", "num_images=6", "batch_size=4", f"reference={reference}")
+    return [f"--config.eval.{key}" for key in keys]
+
+
 def command(setup, workdir, *overrides):
     model, data_dir = setup
     return [
@@ -60,19 +75,14 @@ def losses(workdir: Path) -> dict[int, float]:
     return rows(workdir, "loss")
 
 
-def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_samples_and_fid(setup, tmp_path):
+def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_samples_and_fid(setup, heldout_reference, tmp_path):
     model, data_dir = setup
     relative = [
         f"--config.model.path={os.path.relpath(model, ROOT)}",
         f"--config.data.path={os.path.relpath(data_dir, ROOT)}",
     ]
-    # Train-time FID of 6 images (batches of 4) every 3 steps and at the last, with the digits classifier.
-    real = fid.FeatureStats(64)
-    real.add(classifier.features(digits.load("heldout")[0]))
-    reference = fid.save_reference(tmp_path / "heldout.npz", real, fid.FeatureSpec("digits-mlp-64", 32, "center-crop"))
-    measure = [f"--config.eval.{key}" for key in ("fid_every=3", "features=digits", "num_images=6", "batch_size=4")]
-    measure.append(f"--config.eval.reference={tmp_path / 'heldout.npz'}")
-    result = run(setup, tmp_path / "run", "--config.train.num_steps=4", *relative, *measure)
+    path, reference = heldout_reference
+    result = run(setup, tmp_path / "run", "--config.train.num_steps=4", *relative, *fid_overrides(path, 3))
     assert result.returncode == 0, result.stderr[-3000:]
     # The saved config names the folders absolutely: export and sample find them from anywhere.
     saved = checkpoint.run_config(tmp_path / "run")[1]
@@ -100,16 +110,18 @@ def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_samples_and_fid(s
     drawn.add(classifier.features(evaluate.to_uint8(sample.sample(options, log=quiet).images)))
     expected = fid.frechet_distance(drawn.mean, drawn.sigma, reference.mu, reference.sigma)
     assert scores[4] == pytest.approx(expected, rel=1e-6)  # float64 statistics of the same uint8 images
-    assert f"step 4/4 | FID {expected:.3f} vs {tmp_path / 'heldout.npz'} (6 images, 4 steps)" in result.stdout
+    assert f"step 4/4 | FID {expected:.3f} vs {path} (6 images, 4 steps)" in result.stdout
 
 
-def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
+def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, heldout_reference, tmp_path):
     straight = run(setup, tmp_path / "straight", "--config.train.num_steps=6")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    # No periodic checkpoint before the end: the one to resume from is SIGTERM's.
-    no_periodic = "--config.checkpoint.every_steps=100"
-    process = subprocess.Popen(command(setup, tmp_path / "resumed", "--config.train.num_steps=6", no_periodic),
+    # No periodic checkpoint before the end: the one to resume from is SIGTERM's. The resumed run also
+    # measures FID, which must change nothing of the training.
+    measure = fid_overrides(heldout_reference[0], 2)
+    settings = ("--config.train.num_steps=6", "--config.checkpoint.every_steps=100", *measure)
+    process = subprocess.Popen(command(setup, tmp_path / "resumed", *settings),
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     for line in process.stdout:
         if line.startswith("step 3/6"):
@@ -123,8 +135,9 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
     assert 3 <= stopped_at < 6
     assert f"stopped at step {stopped_at} on request" in out
 
-    resumed = run(setup, tmp_path / "resumed", "--config.train.num_steps=6")
+    resumed = run(setup, tmp_path / "resumed", "--config.train.num_steps=6", *measure)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(rows(tmp_path / "resumed", "eval/fid")) == [2, 4, 6]  # each step's FID logged once
     assert f"resuming from the checkpoint of step {stopped_at}" in resumed.stdout
     a, b = saved_state(tmp_path / "straight", 6), saved_state(tmp_path / "resumed", 6)
     for key in ("params", "ema_params", "opt_state"):
