@@ -95,5 +95,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.log.sample_guidance = 4.5  # released inference setting: CFG scale 4.5 at 4 steps
     config.log.sample_seed = 0  # seed of the grid's initial noise (the same every eval)
 
+    config.eval = ml_collections.ConfigDict()  # train-time FID of the EMA student (afterwards: perflow_jax.evaluate)
+    config.eval.fid_every = 0  # an FID every this many steps and at the last step; 0: off
+    config.eval.num_images = 2000  # images drawn per FID, from log.sample_seed's noise (the same every time)
+    config.eval.reference = ""  # statistics .npz from python -m perflow_jax.evaluate (its DIR/references/NAME.npz)
+    config.eval.features = "inception"  # feature network: "inception" (pytorch-fid's) or "digits" (the demo's)
+    config.eval.inception = ""  # pt_inception-2015-12-05-6726825d.pth, for features "inception"
+    config.eval.batch_size = 16  # images per jitted call
+    config.eval.prompts = ""  # a prompts file (one a line, or COCO captions .json); "": log.sample_prompts in turn
+    config.eval.steps = 0  # sampler steps; 0: log.sample_steps (guidance: log.sample_guidance)
+
     config.tpu_pod = False  # call jax.distributed.initialize() for a multi-host TPU slice
     return config

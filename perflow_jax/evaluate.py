@@ -279,13 +279,20 @@ def accumulate(
 
 
 def generated_batches(
-    generator: pipeline.Generator, prompts: Sequence[str], seed: int, latent_shape, batch_size: int, first: int
+    generator: pipeline.Generator,
+    prompts: Sequence[str],
+    seed: int,
+    latent_shape,
+    batch_size: int,
+    first: int,
+    unet_params: Any = None,
 ) -> Iterator[tuple[np.ndarray, Sequence[str], Counter]]:
-    """Batches ``first``, ``first + 1``, ... of the images of ``prompts`` (image j from the seed's noise j)."""
+    """Batches ``first``, ``first + 1``, ... of the images of ``prompts`` (image j from the seed's noise j);
+    ``unet_params`` in place of the generator's (a training run's EMA)."""
     for start in range(first * batch_size, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         noise = pipeline.seed_noise(seed, len(chunk), latent_shape, start=start)
-        output = generator(chunk, noise, pad_to=batch_size)
+        output = generator(chunk, noise, unet_params=unet_params, pad_to=batch_size)
         yield to_uint8(output.images), chunk, Counter()
 
 

@@ -24,13 +24,13 @@ from typing import Any
 import ml_collections
 import optax
 
-from perflow_jax import loss, pipeline, schedule, sharding, solver, step, weights
+from perflow_jax import evaluate, fid, fid_inception, loss, pipeline, schedule, sharding, solver, step, weights
 from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
 
 PATH_KEYS = ("model.path", "model.student_init", "data.path")
 LR_SCHEDULES = ("constant", "cosine")
-# Keys a resumed run may change: how long it runs, what it reports, and how the step is computed
+# Keys a resumed run may change: how long it runs, what it reports and measures, and how the step is computed
 # (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
 # rounding, so that a run can resume on a device with less memory; and data.allow_other_vae, a
 # start-up check. data.worker_count is not here: grain cannot restore its iterator with another
@@ -38,6 +38,7 @@ LR_SCHEDULES = ("constant", "cosine")
 RESUMABLE_KEYS = (
     "train.num_steps",
     "log.",
+    "eval.",
     "checkpoint.",
     "model.attention_backend",
     "model.remat",
@@ -192,7 +193,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if not (math.isfinite(log.sample_guidance) and log.sample_guidance >= 0):
         problems.append(f"config.log.sample_guidance is {log.sample_guidance}: use 0 or more (1 turns CFG off)")
+    problems.extend(_eval_problems(config))
     _raise(problems)
+
+
+def _eval_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """config.eval: with train-time FID on, its numbers, and files that exist and fit the run (read here,
+    before any training)."""
+    e = config.eval
+    if e.fid_every < 0:
+        return [f"config.eval.fid_every is {e.fid_every}: use 0 (off) or N, an FID every N steps"]
+    if e.fid_every == 0:
+        return []
+    problems: list[str] = []
+    if e.num_images < 2:
+        problems.append(f"config.eval.num_images is {e.num_images}: FID needs at least 2 images (e.g. 2000)")
+    if e.batch_size < 1:
+        problems.append(f"config.eval.batch_size is {e.batch_size}: use at least 1 (images per jitted call)")
+    k = config.perflow.num_windows
+    if e.steps and e.steps < k:
+        problems.append(
+            f"config.eval.steps is {e.steps} but there are {k} windows: use 0 (log.sample_steps) or {k} or more"
+        )
+    if e.prompts and not Path(e.prompts).is_file():
+        problems.append(f"config.eval.prompts {e.prompts} is not a file: give a prompts file, or '' for the grid's")
+    _choice(problems, "eval.features", e.features, tuple(evaluate.FEATURES))
+    if e.features == "inception" and not (e.inception and Path(e.inception).is_file()):
+        problems.append(
+            f"config.eval.inception {e.inception!r} is not a file: download {fid_inception.WEIGHTS_URL} and set "
+            "--config.eval.inception=PATH"
+        )
+    make = f"make it with python -m perflow_jax.evaluate --features {e.features} --height {config.data.resolution}"
+    if not e.reference or not Path(e.reference).is_file():
+        problems.append(
+            f"config.eval.reference {e.reference!r} is not a file: {make} --reference IMAGES ... --out DIR (it "
+            "writes DIR/references/NAME.npz) and set --config.eval.reference=DIR/references/NAME.npz"
+        )
+    elif e.features in evaluate.FEATURES:
+        try:
+            fid.load_reference(e.reference, eval_spec(config))
+        except fid.FIDError as error:
+            problems.append(f"config.eval.reference: {error}; {make}")
+    return problems
+
+
+def eval_spec(config: ml_collections.ConfigDict) -> fid.FeatureSpec:
+    """How train-time FID features are made: config.eval.features on data.resolution images, as evaluate's."""
+    return fid.FeatureSpec(evaluate.FEATURES[config.eval.features], config.data.resolution, evaluate.RESIZE)
 
 
 def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""What a training run shows: console lines, metrics.jsonl rows, TensorBoard scalars and sample grids.
+"""What a training run shows: console lines, metrics.jsonl rows, TensorBoard scalars, sample grids and FID.
 
 Every process computes the same figures; process 0 writes them.
 """
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from perflow_jax import flops, image_io, pipeline, sharding, step, weights
+from perflow_jax import evaluate, fid, flops, image_io, pipeline, recipe, sharding, step, weights
 
 
 class Reporter:
@@ -171,7 +171,7 @@ class Samples:
             pipe = pipeline.Pipeline(unet, components.text, vae, components.alphas_cumprod)
             return pipeline.Generator(pipe, settings, params, model.tokenize, mesh)
 
-        self._student = generator(components.student, student)
+        self.student_generator = generator(components.student, student)
         self._teacher = generator(components.teacher, teacher)
         self.prompts = list(config.log.sample_prompts)
         shape = self._teacher.pipe.latent_shape(config.data.resolution, config.data.resolution)
@@ -181,7 +181,7 @@ class Samples:
         self._save("teacher_ddim", 0, self._teacher(self.prompts, self.noise).images)
 
     def student(self, step_number: int, ema_params: Any) -> None:
-        images = self._student(self.prompts, self.noise, unet_params=ema_params).images
+        images = self.student_generator(self.prompts, self.noise, unet_params=ema_params).images
         self._save(f"step_{step_number:06d}", step_number, images)
 
     def _save(self, name: str, step_number: int, images: np.ndarray) -> None:
@@ -191,3 +191,49 @@ class Samples:
         self.folder.mkdir(exist_ok=True)
         image_io.save_png(picture, self.folder / f"{name}.png")
         self.reporter.image(step_number, "samples/teacher_ddim" if name == "teacher_ddim" else "samples/ema", picture)
+
+
+class FIDEval:
+    """Train-time FID (config.eval): the EMA student's config.eval.num_images images against config.eval.reference.
+
+    The same prompts (config.eval.prompts, or the grid's in turn) and noise (log.sample_seed's,
+    image j's as ``evaluate`` draws it) every time, so that the values compare across steps; drawn
+    by ``generator``'s networks with config.eval.steps, eval.batch_size at a time, and measured as
+    ``python -m perflow_jax.evaluate`` measures them. Logged as eval/fid.
+    """
+
+    def __init__(self, config, generator: pipeline.Generator, reporter: Reporter):
+        e = config.eval
+        self.reporter, self.total = reporter, config.train.num_steps
+        self.batch_size, self.seed = e.batch_size, config.log.sample_seed
+        self.reference_path = e.reference
+        self.reference = fid.load_reference(e.reference, recipe.eval_spec(config))
+        if e.features == "inception":
+            self.features = evaluate.inception_features(e.inception, generator.mesh)
+        else:
+            self.features = evaluate.digit_features()
+        steps = e.steps or config.log.sample_steps
+        self.generator = generator.with_settings(dataclasses.replace(generator.settings, num_steps=steps))
+        if e.prompts:
+            self.prompts = evaluate.read_prompts(e.prompts, e.num_images, seed=0)
+        else:
+            grid = list(config.log.sample_prompts)
+            self.prompts = [grid[j % len(grid)] for j in range(e.num_images)]
+        self.latent_shape = generator.pipe.latent_shape(config.data.resolution, config.data.resolution)
+
+    def __call__(self, step_number: int, ema_params: Any) -> float:
+        """Draws, measures and logs the FID of ``ema_params`` at ``step_number``; returns it."""
+        start = time.perf_counter()
+        stats = fid.FeatureStats(self.features.dim)
+        batches = evaluate.generated_batches(
+            self.generator, self.prompts, self.seed, self.latent_shape, self.batch_size, 0, ema_params
+        )
+        for images, _, _ in batches:
+            stats.add(self.features.compute(images))
+        value = fid.frechet_distance(stats.mean, stats.sigma, self.reference.mu, self.reference.sigma)
+        line = (
+            f"step {step_number}/{self.total} | FID {value:.3f} vs {self.reference_path} ({stats.count} images, "
+            f"{self.generator.settings.num_steps} steps) | {time.perf_counter() - start:.1f} s"
+        )
+        self.reporter.scalars(step_number, {"eval/fid": value}, line)
+        return value

@@ -2,8 +2,9 @@
 
 The setup checks the config, loads the model, places the frozen parameters and the student's
 state on the devices, opens the data and the checkpoints (resuming from the newest) and jits the
-step; then one loop steps, reports, checkpoints and samples until ``config.train.num_steps``, a
-stop request (``Stop``, then ``Stopped`` is raised), a failed save or a non-finite loss or gradient.
+step; then one loop steps, reports, checkpoints, samples and (config.eval.fid_every) measures FID
+until ``config.train.num_steps``, a stop request (``Stop``, then ``Stopped`` is raised), a failed
+save or a non-finite loss or gradient.
 Process 0 holds WORKDIR's lock (``checkpoint.WorkdirLock``) from the start to the end.
 """
 
@@ -247,6 +248,7 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
         contextlib.closing(run.checkpoints),
     ):
         samples = reporting.Samples(config, run.workdir, run.components, run.model, run.frozen, run.mesh, reporter)
+        fid_eval = reporting.FIDEval(config, samples.student_generator, reporter) if config.eval.fid_every else None
         progress = reporting.Progress(total, config.train.global_batch_size, run.learning_rate)
         base_key = jax.random.key(config.train.seed)
         pending: list[tuple[int, dict]] = []  # (step, metrics) not yet brought to the host
@@ -276,6 +278,8 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
                 run.checkpoints.save(done, state, run.iterator, config.to_dict())
             if done % config.log.eval_every_steps == 0 or done == total:
                 samples.student(done, state.ema_params)
+            if fid_eval is not None and (done % config.eval.fid_every == 0 or done == total):
+                fid_eval(done, state.ema_params)
             if stopping:
                 print(f"stopped at step {done} on request; the checkpoint of step {done} resumes the run", flush=True)
                 stopped_at = done

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from perflow_jax import recipe, step
+from perflow_jax import fid, recipe, step
 from tests.helpers.recipes import CONFIGS, load
 
 CONFIG_NAMES = ("sd15", "sd21", "sdxl", "tiny", "demo")
@@ -224,7 +224,7 @@ def test_command_line_rejects_unknown_keys():
         ("--config.optim.lrr=1e-4", "no key optim.lrr; did you mean config.optim.lr?"),
         (
             "--config.foo=1",
-            "no key foo; config holds checkpoint, data, log, mesh, model, optim, perflow, tpu_pod, train",
+            "no key foo; config holds checkpoint, data, eval, log, mesh, model, optim, perflow, tpu_pod, train",
         ),
         ("--config.train.zzzzzz=1", "no key train.zzzzzz; config.train holds global_batch_size, "),
     ],
@@ -351,6 +351,69 @@ def test_malformed_mesh_shapes_are_refused():
 def test_cosine_warm_up_longer_than_the_run_is_refused():
     config = runnable(**{"optim.schedule": "cosine", "optim.warmup_steps": 6})
     assert "config.optim.warmup_steps (6) leaves no steps of the cosine decay" in problems(config)
+
+
+def write_reference(path, *, feature="digits-mlp-64", image_size=32):
+    """A statistics file of 80 random 64-d features, as python -m perflow_jax.evaluate writes them."""
+    stats = fid.FeatureStats(64)
+    stats.add(np.random.default_rng(0).normal(size=(80, 64)))
+    fid.save_reference(path, stats, fid.FeatureSpec(feature, image_size, "center-crop"))
+    return str(path)
+
+
+def fid_on(tmp_path, **overrides) -> ml_collections.ConfigDict:
+    """The tiny config with train-time FID of the digits features against a fitting reference; ``overrides``."""
+    fitting = {"eval.fid_every": 3, "eval.features": "digits", "eval.reference": write_reference(tmp_path / "ref.npz")}
+    return runnable(**{**fitting, **overrides})
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_train_time_fid_is_off_in_every_config(name):
+    assert load(name).eval.fid_every == 0
+
+
+def test_train_time_fid_against_a_reference_made_for_the_run_passes(tmp_path):
+    recipe.validate(fid_on(tmp_path))
+
+
+def test_train_time_fid_without_a_reference_file_is_refused_saying_how_to_make_one(tmp_path):
+    message = problems(fid_on(tmp_path, **{"eval.reference": str(tmp_path / "none.npz")}))
+    assert f"config.eval.reference '{tmp_path / 'none.npz'}' is not a file: make it with python -m " in message
+    assert "perflow_jax.evaluate --features digits --height 32" in message
+
+
+def test_a_reference_of_another_image_size_or_feature_network_is_refused_naming_both(tmp_path):
+    other = write_reference(tmp_path / "64px.npz", image_size=64)
+    message = problems(fid_on(tmp_path, **{"eval.reference": other}))
+    assert f"config.eval.reference: reference statistics {other} were made with image_size 64" in message
+    assert "this evaluation uses image_size 32" in message and "--height 32" in message
+    inception = write_reference(tmp_path / "inception.npz", feature="inception-v3-pool3")
+    message = problems(fid_on(tmp_path, **{"eval.reference": inception}))
+    assert "feature 'inception-v3-pool3' but this evaluation uses feature 'digits-mlp-64'" in message
+
+
+def test_train_time_inception_fid_without_the_weights_file_says_where_to_get_it(tmp_path):
+    reference = write_reference(tmp_path / "inception.npz", feature="inception-v3-pool3")
+    config = fid_on(tmp_path, **{"eval.features": "inception", "eval.reference": reference})
+    config.eval.inception = str(tmp_path / "pt_inception.pth")
+    message = problems(config)
+    assert f"config.eval.inception '{tmp_path / 'pt_inception.pth'}' is not a file: download https://" in message
+    assert "config.eval.reference" not in message  # an Inception reference of 32 px images fits
+
+
+def test_train_time_fid_settings_out_of_range_are_refused(tmp_path):
+    assert "config.eval.fid_every is -1: use 0 (off)" in problems(runnable(**{"eval.fid_every": -1}))
+    config = fid_on(tmp_path, **{"eval.num_images": 1, "eval.batch_size": 0, "eval.steps": 2})
+    config.eval.prompts, config.eval.features = str(tmp_path / "prompts.txt"), "clip"
+    with pytest.raises(recipe.ConfigError) as info:
+        recipe.validate(config)
+    assert [p.split(" is ")[0].split(":")[0] for p in info.value.problems] == [
+        "config.eval.num_images",
+        "config.eval.batch_size",
+        "config.eval.steps",
+        f"config.eval.prompts {tmp_path / 'prompts.txt'}",
+        "config.eval.features",
+    ]
 
 
 def test_every_problem_is_listed_at_once():

@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import checkpoint, data, recipe, sharding, training
-from tests.helpers.pipelines import tiny_model_and_data
+from perflow_jax import checkpoint, data, evaluate, fid, recipe, sample, sharding, training
+from perflow_jax.demo import classifier, digits
+from tests.helpers.pipelines import quiet, tiny_model_and_data
 from tests.helpers.processes import library_logs, run_joined_processes
 from tests.helpers.recipes import load
 
@@ -26,6 +27,21 @@ def setup(tmp_path_factory):
     """(converted tiny model, prepared data of 24 captioned 32 px images)."""
     _, model, data_dir = tiny_model_and_data(tmp_path_factory.mktemp("train"), count=24, size=(40, 48), captions=5)
     return model, data_dir
+
+
+@pytest.fixture(scope="module")
+def heldout_reference(tmp_path_factory):
+    """(path, statistics) of the held-out digits' classifier features, as evaluate writes a 32 px reference."""
+    real = fid.FeatureStats(64)
+    real.add(classifier.features(digits.load("heldout")[0]))
+    path = tmp_path_factory.mktemp("reference") / "heldout.npz"
+    return path, fid.save_reference(path, real, fid.FeatureSpec("digits-mlp-64", 32, "center-crop"))
+
+
+def fid_overrides(reference, every: int) -> list[str]:
+    """Train-time FID of 6 images (batches of 4) every ``every`` steps and at the last, with the digits classifier."""
+    keys = (f"fid_every={every}", "features=digits", "num_images=6", "batch_size=4", f"reference={reference}")
+    return [f"--config.eval.{key}" for key in keys]
 
 
 def command(setup, workdir, *overrides):
@@ -49,17 +65,24 @@ def saved_state(workdir: Path, step: int) -> dict:
     return restored["state"]
 
 
+def rows(workdir: Path, key: str) -> dict[int, float]:
+    """{step: value} of the metrics.jsonl rows that hold ``key``."""
+    logged = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    return {row["step"]: row[key] for row in logged if key in row}
+
+
 def losses(workdir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+    return rows(workdir, "loss")
 
 
-def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup, tmp_path):
+def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_samples_and_fid(setup, heldout_reference, tmp_path):
     model, data_dir = setup
     relative = [
         f"--config.model.path={os.path.relpath(model, ROOT)}",
         f"--config.data.path={os.path.relpath(data_dir, ROOT)}",
     ]
-    result = run(setup, tmp_path / "run", "--config.train.num_steps=4", *relative)
+    path, reference = heldout_reference
+    result = run(setup, tmp_path / "run", "--config.train.num_steps=4", *relative, *fid_overrides(path, 3))
     assert result.returncode == 0, result.stderr[-3000:]
     # The saved config names the folders absolutely: export and sample find them from anywhere.
     saved = checkpoint.run_config(tmp_path / "run")[1]
@@ -73,15 +96,32 @@ def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_and_samples(setup
     assert not (tmp_path / "run/lock").exists()  # released at the end
     samples = sorted(p.name for p in (tmp_path / "run/samples").glob("*.png"))
     assert "teacher_ddim.png" in samples and "step_000004.png" in samples
+    # The FID is that of the last checkpoint's EMA images (image j: the grid's prompt j mod 2, the seed's noise j).
+    scores = rows(tmp_path / "run", "eval/fid")
+    assert sorted(scores) == [3, 4] and scores[3] != scores[4]
+    config = load("tiny")
+    prompts = [config.log.sample_prompts[j % 2] for j in range(6)]
+    log = config.log
+    grid = tmp_path / "grid.png"
+    options = sample.Options(
+        tmp_path / "run", prompts, grid, log.sample_steps, log.sample_guidance, seed=log.sample_seed
+    )
+    drawn = fid.FeatureStats(64)
+    drawn.add(classifier.features(evaluate.to_uint8(sample.sample(options, log=quiet).images)))
+    expected = fid.frechet_distance(drawn.mean, drawn.sigma, reference.mu, reference.sigma)
+    assert scores[4] == pytest.approx(expected, rel=1e-6)  # float64 statistics of the same uint8 images
+    assert f"step 4/4 | FID {expected:.3f} vs {path} (6 images, 4 steps)" in result.stdout
 
 
-def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
+def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, heldout_reference, tmp_path):
     straight = run(setup, tmp_path / "straight", "--config.train.num_steps=6")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    # No periodic checkpoint before the end: the one to resume from is SIGTERM's.
-    no_periodic = "--config.checkpoint.every_steps=100"
-    process = subprocess.Popen(command(setup, tmp_path / "resumed", "--config.train.num_steps=6", no_periodic),
+    # No periodic checkpoint before the end: the one to resume from is SIGTERM's. The resumed run also
+    # measures FID, which must change nothing of the training.
+    measure = fid_overrides(heldout_reference[0], 2)
+    settings = ("--config.train.num_steps=6", "--config.checkpoint.every_steps=100", *measure)
+    process = subprocess.Popen(command(setup, tmp_path / "resumed", *settings),
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     for line in process.stdout:
         if line.startswith("step 3/6"):
@@ -95,8 +135,9 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, tmp_path):
     assert 3 <= stopped_at < 6
     assert f"stopped at step {stopped_at} on request" in out
 
-    resumed = run(setup, tmp_path / "resumed", "--config.train.num_steps=6")
+    resumed = run(setup, tmp_path / "resumed", "--config.train.num_steps=6", *measure)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(rows(tmp_path / "resumed", "eval/fid")) == [2, 4, 6]  # each step's FID logged once
     assert f"resuming from the checkpoint of step {stopped_at}" in resumed.stdout
     a, b = saved_state(tmp_path / "straight", 6), saved_state(tmp_path / "resumed", 6)
     for key in ("params", "ema_params", "opt_state"):
@@ -164,6 +205,10 @@ def test_data_prepared_with_another_vae_is_refused_at_start(setup, tmp_path):
 
 def test_a_workdir_saved_before_allow_other_vae_existed_resumes_with_it_set():
     recipe.check_resumable({"data": {"seed": 0}}, {"data": {"seed": 0, "allow_other_vae": True}})
+
+
+def test_a_workdir_saved_before_train_time_fid_existed_resumes_with_it_on():
+    recipe.check_resumable({"data": {"seed": 0}}, {"data": {"seed": 0}, "eval": {"fid_every": 100}})
 
 
 def test_a_nan_in_the_data_stops_the_run_and_keeps_the_last_checkpoint(setup, tmp_path):
