@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import errors
 from huggingface_hub.utils import filter_repo_objects
 
-from perflow_jax import hub, weights
+from perflow_jax import export, hub, weights
 from perflow_jax.convert import ConversionError, convert
 from tests.helpers.pipelines import quiet
 
@@ -196,4 +196,94 @@ def test_hub_errors_say_what_to_do(kind, message, tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match=message) as raised:
         convert("acme/sd15@v2", tmp_path / "out", log=quiet)
     assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- export --push-to-hub: the folder and its model card, uploaded through HfApi ---------------
+
+METRICS = {
+    "samplers": {"perflow_4": {"images": 64, "seconds": 2.0, "images_per_second": 32.0, "fid": {"teacher:8": 12.3456}}},
+    "feature_network": "digits",
+    "settings": {"steps": [4], "guidance": 1.5, "num_images": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """The demo teacher plus the demo's delta, converted: a PeRFlow student folder."""
+    folder = tmp_path_factory.mktemp("student") / "converted"
+    delta = ROOT / "perflow_jax/demo/digits_perflow_delta.safetensors"
+    convert(TEACHER, folder, perflow_delta=delta, log=quiet)
+    return folder
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    """HfApi.create_repo and upload_folder recorded; the card as it was when uploaded."""
+    calls = {}
+
+    def create_repo(self, repo_id, *, exist_ok=False):
+        calls["create_repo"] = (repo_id, exist_ok)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message):
+        calls["upload_folder"] = (repo_id, Path(folder_path), sorted(os.listdir(folder_path)))
+        calls["card"] = (Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_to_hub_uploads_the_export_with_a_card_of_its_recipe_and_figures(student, tmp_path, fake_api):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval/metrics.json").write_text(json.dumps(METRICS))
+    argv = ["--to-torch", "--model", str(student), "--out", str(tmp_path / "out"), "--push-to-hub", "acme/digits-4"]
+    assert export.main([*argv, "--evaluation", str(tmp_path / "eval")]) == 0
+    assert fake_api["create_repo"] == ("acme/digits-4", True)
+    assert fake_api["upload_folder"] == ("acme/digits-4", tmp_path / "out", ["README.md", "scheduler", "unet"])
+    card = fake_api["card"]
+    for row in [
+        f"| base model | {TEACHER.resolve()} |",
+        "| parameterization | diff_eps |",
+        "| time windows | 4 |",
+        "| sampling steps | 4 |",
+        "| guidance | 1.5 |",
+        "| perflow_4 | 64 | 12.35 vs teacher:8 |  |",
+    ]:
+        assert row in card.splitlines(), row
+    assert "num_inference_steps=4, guidance_scale=1.5" in card and "base_model:" not in card
+
+
+def test_card_names_a_hub_base_model_after_convert_from_a_hub_id(student, tmp_path):
+    shutil.copytree(student, tmp_path / "student", ignore=shutil.ignore_patterns("params"))
+    manifest = tmp_path / "student" / weights.CONVERTED_MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "source": f"acme/digits@{SHA}"}))
+    card = hub.model_card(tmp_path / "student", tmp_path / "student", step=None, base=None, metrics=None)
+    assert "base_model: acme/digits" in card.splitlines() and f"| base model | acme/digits@{SHA} |" in card
+    assert "| guidance | sample's default |" in card and "## Quality" not in card
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (401, r"--push-to-hub acme/x: not logged in, or the token is invalid: run `hf auth login` or set HF_TOKEN"),
+        (403, r"--push-to-hub acme/x: this token may not write there \(another user's .*; the export stays in "),
+    ],
+)
+def test_push_errors_say_what_to_do(status, message, tmp_path, monkeypatch):
+    def create_repo(self, repo_id, *, exist_ok=False):
+        response = httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+        raise errors.HfHubHTTPError("the hub's own message", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    with pytest.raises(export.ExportError, match=message) as raised:
+        hub.push_folder(tmp_path, "acme/x", "card", export.ExportError, quiet)
+    assert "\n" not in str(raised.value)
+
+
+def test_evaluation_without_metrics_is_refused_before_exporting(student, tmp_path, capsys):
+    argv = ["--to-torch", "--model", str(student), "--out", str(tmp_path / "out"), "--push-to-hub", "acme/x"]
+    assert export.main([*argv, "--evaluation", str(tmp_path)]) == 2
+    assert f"--evaluation {tmp_path} holds no metrics.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
