@@ -1,6 +1,6 @@
 """``python -m perflow_jax.convert``: a diffusers pipeline folder (PyTorch) -> Flax parameters (Orbax).
 
-    python -m perflow_jax.convert --from DIFFUSERS_DIR --out DIR [--dtype float32|bfloat16]
+    python -m perflow_jax.convert --from DIFFUSERS_DIR|ORG/NAME[@REVISION] --out DIR [--dtype float32|bfloat16]
         [--perflow-delta delta_weights.safetensors [--perflow-parameterization diff_eps] [--perflow-windows 4]]
         [--variant fp16] [--overwrite]
 
@@ -8,6 +8,10 @@ DIR then holds, for each network (unet, vae, text_encoder, text_encoder_2 for SD
 ``config.json`` and an Orbax checkpoint of its parameters in ``params/``; the tokenizer folders
 and the scheduler config are copied; ``perflow_model.json`` records what was converted. Later
 commands load DIR without torch (``perflow_jax.weights.read_component``).
+
+A ``--from`` that is no local path but reads as a Hugging Face Hub id (``ORG/NAME``, optionally
+``@REVISION``) is downloaded first, only the files conversion reads and one ``--variant``, through
+huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN apply; ``perflow_jax.hub``).
 
 With ``--perflow-delta`` (the authors' released ``delta_weights.safetensors``, or one exported by
 ``python -m perflow_jax.export``) the UNet is the teacher plus the delta, a PeRFlow student, and
@@ -33,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import __version__, console, models, pipeline, schedule, weights
+from perflow_jax import __version__, console, hub, models, pipeline, schedule, weights
 
 
 class ConversionError(ValueError):
@@ -41,7 +45,7 @@ class ConversionError(ValueError):
 
 
 def convert(
-    source: Path,
+    source: Path | str,
     out: Path,
     *,
     dtype: str = "float32",
@@ -52,14 +56,20 @@ def convert(
     overwrite: bool = False,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Convert a diffusers pipeline folder into a converted folder ``out``; returns the manifest."""
-    source, out = Path(source), Path(out)
+    """Convert a diffusers pipeline folder (or hub id ORG/NAME[@REVISION]) into a converted folder ``out``;
+    returns the manifest."""
+    out = Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
     weights.check_out(out, {"--from": source, "--perflow-delta": perflow_delta}, ConversionError)
-    components = weights.read_model_index(source)
     if not overwrite:
         weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")
+    if hub.is_hub_id(source):
+        source, origin = hub.download_pipeline(str(source), variant, ConversionError, log)
+    else:
+        source = Path(source)
+        origin = str(source.resolve())
+    components = weights.read_model_index(source)
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
     if delta is not None:
         schedule.check_parameterization(perflow_parameterization)
@@ -85,7 +95,7 @@ def convert(
             "format": "perflow_jax converted model",
             "format_version": 1,
             "perflow_jax_version": __version__,
-            "source": str(source.resolve()),
+            "source": origin,
             "dtype": dtype,
             "variant": variant,
             "perflow_delta": str(Path(perflow_delta).resolve()) if perflow_delta else None,
@@ -136,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m perflow_jax.convert",
         description="Convert a diffusers Stable Diffusion folder (PyTorch) into Flax parameters (Orbax).",
     )
-    parser.add_argument("--from", dest="source", type=Path, required=True, help="diffusers pipeline folder")
+    parser.add_argument(
+        "--from", dest="source", required=True, help="diffusers pipeline folder, or hub id ORG/NAME[@REVISION]"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
     parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="stored dtype (default float32)"

@@ -2,7 +2,7 @@
 
     python -m perflow_jax.export --to-torch --model WORKDIR_OR_CONVERTED_DIR --out DIR
         [--step N] [--weights ema|student] [--dtype float16|bfloat16|float32]
-        [--base DIFFUSERS_DIR] [--overwrite]
+        [--base DIFFUSERS_DIR] [--overwrite] [--push-to-hub ORG/NAME [--evaluation EVALUATE_DIR]]
 
 DIR then holds:
 - ``unet/``: ``config.json`` + ``diffusion_pytorch_model.safetensors``, for diffusers'
@@ -25,6 +25,10 @@ scheduler. Nothing partial is written: DIR appears only once everything succeede
 folder left beside it by a killed export goes with the next one), and DIR may not be, hold or lie
 inside --model, --base or the run's teacher. Files are written 0644 (under umask 022). No torch is
 needed to export.
+
+``--push-to-hub ORG/NAME`` then adds a model card (``README.md``: base model, recipe, sampling
+settings, and the figures of ``--evaluation``'s metrics.json) and uploads DIR to that model
+repository, created if absent (``perflow_jax.hub``; the token of ``hf auth login`` or HF_TOKEN).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import checkpoint, console, pipeline
+from perflow_jax import checkpoint, console, hub, pipeline
 from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
@@ -190,12 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--base", type=Path, help="the teacher's diffusers folder: for a whole pipeline, or a delta")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload --out with a model card to this repo")
+    parser.add_argument("--evaluation", type=Path, help="an evaluate --out folder: its figures in the card")
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))
     console.set_log_levels(args.pop("verbose"))
     del args["to_torch"]  # required, so always set; the other flags' names are export_to_torch's parameters
+    repo_id, evaluation = args.pop("push_to_hub"), args.pop("evaluation")
     try:
-        export_to_torch(**args)
+        if evaluation and not repo_id:
+            raise ExportError("--evaluation only goes into the model card of --push-to-hub: give that too")
+        metrics = hub.read_evaluation(evaluation, ExportError) if evaluation else None
+        out = export_to_torch(**args)
+        if repo_id:
+            card = hub.model_card(out, args["model"], step=args["step"], base=args["base"], metrics=metrics)
+            hub.push_folder(out, repo_id, card, ExportError)
     except (ExportError, checkpoint.CheckpointError, WeightsFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
