@@ -43,6 +43,7 @@ FORMATS = ("diffusers", "kohya")
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the adapter's LoraConfig in the file
 KOHYA_PREFIX = "lora_unet_"
 PEFT_PREFIXES = ("unet.", "base_model.model.")  # diffusers' save_lora_weights, peft's save_pretrained
+SAMPLE_HELP = "a UNet LoRA (diffusers/peft or kohya .safetensors) merged in at SCALE (default 1); repeatable"
 
 
 @dataclasses.dataclass(frozen=True)

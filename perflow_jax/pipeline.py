@@ -518,16 +518,20 @@ def load_generator(
     height: int,
     dtype: str = "float32",
     negative_prompt: str = "",
+    loras: Sequence[tuple[Path, float]] = (),
 ) -> Generator:
     """A Generator of the described model, computing in ``dtype``, its parameters replicated on every device.
 
     The UNet is a WORKDIR's student (its ``weights``, "ema" or "student") for the PeRFlow sampler;
     otherwise the folder's (a PeRFlow folder's student, or the teacher for DDIM). SDXL's size ids say ``height``.
+    ``loras``: (UNet LoRA file, scale) pairs merged into the UNet in order (``lora.merge_files``).
     """
     if description.workdir and settings.method == "perflow":
         model = load_trained(description.path, step=description.step, weights=weights).model
     else:
         model = load_model(description.folder)
+    if loras:
+        model.params["unet"] = lora.merge_files(weights_io.cast_params(model.params["unet"], "float32"), loras)
     compute = weights_io.DTYPES[dtype]
     text_names = model.text_encoders
     encoders = [model.module(n, dtype=compute, attention_backend="auto") for n in text_names]

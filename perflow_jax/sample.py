@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from perflow_jax import checkpoint, console, image_io, models, pipeline, sharding
+from perflow_jax import checkpoint, console, image_io, lora, models, pipeline, sharding
 from perflow_jax.weights import COMPUTE_DTYPES, check_out
 
 DEFAULT_STEPS = 4
@@ -75,6 +75,7 @@ class Options:
     save_latents: Path | None = None
     singles: bool = False
     dtype: str = "float32"
+    lora: Sequence[str] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +216,7 @@ def load(options: Options, plan: Plan) -> pipeline.Generator:
         height=plan.height,
         dtype=options.dtype,
         negative_prompt=options.negative_prompt or "",
+        loras=[lora.parse_file_arg(arg) for arg in options.lora],
     )
 
 
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-latents", type=Path, metavar="NPY", help="write the final latents [images, c, h, w]")
     parser.add_argument("--singles", action="store_true", help="also write each image beside --out as STEM_XXX.png")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype (default float32)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=lora.SAMPLE_HELP)
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
     console.set_log_levels(args.verbose)
