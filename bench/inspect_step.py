@@ -11,6 +11,7 @@ stdout, everything to ``$OUT/inspect_step.json``.
     python3 bench/inspect_step.py --compile            # also compile for the CPU (minutes)
     python3 bench/inspect_step.py --size 16 --batch 2 --compile
     python3 bench/inspect_step.py --size 16 --batch 4 --accumulation 2 --compile   # 2 microbatches of 2
+    python3 bench/inspect_step.py --size 16 --batch 2 --lora-rank 64 --compile     # a LoRA student of rank 64
 """
 
 # The imports below must follow the sys.path line before them.
@@ -368,6 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="batch of the step (default 16)")
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="student rematerialisation")
     parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="a LoRA student of this rank (default 0: full)")
     parser.add_argument("--compile", action="store_true", help="also compile for the CPU: memory, fusion (minutes)")
     return parser.parse_args(argv)
 
@@ -388,13 +390,16 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "remat": args.remat,
         "accumulation": args.accumulation,
+        "lora_rank": args.lora_rank,
         "settings": spec.settings,
     }
     print(
         f"{spec.name} step at {spec.latent_size}x{spec.latent_size} latents, batch {args.batch}, remat {args.remat}, "
         f"{args.accumulation} microbatch(es)"
     )
-    bench = JaxStep(spec, StepOptions(attention="xla", remat=args.remat, accumulation=args.accumulation))
+    bench = JaxStep(
+        spec, StepOptions(attention="xla", remat=args.remat, accumulation=args.accumulation, lora_rank=args.lora_rank)
+    )
     start = time.perf_counter()
     lowered = bench.lower("step", args.batch)
     results["lower_s"] = time.perf_counter() - start

@@ -21,7 +21,7 @@ import optax
 
 from bench.common import Recorder, device_memory, memory_analysis, time_calls
 from bench.train_step_spec import ModelSpec, check_metrics, host_batch, null_batch, part_plan, spec_for
-from perflow_jax import loss, pipeline, sharding, step
+from perflow_jax import lora, loss, pipeline, sharding, step
 from perflow_jax.flops import cost_flops
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -41,6 +41,7 @@ class StepOptions:
     teacher_attention: str | None = None
     remat: str = "none"
     accumulation: int = 1
+    lora_rank: int = 0  # > 0: a LoRA student of this rank (lora_alpha 8, the authors' targets) on the teacher
 
     @property
     def frozen_attention(self) -> str:
@@ -76,6 +77,7 @@ class JaxStep:
             text=pipeline.TextEncoders(*texts, resolution=8 * spec.latent_size),
             alphas_cumprod=alphas_cumprod_from_config(spec.scheduler),
             scaling_factor=spec.scaling_factor,
+            lora=lora.LoraSpec(options.lora_rank, 8.0) if options.lora_rank else None,
         )
         self.settings = step.PeRFlowSettings(**spec.settings)
         self.optimizer = step.make_optimizer(spec.learning_rate)
@@ -84,7 +86,13 @@ class JaxStep:
         self.replicated, self.batch_sharding = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
         self.unet_shapes = self.components.student.abstract_params()
         self.text_shapes = {n: m.abstract_params() for n, m in zip(self.text_names, texts, strict=True)}
-        state_shapes = jax.eval_shape(lambda p: step.create_train_state(p, self.optimizer), self.unet_shapes)
+        if self.components.lora is None:
+            state_shapes = jax.eval_shape(lambda p: step.create_train_state(p, self.optimizer), self.unet_shapes)
+        else:
+            adapters = functools.partial(lora.init_adapters, params=self.unet_shapes, lora=self.components.lora)
+            state_shapes = jax.eval_shape(
+                lambda k: step.create_train_state(adapters(k), self.optimizer, ema=False), jax.random.key(0)
+            )
         self.state_shardings = sharding.parameter_shardings(state_shapes, self.mesh)
         bf16 = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16))
         frozen_shapes = {"teacher": bf16(self.unet_shapes), **{n: bf16(t) for n, t in self.text_shapes.items()}}

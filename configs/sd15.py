@@ -28,6 +28,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.teacher_dtype = "bfloat16"  # frozen teacher, VAE, text encoder stored in it (recipe: float16)
     config.model.attention_backend = "auto"  # cuDNN on GPU, splash on TPU for long sequences, XLA otherwise
     config.model.remat = "none"  # recompute block activations in the backward pass: "none" | "full" | "dots"
+    # A LoRA student (the authors' train_perflow_lora.py): 0 trains the whole UNet (the released recipes); r > 0
+    # trains rank-r adapters on the frozen teacher instead, no EMA kept (that script's default --lora_rank: 64).
+    config.model.lora_rank = 0
+    config.model.lora_alpha = 8.0  # recipe (LoRA script, peft's default): the adapters add (alpha / r) B A
+    config.model.lora_targets = (  # recipe (LoRA script): the UNet modules that get adapters
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+        "downsamplers.0.conv",
+        "upsamplers.0.conv",
+        "time_emb_proj",
+    )
+    config.model.lora_dropout = 0.0  # recipe (LoRA script, peft's default): no dropout; the only value supported
 
     config.perflow = ml_collections.ConfigDict()  # the algorithm (step.PeRFlowSettings)
     config.perflow.parameterization = "diff_eps"  # recipe: the student predicts the diff_eps noise

@@ -287,7 +287,8 @@ def run_config(workdir: str | Path, *, step: int | None = None) -> tuple[int, di
 def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str = "ema") -> tuple[int, Any, dict]:
     """(step, UNet parameters as numpy float32, the run's config dict) of a run's checkpoint.
 
-    Only the chosen weights are read (the optimizer state, twice the parameters, stays on disk).
+    Only the chosen weights are read (the optimizer state, twice the parameters, stays on disk). A
+    LoRA run's (``config.model.lora_rank`` > 0) are its adapters, whatever ``weights`` says: it keeps no EMA.
 
     Args:
       workdir: the run's folder (``--workdir`` of python -m perflow_jax.train).
@@ -301,12 +302,14 @@ def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str =
     def read(s: int) -> tuple[Any, dict]:
         config = _saved_config(manager, s)
         state_dir = directory / str(s) / "state"
-        saved = _state_metadata(state_dir)[field]
+        metadata = _state_metadata(state_dir)
+        saved_field = field if metadata[field] is not None else WEIGHTS["student"]  # a LoRA run has no EMA
+        saved = metadata[saved_field]
         with ocp.PyTreeCheckpointer() as checkpointer:
-            item = {field: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)}
+            item = {saved_field: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)}
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
             args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-            return checkpointer.restore(state_dir, args=args)[field], config
+            return checkpointer.restore(state_dir, args=args)[saved_field], config
 
     with _reader(workdir) as (directory, manager, steps):
         step, (params, config) = _read(directory, steps, step, read)

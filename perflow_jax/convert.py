@@ -2,7 +2,7 @@
 
     python -m perflow_jax.convert --from DIFFUSERS_DIR|ORG/NAME[@REVISION] --out DIR [--dtype float32|bfloat16]
         [--perflow-delta delta_weights.safetensors [--perflow-parameterization diff_eps] [--perflow-windows 4]]
-        [--variant fp16] [--overwrite]
+        [--lora FILE[:SCALE] ...] [--variant fp16] [--overwrite]
 
 DIR then holds, for each network (unet, vae, text_encoder, text_encoder_2 for SDXL), its
 ``config.json`` and an Orbax checkpoint of its parameters in ``params/``; the tokenizer folders
@@ -19,6 +19,11 @@ the scheduler config becomes the PeRFlowScheduler's (the teacher's betas, the de
 parameterization and window count: the released SD1.5 delta is ``diff_eps`` with 4 windows, the
 defaults), so that ``python -m perflow_jax.sample`` samples DIR as the student it is.
 
+With ``--lora`` (repeatable) each UNet LoRA file (diffusers/peft or kohya layout, e.g. a style
+LoRA, a released PeRFlow LoRA or one exported by ``python -m perflow_jax.export``) is merged into
+the UNet in order, each at its own alpha / r times SCALE (default 1); keys that match no module of
+the UNet are an error naming them.
+
 Nothing partial is written: the conversion happens in a hidden folder beside DIR that replaces
 DIR only once everything succeeded (one left by a killed conversion goes with the next one). DIR
 may not be, hold or lie inside DIFFUSERS_DIR or the delta file.
@@ -31,13 +36,14 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from perflow_jax import __version__, console, hub, models, pipeline, schedule, weights
+from perflow_jax.lora import merge_files, parse_file_arg
 
 
 class ConversionError(ValueError):
@@ -52,6 +58,7 @@ def convert(
     perflow_delta: Path | None = None,
     perflow_parameterization: str = "diff_eps",
     perflow_windows: int = 4,
+    lora: Sequence[str] = (),
     variant: str | None = None,
     overwrite: bool = False,
     log: Callable[[str], Any] = print,
@@ -61,7 +68,9 @@ def convert(
     out = Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
-    weights.check_out(out, {"--from": source, "--perflow-delta": perflow_delta}, ConversionError)
+    loras = [parse_file_arg(arg) for arg in lora]
+    inputs = {"--from": source, "--perflow-delta": perflow_delta, **{f"--lora {p}": p for p, _ in loras}}
+    weights.check_out(out, inputs, ConversionError)
     if not overwrite:
         weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")
     if hub.is_hub_id(source):
@@ -83,7 +92,8 @@ def convert(
     try:
         counts = {}
         for name in (n for n in weights.PIPELINE_NETWORKS if n in components):
-            counts[name] = _convert_network(source, staging, name, components[name], dtype, variant, delta, log)
+            loaded = (delta, loras) if name == "unet" else (None, ())
+            counts[name] = _convert_network(source, staging, name, components[name], dtype, variant, *loaded, log)
         for name in (n for n in weights.PIPELINE_COPIED if n in components):
             shutil.copytree(source / name, staging / name)
         if delta is not None:
@@ -99,6 +109,7 @@ def convert(
             "dtype": dtype,
             "variant": variant,
             "perflow_delta": str(Path(perflow_delta).resolve()) if perflow_delta else None,
+            "loras": [[str(path.resolve()), scale] for path, scale in loras],
             "components": components,
             "parameters": counts,
         }
@@ -115,7 +126,7 @@ def convert(
     return manifest
 
 
-def _convert_network(source, staging, name, class_name, dtype, variant, delta, log) -> int:
+def _convert_network(source, staging, name, class_name, dtype, variant, delta, loras, log) -> int:
     start = time.perf_counter()
     config = weights.read_json(source / name / "config.json")
     try:
@@ -123,12 +134,15 @@ def _convert_network(source, staging, name, class_name, dtype, variant, delta, l
     except ValueError as error:
         raise ConversionError(f"{source / name / 'config.json'}: {error}") from error
     state = weights.read_state_dict(source / name, variant)
-    if name == "unet" and delta is not None:
+    if delta is not None:
         state = weights.DeltaAppliedStateDict(state, delta)
-    params = weights.cast_params(weights.state_dict_to_params(state, module.abstract_params(), name=name), dtype)
+    params = weights.state_dict_to_params(state, module.abstract_params(), name=name)
+    if loras:
+        params = merge_files(weights.cast_params(params, "float32"), loras)
+    params = weights.cast_params(params, dtype)
     weights.write_component(staging, name, class_name, config, params)
     count = sum(int(np.size(x)) for x in weights.flatten(params).values())
-    extra = " + PeRFlow delta" if name == "unet" and delta is not None else ""
+    extra = (" + PeRFlow delta" if delta is not None else "") + "".join(f" + LoRA {p.name}" for p, _ in loras)
     log(f"{name:<15} {class_name:<28} {_count(count):>8} parameters{extra}  {time.perf_counter() - start:6.1f} s")
     return count
 
@@ -161,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         help="what the delta's student predicts (default, and the released SD1.5 delta: diff_eps)",
     )
     parser.add_argument("--perflow-windows", type=int, default=4, help="the delta's window count K (default 4)")
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a UNet LoRA to merge (repeatable)"
+    )
     parser.add_argument("--variant", help="weight file variant to read, e.g. fp16 (default: plain files)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)

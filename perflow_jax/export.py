@@ -2,7 +2,8 @@
 
     python -m perflow_jax.export --to-torch --model WORKDIR_OR_CONVERTED_DIR --out DIR
         [--step N] [--weights ema|student] [--dtype float16|bfloat16|float32]
-        [--base DIFFUSERS_DIR] [--overwrite] [--push-to-hub ORG/NAME [--evaluation EVALUATE_DIR]]
+        [--base DIFFUSERS_DIR] [--merge] [--lora-format diffusers|kohya] [--overwrite]
+        [--push-to-hub ORG/NAME [--evaluation EVALUATE_DIR]]
 
 DIR then holds:
 - ``unet/``: ``config.json`` + ``diffusion_pytorch_model.safetensors``, for diffusers'
@@ -18,6 +19,13 @@ DIR then holds:
   pipeline (VAE, text encoders, tokenizers copied from the base) and a ``model_index.json``
   naming the PeRFlow scheduler, so that ``StableDiffusionPipeline`` (or the SDXL one)
   ``.from_pretrained(DIR)`` loads it once ``perflow_jax.torch`` is imported.
+
+A LoRA run's WORKDIR (``config.model.lora_rank`` > 0) exports its adapters instead: DIR holds
+``pytorch_lora_weights.safetensors`` (float32; ``--lora-format``: diffusers' peft layout, the
+default, or the kohya layout of the authors' script), which stock diffusers loads onto the teacher
+with ``pipe.load_lora_weights(DIR)``, and ``scheduler/``; with ``--merge`` also ``unet/`` (the
+teacher with the adapters merged) and ``delta_weights.safetensors`` as above, and ``--base`` may
+then add the rest of the pipeline.
 
 ``--model`` is a training run's WORKDIR (the newest checkpoint unless ``--step``; EMA weights
 unless ``--weights student``) or a converted / diffusers folder whose scheduler is the PeRFlow
@@ -44,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import checkpoint, console, hub, pipeline
+from perflow_jax import checkpoint, console, hub, lora, pipeline
 from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
@@ -76,6 +84,8 @@ def export_to_torch(
     weights: str = "ema",
     dtype: str = "float16",
     base: str | Path | None = None,
+    merge: bool = False,
+    lora_format: str | None = None,
     overwrite: bool = False,
     log: Callable[[str], Any] = print,
 ) -> Path:
@@ -83,6 +93,8 @@ def export_to_torch(
     model, out = Path(model), Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    if lora_format is not None and lora_format not in lora.FORMATS:
+        raise ExportError(f"--lora-format {lora_format!r} is not supported: use one of {', '.join(lora.FORMATS)}")
     if not checkpoint.is_workdir(model) and (step is not None or weights != "ema"):
         raise ExportError(
             f"--step and --weights choose a training checkpoint, but {model} is a model folder, not a training "
@@ -103,6 +115,16 @@ def export_to_torch(
             f"{trained.model.scheduler_config.get('_class_name')}): give a training WORKDIR, or a folder "
             "exported by this command or released by the PeRFlow authors"
         )
+    adapters = trained.adapters is not None
+    if not adapters and (merge or lora_format):
+        raise ExportError(
+            f"--merge and --lora-format export a LoRA run's adapters, but {model} holds a whole UNet: leave them out"
+        )
+    if adapters and base and not merge:
+        raise ExportError(
+            f"{model} is a LoRA run: its export is the adapter file, which pipe.load_lora_weights(DIR) adds to the "
+            "teacher's pipeline; pass --merge as well for a whole pipeline folder with the merged UNet"
+        )
     student, unet_config = trained.model.params["unet"], _diffusers_config(trained.model.configs["unet"])
     if base:
         _check_same_architecture(unet_config, Path(base))
@@ -115,13 +137,12 @@ def export_to_torch(
 
     staging = staging_folder(out, log)
     try:
-        write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
-        log(f"unet/ ({dtype})")
-        if teacher is not None:
-            _write_delta(student, teacher.params["unet"], staging / DELTA_FILE)
-            log(f"{DELTA_FILE} (student - teacher of {teacher_dir}, float32)")
-        else:
-            log(f"no {DELTA_FILE}: {model} names no teacher; pass --base TEACHER_DIR to write one")
+        if adapters:
+            fmt = lora_format or lora.FORMATS[0]
+            lora.save(trained.adapters, trained.lora_spec, staging / lora.LORA_FILE, fmt)
+            log(f"{lora.LORA_FILE} ({fmt} layout, rank {trained.lora_spec.rank}, float32)")
+        if merge or not adapters:
+            _write_unet_and_delta(staging, student, unet_config, dtype, teacher, teacher_dir, model, log)
         noise_schedule = (teacher or trained.model).scheduler_config
         _write_scheduler(staging / "scheduler", noise_schedule, *described.perflow)
         log(f"scheduler/ (PeRFlowScheduler: {described.perflow[0]}, {described.perflow[1]} windows)")
@@ -134,6 +155,17 @@ def export_to_torch(
         raise
     log(f"exported to {out} in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def _write_unet_and_delta(staging, student, unet_config, dtype, teacher, teacher_dir, model, log) -> None:
+    """unet/ in ``dtype``, and the delta weights student - teacher when there is a teacher."""
+    write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
+    log(f"unet/ ({dtype})")
+    if teacher is not None:
+        _write_delta(student, teacher.params["unet"], staging / DELTA_FILE)
+        log(f"{DELTA_FILE} (student - teacher of {teacher_dir}, float32)")
+    else:
+        log(f"no {DELTA_FILE}: {model} names no teacher; pass --base TEACHER_DIR to write one")
 
 
 def _diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="float16", choices=tuple(DTYPES), help="unet/ dtype (default float16; the delta: float32)"
     )
     parser.add_argument("--base", type=Path, help="the teacher's diffusers folder: for a whole pipeline, or a delta")
+    parser.add_argument("--merge", action="store_true", help="a LoRA run: also the merged unet/ and its delta")
+    parser.add_argument("--lora-format", choices=lora.FORMATS, help="a LoRA run's file layout (default diffusers)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload --out with a model card to this repo")
     parser.add_argument("--evaluation", type=Path, help="an evaluate --out folder: its figures in the card")

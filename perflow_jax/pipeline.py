@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax import checkpoint, models, sampler, schedule, sharding, solver
+from perflow_jax import checkpoint, lora, models, sampler, schedule, sharding, solver
 from perflow_jax import weights as weights_io
 from perflow_jax.weights import read_json  # every JSON file of a model is read through it
 
@@ -221,10 +221,14 @@ class Trained:
 
     model: the pipeline; ``model.params["unet"]`` are the student's parameters (a plain Stable
     Diffusion folder's UNet: the teacher). description: what ``describe`` says of the path.
+    adapters, lora_spec: a LoRA run's adapters and their LoraSpec (``model.params["unet"]`` is the
+    teacher with them merged); None otherwise.
     """
 
     model: Model
     description: Description
+    adapters: Any = None
+    lora_spec: lora.LoraSpec | None = None
 
 
 def load_trained(
@@ -233,22 +237,27 @@ def load_trained(
     """A training run's folder (WORKDIR), a converted folder or a diffusers folder, as a Trained.
 
     For a WORKDIR the student is checkpoint ``step`` (default the newest readable), ``weights``: "ema" or
-    "student"; the other networks come from the run's teacher folder. ``networks``: the networks
-    besides the UNet to load (default all).
+    "student"; the other networks come from the run's teacher folder (and a LoRA run's base UNet, its
+    adapters merged in). ``networks``: the networks besides the UNet to load (default all).
     """
     description = describe(path, step=step)
     others = None if networks is None else tuple(n for n in networks if n != "unet")
     if not description.workdir:
         return Trained(load_model(path, networks=None if others is None else ("unet", *others)), description)
-    read_step, student, _ = checkpoint.trained_unet(path, step=step, weights=weights)
+    read_step, student, config = checkpoint.trained_unet(path, step=step, weights=weights)
     if read_step != description.step:  # the newest checkpoint's weights are unreadable: an older one's were read
         description = describe(path, step=read_step)
     everything = tuple(n for n in weights_io.PIPELINE_NETWORKS if n != "unet")
-    model = load_model(description.folder, networks=everything if others is None else others)
+    lora_spec = lora.spec(config["model"])
+    wanted = everything if others is None else others
+    model = load_model(description.folder, networks=wanted + ("unet",) if lora_spec else wanted)
     unet_config = read_json(description.folder / "unet" / "config.json")
     model.classes["unet"], model.configs["unet"] = unet_config["_class_name"], unet_config
+    adapters = None
+    if lora_spec is not None:
+        adapters, student = student, lora.merge(model.params["unet"], student, lora_spec.scale)
     model.params["unet"] = student
-    return Trained(model, description)
+    return Trained(model, description, adapters, lora_spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,16 +526,20 @@ def load_generator(
     height: int,
     dtype: str = "float32",
     negative_prompt: str = "",
+    loras: Sequence[tuple[Path, float]] = (),
 ) -> Generator:
     """A Generator of the described model, computing in ``dtype``, its parameters replicated on every device.
 
     The UNet is a WORKDIR's student (its ``weights``, "ema" or "student") for the PeRFlow sampler;
     otherwise the folder's (a PeRFlow folder's student, or the teacher for DDIM). SDXL's size ids say ``height``.
+    ``loras``: (UNet LoRA file, scale) pairs merged into the UNet in order (``lora.merge_files``).
     """
     if description.workdir and settings.method == "perflow":
         model = load_trained(description.path, step=description.step, weights=weights).model
     else:
         model = load_model(description.folder)
+    if loras:
+        model.params["unet"] = lora.merge_files(weights_io.cast_params(model.params["unet"], "float32"), loras)
     compute = weights_io.DTYPES[dtype]
     text_names = model.text_encoders
     encoders = [model.module(n, dtype=compute, attention_backend="auto") for n in text_names]

@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import optax
 
-from perflow_jax import evaluate, fid, fid_inception, loss, pipeline, schedule, sharding, solver, step, weights
+from perflow_jax import evaluate, fid, fid_inception, lora, loss, pipeline, schedule, sharding, solver, step, weights
 from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
 
@@ -48,7 +48,14 @@ RESUMABLE_KEYS = (
 # Keys added after runs were first saved, with the value that stands for how such a run trained, so
 # that its WORKDIR resumes when the new config keeps that behaviour (and is refused, naming the key,
 # when it does not).
-ADDED_KEYS = {"perflow.huber_c": 1e-3, "data.sdxl_time_ids": "original"}
+ADDED_KEYS = {
+    "perflow.huber_c": 1e-3,
+    "data.sdxl_time_ids": "original",
+    "model.lora_rank": 0,
+    "model.lora_alpha": 8.0,
+    "model.lora_targets": list(lora.DEFAULT_TARGETS),
+    "model.lora_dropout": 0.0,
+}
 
 
 class ConfigError(ValueError):
@@ -109,6 +116,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(problems, "model.teacher_dtype", model.teacher_dtype, tuple(weights.DTYPES))
     _choice(problems, "model.attention_backend", model.attention_backend, BACKENDS)
     _choice(problems, "model.remat", model.remat, tuple(REMAT_POLICIES))
+    problems.extend(_lora_problems(model))
 
     _choice(problems, "perflow.parameterization", perflow.parameterization, schedule.PARAMETERIZATIONS)
     _choice(problems, "perflow.teacher_prediction_type", perflow.teacher_prediction_type, solver.PREDICTION_TYPES)
@@ -240,6 +248,31 @@ def _eval_problems(config: ml_collections.ConfigDict) -> list[str]:
 def eval_spec(config: ml_collections.ConfigDict) -> fid.FeatureSpec:
     """How train-time FID features are made: config.eval.features on data.resolution images, as evaluate's."""
     return fid.FeatureSpec(evaluate.FEATURES[config.eval.features], config.data.resolution, evaluate.RESIZE)
+
+
+def _lora_problems(model: ml_collections.ConfigDict) -> list[str]:
+    """The LoRA keys: a rank of 0 (a full fine-tune) or more, a positive alpha, targets, no dropout."""
+    problems = []
+    if model.lora_rank < 0:
+        problems.append(f"config.model.lora_rank is {model.lora_rank}: use 0 (train the whole UNet) or a rank, e.g. 64")
+    if not model.lora_alpha > 0:
+        problems.append(f"config.model.lora_alpha is {model.lora_alpha}: use a positive scale numerator (peft's 8)")
+    if not model.lora_targets or not all(isinstance(t, str) and t for t in model.lora_targets):
+        problems.append(
+            f"config.model.lora_targets is {model.lora_targets!r}: name UNet modules, e.g. the authors' "
+            f"{', '.join(lora.DEFAULT_TARGETS[:4])}, ..."
+        )
+    if model.lora_dropout != 0:
+        problems.append(
+            f"config.model.lora_dropout is {model.lora_dropout}: only 0 is supported (the authors' LoRA script uses "
+            "peft's default, no dropout); set --config.model.lora_dropout=0"
+        )
+    if model.lora_rank > 0 and model.student_init:
+        problems.append(
+            f"config.model.student_init is {model.student_init!r} with config.model.lora_rank {model.lora_rank}: a "
+            "LoRA student adapts the teacher itself (one UNet in memory); leave student_init empty, or set lora_rank=0"
+        )
+    return problems
 
 
 def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

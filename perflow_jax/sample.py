@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from perflow_jax import checkpoint, console, image_io, models, pipeline, sharding
+from perflow_jax import checkpoint, console, image_io, lora, models, pipeline, sharding
 from perflow_jax.weights import COMPUTE_DTYPES, check_out
 
 DEFAULT_STEPS = 4
@@ -79,6 +79,7 @@ class Options:
     singles: bool = False
     dtype: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE
+    lora: Sequence[str] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +220,7 @@ def load(options: Options, plan: Plan) -> pipeline.Generator:
         height=plan.height,
         dtype=options.dtype,
         negative_prompt=options.negative_prompt or "",
+        loras=[lora.parse_file_arg(arg) for arg in options.lora],
     )
 
 
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_BATCH_SIZE,
         help=f"images per jitted call (default {DEFAULT_BATCH_SIZE})",
     )
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=lora.SAMPLE_HELP)
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
     console.set_log_levels(args.verbose)

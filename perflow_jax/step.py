@@ -4,7 +4,8 @@ Frozen text encoding, text dropout to the empty prompt, latents sampled from the
 moments, the teacher's window solve, the reflow loss, gradients with global-norm clipping,
 AdamW, and the EMA with the reference's warm-up (PERFLOW_SPEC.md, "One training example").
 The gradient may be accumulated over microbatches, one after another, to save memory (the SDXL
-recipe's 8 x 2 per GPU).
+recipe's 8 x 2 per GPU). A LoRA student (``Components.lora``) trains only its adapters on the
+frozen teacher's parameters, which stay the teacher's with the adapters off, and keeps no EMA.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from perflow_jax import loss, pipeline, schedule
+from perflow_jax import lora, loss, pipeline, schedule
 
 
 class TrainState(struct.PyTreeNode):
-    """What a checkpoint holds besides the data position: float32 student, optimizer, EMA, step."""
+    """What a checkpoint holds besides the data position: float32 student, optimizer, EMA, step.
+
+    A LoRA student's ``params`` are its adapters (``lora.init_adapters``) and ``ema_params`` is None.
+    """
 
     step: jax.Array
     params: Any
@@ -55,7 +59,8 @@ class Components:
     """What the step is built from (static under jit): the student and frozen teacher UNets (the same
     network in their own dtypes), the frozen text encoders, the teacher's noise schedule and the
     VAE's latent scale. ``final_alpha_cumprod``: the alpha of the teacher's last DDIM step to t = 0
-    (``pipeline.Model.final_alpha_cumprod()``); None for alphas_cumprod[0]."""
+    (``pipeline.Model.final_alpha_cumprod()``); None for alphas_cumprod[0]. ``lora``: a LoRA
+    student's adapters (its parameters are the teacher's with them merged); None for a full one."""
 
     student: nn.Module
     teacher: nn.Module
@@ -63,6 +68,7 @@ class Components:
     alphas_cumprod: np.ndarray
     scaling_factor: float
     final_alpha_cumprod: float | None = None
+    lora: lora.LoraSpec | None = None
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
@@ -90,10 +96,18 @@ def make_optimizer(
     )
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh state: the student (float32) starts from ``params`` and the EMA from the same."""
+def create_train_state(params: Any, optimizer: optax.GradientTransformation, *, ema: bool = True) -> TrainState:
+    """A fresh state: the student (float32) starts from ``params`` and the EMA from the same (None without ``ema``)."""
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), ema_params=params)
+    step = jnp.zeros((), jnp.int32)
+    return TrainState(step=step, params=params, opt_state=optimizer.init(params), ema_params=params if ema else None)
+
+
+def student_unet(params: Any, frozen: dict[str, Any], components: Components) -> Any:
+    """The student's UNet parameters: ``params``, or a LoRA student's adapters merged into the frozen teacher's."""
+    if components.lora is None:
+        return params
+    return lora.merge(frozen["teacher"], params, components.lora.scale)
 
 
 def draw_examples(
@@ -166,7 +180,8 @@ def reflow_gradients(
     reflow = reflow_problem(examples, frozen, components=components, settings=settings)
 
     def loss_fn(params):
-        prediction = pipeline.unet_apply(components.student, params)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
+        unet = student_unet(params, frozen, components)
+        prediction = pipeline.unet_apply(components.student, unet)(reflow.z_t, reflow.t * 1000.0, reflow.cond)
         return loss.reflow_loss(
             prediction,
             reflow,
@@ -234,7 +249,7 @@ def train_step(
     """One PeRFlow update.
 
     Args:
-      state: the student, optimizer state, EMA and step.
+      state: the student (a LoRA student's adapters), optimizer state, EMA and step.
       batch: a data.py batch: mean, logvar [B, h, w, c]; input_ids [B, 77] (and for SDXL
         input_ids_2, original_size, crop_top_left).
       rng: this step's key (fold the step into the run's key outside).
@@ -258,9 +273,11 @@ def train_step(
 def apply_gradients(
     state: TrainState, grads: Any, *, optimizer: optax.GradientTransformation, settings: PeRFlowSettings
 ) -> TrainState:
-    """The update from the student's gradients: the optimizer (clipping, AdamW), then the EMA."""
+    """The update from the student's gradients: the optimizer (clipping, AdamW), then the EMA (if it has one)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if state.ema_params is None:
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     decay = ema_decay(state.step, settings.ema_max_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)

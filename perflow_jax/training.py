@@ -4,7 +4,8 @@ The setup checks the config, loads the model, places the frozen parameters and t
 state on the devices, opens the data and the checkpoints (resuming from the newest) and jits the
 step; then one loop steps, reports, checkpoints, samples and (config.eval.fid_every) measures FID
 until ``config.train.num_steps``, a stop request (``Stop``, then ``Stopped`` is raised), a failed
-save or a non-finite loss or gradient.
+save or a non-finite loss or gradient. With ``config.model.lora_rank`` > 0 the student is LoRA
+adapters on the frozen teacher (``lora``).
 Process 0 holds WORKDIR's lock (``checkpoint.WorkdirLock``) from the start to the end.
 """
 
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from perflow_jax import checkpoint, data, flops, pipeline, recipe, reporting, sharding, step, weights
+from perflow_jax import checkpoint, data, flops, lora, pipeline, recipe, reporting, sharding, step, weights
 
 
 class TrainingError(RuntimeError):
@@ -89,7 +90,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> step.TrainState:
     frozen, frozen_shardings = _frozen_params(config, model, components, mesh)
     settings, optimizer = recipe.settings(config), recipe.optimizer(config)
     learning_rate = recipe.learning_rate(config)  # the optimizer's, for the reports
-    state, state_shardings = _initial_state(config, model, optimizer, mesh)
+    state, state_shardings = _initial_state(config, model, optimizer, mesh, components.lora)
     model.params = {"vae": model.params["vae"]}  # the rest is on the devices now; free the host copies
 
     iterator = data.create_iterator(
@@ -173,6 +174,13 @@ def _components(config: ml_collections.ConfigDict, model: pipeline.Model, manife
         resolution=config.data.resolution,
         sdxl_time_ids=config.data.sdxl_time_ids,
     )
+    adapters = lora.spec(config.model)
+    if adapters is not None:
+        unmatched = lora.unmatched_targets(model.params["unet"], adapters.targets)
+        if unmatched:
+            raise recipe.ConfigError(
+                [f"config.model.lora_targets {', '.join(unmatched)} name no module of the UNet: check their spelling"]
+            )
     return step.Components(
         student=model.module("unet", dtype=compute, attention_backend=backend, remat=config.model.remat),
         teacher=model.module("unet", dtype=frozen_dtype, attention_backend=backend),
@@ -180,6 +188,7 @@ def _components(config: ml_collections.ConfigDict, model: pipeline.Model, manife
         alphas_cumprod=model.alphas_cumprod(),
         scaling_factor=float(manifest["scaling_factor"]),
         final_alpha_cumprod=model.final_alpha_cumprod(),
+        lora=adapters,
     )
 
 
@@ -204,8 +213,21 @@ def _initial_state(
     model: pipeline.Model,
     optimizer: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
+    adapters: lora.LoraSpec | None = None,
 ) -> tuple[step.TrainState, Any]:
-    """(the student's TrainState on the devices, its shardings), from the teacher or config.model.student_init."""
+    """(the student's TrainState on the devices, its shardings), from the teacher or config.model.student_init;
+    a LoRA student's: new ``adapters`` (A drawn from a key of config.train.seed that no step uses), no EMA."""
+    if adapters is not None:
+        unet = jax.eval_shape(lambda: model.params["unet"])
+        key = jax.random.fold_in(jax.random.key(config.train.seed), np.iinfo(np.int32).max)
+
+        def init(key):
+            return step.create_train_state(lora.init_adapters(key, unet, adapters), optimizer, ema=False)
+
+        state_shardings = sharding.parameter_shardings(jax.eval_shape(init, key), mesh)
+        state = jax.jit(init, out_shardings=state_shardings)(key)
+        print(f"LoRA student: rank {adapters.rank}, {lora.count(state.params):,} trainable parameters, no EMA")
+        return state, state_shardings
     init = functools.partial(step.create_train_state, optimizer=optimizer)
     student = _student_init(config, model)
     state_shardings = sharding.parameter_shardings(jax.eval_shape(init, student), mesh)
@@ -276,10 +298,13 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
                 _check_finite(pending)
                 pending.clear()
                 run.checkpoints.save(done, state, run.iterator, config.to_dict())
-            if done % config.log.eval_every_steps == 0 or done == total:
-                samples.student(done, state.ema_params)
-            if fid_eval is not None and (done % config.eval.fid_every == 0 or done == total):
-                fid_eval(done, state.ema_params)
+            grid = done % config.log.eval_every_steps == 0 or done == total
+            measure = fid_eval is not None and (done % config.eval.fid_every == 0 or done == total)
+            unet = _sampled_unet(run, state) if grid or measure else None
+            if grid:
+                samples.student(done, unet)
+            if measure:
+                fid_eval(done, unet)
             if stopping:
                 print(f"stopped at step {done} on request; the checkpoint of step {done} resumes the run", flush=True)
                 stopped_at = done
@@ -287,6 +312,15 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
     if stopped_at is not None and stopped_at < total:
         raise Stopped(stopped_at, stop.signum)
     return state
+
+
+def _sampled_unet(run: Run, state: step.TrainState) -> Any:
+    """The UNet of the sample grids: the EMA, or a LoRA student's adapters merged into the teacher."""
+    if run.components.lora is None:
+        return state.ema_params
+    merge = functools.partial(step.student_unet, components=run.components)
+    placement = jax.tree.map(lambda x: x.sharding, run.frozen["teacher"])
+    return jax.jit(merge, out_shardings=placement)(state.params, run.frozen)
 
 
 def _compile(run: Run, state: step.TrainState, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, float | None]:

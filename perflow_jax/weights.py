@@ -569,14 +569,15 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str] | None = None) -> None:
     """``safetensors.numpy.save_file`` with the mode a plain ``open`` gives a new file (0644 under umask 022).
 
     safetensors writes through a temporary file of mode 0600, which other users could not read.
+    ``metadata``: string entries for the header besides {"format": "pt"}.
     """
     from safetensors.numpy import save_file
 
-    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    save_file(dict(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
     umask = os.umask(0o022)  # reading the umask means setting it; the commands write from one thread
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -1,19 +1,26 @@
 """make demo's pieces, in order, on the embedded digits teacher, with a short training run."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import torch
 from PIL import Image
 
-from perflow_jax import export, sample
+from perflow_jax import export, lora, pipeline, sample, weights
 from perflow_jax.convert import convert
 from perflow_jax.demo import TEACHER, digits
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.prepare_data import prepare
 from perflow_jax.training import train_and_evaluate
+from tests.helpers.parity import FLOAT32_NETWORK_RTOL, flax_args, random_inputs, relative_error
 from tests.helpers.pipelines import quiet
 from tests.helpers.processes import library_logs
 from tests.helpers.recipes import load
@@ -118,3 +125,91 @@ def test_sample_on_the_demo_student_is_seeded_and_honours_init_noise(demo, tmp_p
 def test_fewer_steps_than_the_demo_students_windows_are_refused(demo, tmp_path):
     with pytest.raises(ValueError, match="every window needs at least one step, so use 4 or more"):
         sample.sample(sample.Options(demo / "work", ["a handwritten digit one"], tmp_path / "x.png", steps=2), quiet)
+
+
+# --- the demo's LoRA variant: --config.model.lora_rank=8 ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_demo(demo):
+    """The demo's LoRA variant trained 4 steps (checkpoints at 2 and 4), and a copy resumed from step 2."""
+    config = load("demo")
+    config.model.path, config.data.path = str(demo / "teacher"), str(demo / "data")
+    config.model.lora_rank = 8
+    config.train.num_steps, config.train.global_batch_size = 4, 16
+    config.log.every_steps, config.log.eval_every_steps, config.checkpoint.every_steps = 2, 4, 2
+    train_and_evaluate(config, demo / "lora")
+    shutil.copytree(
+        demo / "lora",
+        demo / "lora_resumed",
+        ignore=lambda folder, names: ["4"] if folder.endswith("checkpoints") else [],
+    )
+    train_and_evaluate(config, demo / "lora_resumed")
+    return demo
+
+
+def saved_state(workdir: Path, step: int) -> dict:
+    with ocp.CheckpointManager(workdir.absolute() / "checkpoints") as manager:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def test_a_lora_run_checkpoints_only_the_adapters_and_resumes_as_one_uninterrupted(lora_demo):
+    straight, resumed = saved_state(lora_demo / "lora", 4), saved_state(lora_demo / "lora_resumed", 4)
+    assert straight["ema_params"] is None  # no EMA with LoRA, as the authors' LoRA script
+    keys = list(weights.flatten(straight["params"]))
+    assert keys and all(k.endswith((".lora_A.kernel", ".lora_B.kernel")) for k in keys)
+    assert any(np.abs(v).max() > 0 for k, v in weights.flatten(straight["params"]).items() if ".lora_B." in k)
+    for key in ("params", "opt_state"):
+        for x, y in zip(jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key]), strict=True):
+            np.testing.assert_array_equal(x, y)
+    rows = [json.loads(line) for line in (lora_demo / "lora_resumed/metrics.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (lora_demo / "lora/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_lora_export_loads_in_diffusers_as_the_jax_lora_student(lora_demo, fmt, tmp_path):
+    export.export_to_torch(
+        lora_demo / "lora", tmp_path / "out", lora_format=fmt, merge=True, dtype="float32", log=quiet
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "delta_weights.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "scheduler",
+        "unet",
+    ]
+    trained = pipeline.load_trained(lora_demo / "lora", networks=())
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(TEACHER)
+    pipe.load_lora_weights(tmp_path / "out")
+    pipe.fuse_lora()
+    inputs = random_inputs(pipe.unet, batch=2, size=8)
+    with torch.no_grad():
+        expected = pipe.unet(**inputs).sample.numpy()
+    module = UNet2DConditionModel(UNetConfig.from_dict(dict(pipe.unet.config)))
+    actual = jax.jit(module.apply)({"params": trained.model.params["unet"]}, *flax_args(inputs))
+    assert relative_error(np.transpose(np.asarray(actual), (0, 3, 1, 2)), expected) < FLOAT32_NETWORK_RTOL
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out/unet")
+    with torch.no_grad():
+        assert relative_error(merged(**inputs).sample.numpy(), expected) < FLOAT32_NETWORK_RTOL
+
+
+def test_convert_and_sample_merge_a_lora_file_at_its_scale(lora_demo, tmp_path):
+    export.export_to_torch(lora_demo / "lora", tmp_path / "adapter", log=quiet)
+    file = tmp_path / "adapter" / lora.LORA_FILE
+    convert(lora_demo / "torch", tmp_path / "converted", lora=[f"{file}:0.5"], log=quiet)
+    plain = pipeline.load_model(lora_demo / "torch", networks=("unet",)).params["unet"]
+    merged = pipeline.load_model(tmp_path / "converted", networks=("unet",)).params["unet"]
+    adapters, scales = lora.read(file, plain)
+    expected = lora.merge(plain, adapters, {module: 0.5 * s for module, s in scales.items()})
+    changed = 0
+    for key, value in weights.flatten(merged).items():
+        np.testing.assert_array_equal(value, weights.flatten(expected)[key])
+        changed += not np.array_equal(value, weights.flatten(plain)[key])
+    assert changed == len(scales) > 0
+    prompts = [digits.caption(d) for d in range(3)]
+    options = dict(prompts=prompts, guidance=1.0, seed=1)
+    with_lora = sample.sample(
+        sample.Options(lora_demo / "torch", out=tmp_path / "a.png", lora=(f"{file}:0.5",), **options), quiet
+    )
+    converted = sample.sample(sample.Options(tmp_path / "converted", out=tmp_path / "b.png", **options), quiet)
+    np.testing.assert_allclose(with_lora.images, converted.images, rtol=0, atol=1e-6)

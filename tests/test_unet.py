@@ -16,46 +16,14 @@ from tests.helpers.networks import TINY_UNETS
 from tests.helpers.parity import (
     FLOAT32_NETWORK_RTOL,
     DrainingStateDict,
-    nchw_to_nhwc,
+    converted,
+    flax_args,
     nhwc_to_nchw,
+    random_inputs,
     random_torch_unet,
     relative_error,
     torch_state_dict,
 )
-
-
-def random_inputs(unet: diffusers.UNet2DConditionModel, batch: int, size: int, seed: int = 1) -> dict:
-    cfg = unet.config
-    g = torch.Generator().manual_seed(seed)
-    inputs = {
-        "sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
-        "timestep": torch.tensor([999.0, 250.0, 1.0, 500.0][:batch]),
-        "encoder_hidden_states": torch.randn(batch, 7, cfg.cross_attention_dim, generator=g),
-    }
-    if cfg.addition_embed_type == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, pooled, generator=g),
-            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [512, 768, 16, 32, 1024, 1024]][:batch]),
-        }
-    return inputs
-
-
-def flax_args(inputs: dict) -> tuple:
-    args = (
-        nchw_to_nhwc(inputs["sample"].numpy()),
-        inputs["timestep"].numpy(),
-        inputs["encoder_hidden_states"].numpy(),
-    )
-    if "added_cond_kwargs" in inputs:
-        args += (inputs["added_cond_kwargs"]["text_embeds"].numpy(), inputs["added_cond_kwargs"]["time_ids"].numpy())
-    return args
-
-
-def converted(unet_torch, **module_kwargs):
-    model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_torch.config)), **module_kwargs)
-    params = weights.state_dict_to_params(torch_state_dict(unet_torch), model.abstract_params(), name="unet")
-    return model, params
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_UNETS))

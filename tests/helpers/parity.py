@@ -68,3 +68,48 @@ class DrainingStateDict:
             array = tensor.detach().cpu().numpy().copy()
             tensor.data = tensor.data.new_empty(0)
             yield key, array
+
+
+# UNet parity: random inputs for a diffusers UNet, the same as the Flax twin's arguments, the twin of a UNet.
+
+
+def random_inputs(unet, batch: int, size: int, seed: int = 1) -> dict:
+    """Random inputs of a diffusers UNet2DConditionModel ``unet`` (keyword arguments; SDXL's added conditions too)."""
+    import torch
+
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
+        "timestep": torch.tensor([999.0, 250.0, 1.0, 500.0][:batch]),
+        "encoder_hidden_states": torch.randn(batch, 7, cfg.cross_attention_dim, generator=g),
+    }
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [512, 768, 16, 32, 1024, 1024]][:batch]),
+        }
+    return inputs
+
+
+def flax_args(inputs: dict) -> tuple:
+    """``random_inputs``' inputs as the Flax UNet's positional arguments (channels-last)."""
+    args = (
+        nchw_to_nhwc(inputs["sample"].numpy()),
+        inputs["timestep"].numpy(),
+        inputs["encoder_hidden_states"].numpy(),
+    )
+    if "added_cond_kwargs" in inputs:
+        args += (inputs["added_cond_kwargs"]["text_embeds"].numpy(), inputs["added_cond_kwargs"]["time_ids"].numpy())
+    return args
+
+
+def converted(unet_torch, **module_kwargs):
+    """(the Flax twin of a diffusers UNet, its parameters converted from the UNet's)."""
+    from perflow_jax import weights
+    from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_torch.config)), **module_kwargs)
+    params = weights.state_dict_to_params(torch_state_dict(unet_torch), model.abstract_params(), name="unet")
+    return model, params
