@@ -6,6 +6,7 @@ For each way of sampling, ``--per-digit`` images of each prompt ("a handwritten 
   weights) at 4 and 8 steps, each measured by ``python -m perflow_jax.evaluate --features digits``
   (its evaluations, resumable, and their grids go to ``quality/teacher`` and ``quality/student``
   beside ``--out``);
+- with ``--lora-workdir``, a LoRA student (``model.lora_rank`` > 0) at 4 steps;
 - the PyTorch export at 4 steps: diffusers' StableDiffusionPipeline with the exported UNet and
   ``perflow_jax.torch.PeRFlowScheduler`` (``python -m perflow_jax.export --to-torch --base ...``),
   its images measured by evaluate's functions.
@@ -132,6 +133,7 @@ def quality_table(
     per_digit: int = 50,
     seed: int = 0,
     guidance: float = 1.0,
+    lora_workdir: Path | None = None,
 ) -> list[dict]:
     """The rows of the table (see the module docstring); evaluations and grids go to ``out.parent / "quality"``.
 
@@ -140,6 +142,9 @@ def quality_table(
     folder = out.parent / "quality"
     rows = evaluate(teacher, TEACHER_STEPS, True, folder / "teacher", per_digit, seed, guidance)
     rows.update(evaluate(workdir, STUDENT_STEPS, False, folder / "student", per_digit, seed, guidance))
+    if lora_workdir is not None:
+        lora_rows = evaluate(lora_workdir, (4,), False, folder / "lora", per_digit, seed, guidance)
+        rows["PeRFlow-LoRA 4 steps"] = lora_rows["PeRFlow 4 steps"]
     if export is not None:
         rows[f"PeRFlow {EXPORT_STEPS} steps, PyTorch export"] = torch_row(
             export, folder / "teacher", per_digit, seed, guidance
@@ -174,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", type=Path, required=True, help="the teacher's converted or diffusers folder")
     parser.add_argument("--workdir", type=Path, required=True, help="the PeRFlow training run's WORKDIR")
+    parser.add_argument("--lora-workdir", type=Path, help="a LoRA run's WORKDIR (model.lora_rank > 0): one row more")
     parser.add_argument("--export", type=Path, help="python -m perflow_jax.export --to-torch --base ... output")
     parser.add_argument("--out", type=Path, required=True, help="quality.json to write")
     parser.add_argument("--per-digit", type=int, default=50, help="images per digit and sampler")
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance is None:
         args.guidance = float(checkpoint.run_config(args.workdir)[1]["log"]["sample_guidance"])
     rows = quality_table(args.teacher, args.workdir, args.export, args.out, per_digit=args.per_digit, seed=args.seed,
-                         guidance=args.guidance)  # fmt: skip
+                         guidance=args.guidance, lora_workdir=args.lora_workdir)  # fmt: skip
     beats, text = verdict(rows)
     import jax
 

@@ -213,3 +213,31 @@ def test_convert_and_sample_merge_a_lora_file_at_its_scale(lora_demo, tmp_path):
     )
     converted = sample.sample(sample.Options(tmp_path / "converted", out=tmp_path / "b.png", **options), quiet)
     np.testing.assert_allclose(with_lora.images, converted.images, rtol=0, atol=1e-6)
+
+
+def test_diffusers_with_the_exported_lora_fused_gives_the_jax_samplers_final_latents(lora_demo, tmp_path):
+    """Stock diffusers: the teacher pipeline, the exported LoRA loaded and fused, the exported PeRFlow
+    scheduler; 4 steps from the same noise give the JAX sampler's final latents (float32, < 1e-5)."""
+    import perflow_jax.torch  # noqa: F401  (diffusers finds PeRFlowScheduler among the imported modules)
+
+    export.export_to_torch(lora_demo / "lora", tmp_path / "out", dtype="float32", log=quiet)
+    prompts = [digits.caption(d) for d in (3, 7)]
+    jax_run = sample.sample(
+        sample.Options(lora_demo / "lora", prompts, tmp_path / "jax.png", guidance=1.0, seed=2,
+                       save_noise=tmp_path / "noise.npy", save_latents=tmp_path / "latents.npy"),
+        quiet,
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(TEACHER, torch_dtype=torch.float32)
+    pipe.scheduler = perflow_jax.torch.PeRFlowScheduler.from_pretrained(tmp_path / "out/scheduler")
+    pipe.load_lora_weights(tmp_path / "out")
+    pipe.fuse_lora()
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(
+            prompts, latents=torch.from_numpy(np.load(tmp_path / "noise.npy")), num_inference_steps=4,
+            guidance_scale=1.0, height=digits.RESOLUTION, width=digits.RESOLUTION, output_type="latent",
+        ).images.numpy()  # fmt: skip
+    assert jax_run.images.shape[0] == 2
+    error = relative_error(np.load(tmp_path / "latents.npy"), expected)
+    print(f"LoRA export in diffusers vs the JAX sampler, final latents: relative error {error:.1e}")
+    assert error < 1e-5
