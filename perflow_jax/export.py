@@ -2,7 +2,7 @@
 
     python -m perflow_jax.export --to-torch --model WORKDIR_OR_CONVERTED_DIR --out DIR
         [--step N] [--weights ema|student] [--dtype float16|bfloat16|float32]
-        [--base DIFFUSERS_DIR] [--overwrite] [--push-to-hub ORG/NAME [--evaluation EVALUATE_DIR]]
+        [--base DIFFUSERS_DIR] [--single-file] [--overwrite] [--push-to-hub ORG/NAME [--evaluation EVALUATE_DIR]]
 
 DIR then holds:
 - ``unet/``: ``config.json`` + ``diffusion_pytorch_model.safetensors``, for diffusers'
@@ -17,7 +17,10 @@ DIR then holds:
 - with ``--base`` (a diffusers pipeline folder of the teacher's architecture): the rest of a
   pipeline (VAE, text encoders, tokenizers copied from the base) and a ``model_index.json``
   naming the PeRFlow scheduler, so that ``StableDiffusionPipeline`` (or the SDXL one)
-  ``.from_pretrained(DIR)`` loads it once ``perflow_jax.torch`` is imported.
+  ``.from_pretrained(DIR)`` loads it once ``perflow_jax.torch`` is imported;
+- with ``--single-file``: ``perflow_single_file.safetensors``, the student UNet (with ``--base``
+  also the base's VAE and text encoders) as one original-layout checkpoint in ``--dtype``, the file
+  A1111 / ComfyUI-style tools load (``perflow_jax.single_file``).
 
 ``--model`` is a training run's WORKDIR (the newest checkpoint unless ``--step``; EMA weights
 unless ``--weights student``) or a converted / diffusers folder whose scheduler is the PeRFlow
@@ -45,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from perflow_jax import checkpoint, console, hub, pipeline
+from perflow_jax.single_file import EXPORT_FILE, write_export
 from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
@@ -76,6 +80,7 @@ def export_to_torch(
     weights: str = "ema",
     dtype: str = "float16",
     base: str | Path | None = None,
+    single_file: bool = False,
     overwrite: bool = False,
     log: Callable[[str], Any] = print,
 ) -> Path:
@@ -117,6 +122,9 @@ def export_to_torch(
     try:
         write_diffusers_unet(student, unet_config, staging / "unet", dtype=dtype)
         log(f"unet/ ({dtype})")
+        if single_file:
+            written = write_export(staging / EXPORT_FILE, student, unet_config, Path(base) if base else None, dtype)
+            log(f"{EXPORT_FILE} (original layout, {dtype}: {', '.join(written)})")
         if teacher is not None:
             _write_delta(student, teacher.params["unet"], staging / DELTA_FILE)
             log(f"{DELTA_FILE} (student - teacher of {teacher_dir}, float32)")
@@ -193,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="float16", choices=tuple(DTYPES), help="unet/ dtype (default float16; the delta: float32)"
     )
     parser.add_argument("--base", type=Path, help="the teacher's diffusers folder: for a whole pipeline, or a delta")
+    parser.add_argument(
+        "--single-file", action="store_true", help="also write the student as one original-layout .safetensors"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload --out with a model card to this repo")
     parser.add_argument("--evaluation", type=Path, help="an evaluate --out folder: its figures in the card")
