@@ -168,24 +168,20 @@ def _read_single_file(path: Path, base, config: str | None, ema: bool | None, va
             "its architecture, for its configs, tokenizers and scheduler"
         )
     checkpoint = single_file.read_checkpoint(path)
-    try:
-        if config is not None:
-            single_file.check_layout(path, checkpoint, REFERENCE_UNETS[config], f"--config {config}")
-        if base is None:
-            raise ConversionError(
-                f"--config {config} gives the networks' configs but not the tokenizer files (tokenizer/vocab.json, "
-                "tokenizer/merges.txt) or the scheduler config, which cannot be had offline: add --base DIFFUSERS_DIR, "
-                f"a diffusers folder (or hub id) of the {config} architecture"
-            )
-        if hub.is_hub_id(base):
-            base, _ = hub.download_pipeline(str(base), variant, ConversionError, log)
-        base = Path(base)
-        unet_config = weights.read_json(base / "unet" / "config.json") if (base / "unet").is_dir() else {}
-        single_file.check_layout(path, checkpoint, unet_config, f"--base {base}")
-    except ValueError as error:
-        if isinstance(error, ConversionError):
-            raise
-        raise ConversionError(str(error)) from None
+    if config is not None:
+        single_file.check_layout(path, checkpoint, REFERENCE_UNETS[config], f"--config {config}", ConversionError)
+    if base is None:
+        raise ConversionError(
+            f"--config {config} gives the networks' configs but not the tokenizer files (tokenizer/vocab.json, "
+            "tokenizer/merges.txt) or the scheduler config, which cannot be had offline: add --base DIFFUSERS_DIR, "
+            f"a diffusers folder (or hub id) of the {config} architecture"
+        )
+    if hub.is_hub_id(base):
+        base, _ = hub.download_pipeline(str(base), variant, ConversionError, log)
+    base = Path(base)
+    weights.read_model_index(base)  # a diffusers folder, or a one-line error
+    unet_config = weights.read_json(base / "unet" / "config.json")
+    single_file.check_layout(path, checkpoint, unet_config, f"--base {base}", ConversionError)
     both = single_file.has_ema(checkpoint)
     if ema and not both:
         raise ConversionError(f"--ema: {path} holds no EMA weights ({single_file.EMA_PREFIX}*): leave --ema out")

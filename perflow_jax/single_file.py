@@ -72,8 +72,10 @@ def _prefix_marker(prefix: str) -> str:
     return prefix + next(marker for end, marker in MARKERS.items() if prefix.endswith(end))
 
 
-def check_layout(path: Path, checkpoint: Mapping[str, Any], unet_config: Mapping[str, Any], expected: str) -> None:
-    """Raise ValueError unless ``checkpoint`` is an original-layout file whose UNet fits ``unet_config``.
+def check_layout(
+    path: Path, checkpoint: Mapping[str, Any], unet_config: Mapping[str, Any], expected: str, error: type[Exception]
+) -> None:
+    """Raise ``error`` unless ``checkpoint`` is an original-layout file whose UNet fits ``unet_config``.
 
     ``expected`` names where the config came from ("--config sd15", "--base DIR") for the message.
     A file with no UNet key is named with the closest layout and that layout's keys it lacks; a UNet of
@@ -84,7 +86,7 @@ def check_layout(path: Path, checkpoint: Mapping[str, Any], unet_config: Mapping
         markers = {name: [_prefix_marker(p) for p in layout.values()] for name, layout in LAYOUTS.items()}
         closest = max(markers, key=lambda name: sum(m in checkpoint for m in markers[name]))
         missing = [m for m in markers[closest] if m not in checkpoint]
-        raise ValueError(
+        raise error(
             f"{path} matches no known single-file layout: the closest is {closest}, which lacks "
             f"{', '.join(missing)} (the file's first keys: {', '.join(keys[:3]) or 'none'}); give an original-layout "
             "(LDM / A1111 / kohya) checkpoint, or a diffusers folder as --from"
@@ -95,7 +97,7 @@ def check_layout(path: Path, checkpoint: Mapping[str, Any], unet_config: Mapping
         shape = tuple(checkpoint[key].shape)
         other = ARCHITECTURES.get(shape[1])
         fix = f"use --config {other} or a --base of that architecture" if other else "give a --base of its architecture"
-        raise ValueError(
+        raise error(
             f"{path} does not fit {expected}: {key} is {shape}, cross-attention width {shape[1]}"
             f"{f' ({other})' if other else ''}, but the UNet config has {width}: {fix}"
         )

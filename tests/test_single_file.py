@@ -9,12 +9,14 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import save_file
 
 from perflow_jax import single_file, weights
 from perflow_jax.convert import ConversionError, convert
 from perflow_jax.export import export_to_torch
 from perflow_jax.sample import Options, sample
+from tests.helpers.networks import TINY_TEXT
 from tests.helpers.parity import torch_state_dict
 from tests.helpers.pipelines import persistent_compilation_cache, quiet, tiny_pipeline
 
@@ -81,6 +83,30 @@ def test_original_layout_reads_back_through_diffusers_conversion_exactly(origina
         assert read.keys() == expected.keys(), name
         for key, value in expected.items():
             np.testing.assert_array_equal(read[key], value, err_msg=f"{name} {key}")
+
+
+def test_a_ckpt_reads_as_the_same_tensors_as_its_safetensors(original, tmp_path):
+    file = original[3]
+    tensors = single_file.read_checkpoint(file)
+    torch.save({"state_dict": {key: tensors[key] for key in tensors}, "global_step": 7}, tmp_path / "model.ckpt")
+    pickled = single_file.read_checkpoint(tmp_path / "model.ckpt")  # LDM's wrapping, unwrapped
+    assert pickled.keys() == set(tensors)
+    for key in tensors:
+        assert torch.equal(pickled[key], tensors[key]), key
+
+
+def test_sd2_openclip_text_encoder_round_trips_with_q_k_v_fused():
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(**{**TINY_TEXT, "hidden_act": "gelu"})  # gelu: OpenCLIP, SD2's
+    state = torch_state_dict(transformers.CLIPTextModel(config))
+    original = single_file.original_state_dict({"text_encoder": state}, {"text_encoder": config.to_dict()})
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in original
+    checkpoint = {key: torch.from_numpy(value) for key, value in original.items()}
+    read = without_text_model_prefix(single_file.network_state(checkpoint, "text_encoder", config.to_dict()))
+    expected = without_text_model_prefix(state)
+    assert read.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(read[key], value, err_msg=key)
 
 
 def test_written_file_loads_in_diffusers_from_single_file_offline(original):
