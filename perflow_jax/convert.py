@@ -3,11 +3,21 @@
     python -m perflow_jax.convert --from DIFFUSERS_DIR|ORG/NAME[@REVISION] --out DIR [--dtype float32|bfloat16]
         [--perflow-delta delta_weights.safetensors [--perflow-parameterization diff_eps] [--perflow-windows 4]]
         [--lora FILE[:SCALE] ...] [--variant fp16] [--overwrite]
+    python -m perflow_jax.convert --from MODEL.safetensors|MODEL.ckpt --base DIFFUSERS_DIR [--config sd15|sd21|sdxl]
+        [--ema|--no-ema] --out DIR [...]
 
 DIR then holds, for each network (unet, vae, text_encoder, text_encoder_2 for SDXL), its
 ``config.json`` and an Orbax checkpoint of its parameters in ``params/``; the tokenizer folders
 and the scheduler config are copied; ``perflow_model.json`` records what was converted. Later
 commands load DIR without torch (``perflow_jax.weights.read_component``).
+
+A ``--from`` that is one file (``.safetensors``, or ``.ckpt`` / ``.pt`` / ``.bin`` read with
+``weights_only=True`` only) is a single-file checkpoint in the original layout (A1111, ComfyUI,
+kohya; ``perflow_jax.single_file``): its UNet, VAE and text encoders are converted with the
+configs of ``--base`` (a diffusers folder or hub id of the same architecture), which also gives
+the tokenizers, the scheduler and any network the file lacks. The UNet is the file's EMA weights
+when it holds both (``--no-ema`` for the others). ``--config`` checks the file against a released
+architecture. The manifest records which weights were used.
 
 A ``--from`` that is no local path but reads as a Hugging Face Hub id (``ORG/NAME``, optionally
 ``@REVISION``) is downloaded first, only the files conversion reads and one ``--variant``, through
@@ -42,8 +52,16 @@ from typing import Any
 
 import numpy as np
 
-from perflow_jax import __version__, console, hub, models, pipeline, schedule, weights
+from perflow_jax import __version__, console, hub, models, pipeline, schedule, single_file, weights
 from perflow_jax.lora import merge_files, parse_file_arg
+from perflow_jax.models import reference_configs
+
+# --config: the UNet of each released architecture, to check a single file against.
+REFERENCE_UNETS = {
+    "sd15": reference_configs.SD15_UNET,
+    "sd21": reference_configs.SD21_UNET,
+    "sdxl": reference_configs.SDXL_UNET,
+}
 
 
 class ConversionError(ValueError):
@@ -60,25 +78,55 @@ def convert(
     perflow_windows: int = 4,
     lora: Sequence[str] = (),
     variant: str | None = None,
+    base: Path | str | None = None,
+    config: str | None = None,
+    ema: bool | None = None,
     overwrite: bool = False,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Convert a diffusers pipeline folder (or hub id ORG/NAME[@REVISION]) into a converted folder ``out``;
-    returns the manifest."""
+    """Convert a diffusers pipeline folder (or hub id ORG/NAME[@REVISION]), or a single-file checkpoint with
+    the configs of ``base``, into a converted folder ``out``; returns the manifest.
+
+    Single files only: ``config`` ("sd15", "sd21", "sdxl") checks the file's architecture; ``ema`` chooses
+    the UNet's EMA (True) or other (False) weights, default EMA when the file has both.
+    """
     out = Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
     loras = [parse_file_arg(arg) for arg in lora]
-    inputs = {"--from": source, "--perflow-delta": perflow_delta, **{f"--lora {p}": p for p, _ in loras}}
+    inputs = {
+        "--from": source,
+        "--base": base,
+        "--perflow-delta": perflow_delta,
+        **{f"--lora {p}": p for p, _ in loras},
+    }
     weights.check_out(out, inputs, ConversionError)
     if not overwrite:
         weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")
-    if hub.is_hub_id(source):
+    checkpoint, single = None, {}
+    if single_file.is_single_file(source):
+        checkpoint, source, single = _read_single_file(Path(source), base, config, ema, variant, log)
+        origin = single["file"]
+    elif base is not None or config is not None or ema is not None:
+        raise ConversionError(
+            f"--base, --config and --ema / --no-ema are for a single-file --from (.safetensors, .ckpt), but {source} "
+            "is a folder or hub id: leave them out"
+        )
+    elif hub.is_hub_id(source):
         source, origin = hub.download_pipeline(str(source), variant, ConversionError, log)
     else:
         source = Path(source)
         origin = str(source.resolve())
     components = weights.read_model_index(source)
+
+    def read_state(name: str, network_config: dict[str, Any]):
+        state = None
+        if checkpoint is not None:
+            state = single_file.network_state(checkpoint, name, network_config, ema=name == "unet" and single["ema"])
+            if state is None:
+                single["from_base"].append(name)
+        return state if state is not None else weights.read_state_dict(source / name, variant)
+
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
     if delta is not None:
         schedule.check_parameterization(perflow_parameterization)
@@ -93,7 +141,7 @@ def convert(
         counts = {}
         for name in (n for n in weights.PIPELINE_NETWORKS if n in components):
             loaded = (delta, loras) if name == "unet" else (None, ())
-            counts[name] = _convert_network(source, staging, name, components[name], dtype, variant, *loaded, log)
+            counts[name] = _convert_network(source, staging, name, components[name], dtype, read_state, *loaded, log)
         for name in (n for n in weights.PIPELINE_COPIED if n in components):
             shutil.copytree(source / name, staging / name)
         if delta is not None:
@@ -110,6 +158,7 @@ def convert(
             "variant": variant,
             "perflow_delta": str(Path(perflow_delta).resolve()) if perflow_delta else None,
             "loras": [[str(path.resolve()), scale] for path, scale in loras],
+            **({"single_file": single} if single else {}),
             "components": components,
             "parameters": counts,
         }
@@ -126,14 +175,49 @@ def convert(
     return manifest
 
 
-def _convert_network(source, staging, name, class_name, dtype, variant, delta, loras, log) -> int:
+def _read_single_file(path: Path, base, config: str | None, ema: bool | None, variant: str | None, log):
+    """(the file's tensors, the base folder, the manifest's "single_file" entry) of a single-file --from,
+    after checking its layout and architecture against --config and --base."""
+    if base is None and config is None:
+        raise ConversionError(
+            f"--from {path} is a single-file checkpoint: add --base DIFFUSERS_DIR (or hub id), a diffusers folder of "
+            "its architecture, for its configs, tokenizers and scheduler"
+        )
+    checkpoint = single_file.read_checkpoint(path)
+    if config is not None:
+        single_file.check_layout(path, checkpoint, REFERENCE_UNETS[config], f"--config {config}", ConversionError)
+    if base is None:
+        raise ConversionError(
+            f"--config {config} gives the networks' configs but not the tokenizer files (tokenizer/vocab.json, "
+            "tokenizer/merges.txt) or the scheduler config, which cannot be had offline: add --base DIFFUSERS_DIR, "
+            f"a diffusers folder (or hub id) of the {config} architecture"
+        )
+    if hub.is_hub_id(base):
+        base, _ = hub.download_pipeline(str(base), variant, ConversionError, log)
+    base = Path(base)
+    weights.read_model_index(base)  # a diffusers folder, or a one-line error
+    unet_config = weights.read_json(base / "unet" / "config.json")
+    single_file.check_layout(path, checkpoint, unet_config, f"--base {base}", ConversionError)
+    both = single_file.has_ema(checkpoint)
+    if ema and not both:
+        raise ConversionError(f"--ema: {path} holds no EMA weights ({single_file.EMA_PREFIX}*): leave --ema out")
+    ema = both if ema is None else ema
+    choice = "; it holds both: choose with --ema / --no-ema" if both else ""
+    log(f"{path}: UNet from its {'EMA' if ema else 'non-EMA'} weights{choice}")
+    entry = {"file": str(path.resolve()), "base": str(base.resolve()), "ema": ema, "from_base": []}
+    return checkpoint, base, entry
+
+
+def _convert_network(folder, staging, name, class_name, dtype, read_state, delta, loras, log) -> int:
+    """Convert network ``name`` with the config in ``folder``; ``read_state(name, config)`` gives its state dict;
+    ``delta`` and ``loras`` are merged into it (the UNet's)."""
     start = time.perf_counter()
-    config = weights.read_json(source / name / "config.json")
+    config = weights.read_json(folder / name / "config.json")
     try:
         module = models.from_config(class_name, config)
     except ValueError as error:
-        raise ConversionError(f"{source / name / 'config.json'}: {error}") from error
-    state = weights.read_state_dict(source / name, variant)
+        raise ConversionError(f"{folder / name / 'config.json'}: {error}") from error
+    state = read_state(name, config)
     if delta is not None:
         state = weights.DeltaAppliedStateDict(state, delta)
     params = weights.state_dict_to_params(state, module.abstract_params(), name=name)
@@ -161,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert a diffusers Stable Diffusion folder (PyTorch) into Flax parameters (Orbax).",
     )
     parser.add_argument(
-        "--from", dest="source", required=True, help="diffusers pipeline folder, or hub id ORG/NAME[@REVISION]"
+        "--from",
+        dest="source",
+        required=True,
+        help="diffusers pipeline folder, hub id ORG/NAME[@REVISION], or single-file checkpoint (.safetensors, .ckpt)",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
     parser.add_argument(
@@ -179,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a UNet LoRA to merge (repeatable)"
     )
     parser.add_argument("--variant", help="weight file variant to read, e.g. fp16 (default: plain files)")
+    parser.add_argument("--base", help="single file: diffusers folder or hub id for configs, tokenizers, scheduler")
+    parser.add_argument(
+        "--config", choices=tuple(REFERENCE_UNETS), help="single file: the released architecture it must have"
+    )
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        help="single file holding both: the UNet's EMA weights (default) or, with --no-ema, the others",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))

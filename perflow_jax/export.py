@@ -2,7 +2,7 @@
 
     python -m perflow_jax.export --to-torch --model WORKDIR_OR_CONVERTED_DIR --out DIR
         [--step N] [--weights ema|student] [--dtype float16|bfloat16|float32]
-        [--base DIFFUSERS_DIR] [--merge] [--lora-format diffusers|kohya] [--overwrite]
+        [--base DIFFUSERS_DIR] [--merge] [--lora-format diffusers|kohya] [--single-file] [--overwrite]
         [--push-to-hub ORG/NAME [--evaluation EVALUATE_DIR]]
 
 DIR then holds:
@@ -18,7 +18,10 @@ DIR then holds:
 - with ``--base`` (a diffusers pipeline folder of the teacher's architecture): the rest of a
   pipeline (VAE, text encoders, tokenizers copied from the base) and a ``model_index.json``
   naming the PeRFlow scheduler, so that ``StableDiffusionPipeline`` (or the SDXL one)
-  ``.from_pretrained(DIR)`` loads it once ``perflow_jax.torch`` is imported.
+  ``.from_pretrained(DIR)`` loads it once ``perflow_jax.torch`` is imported;
+- with ``--single-file``: ``perflow_single_file.safetensors``, the student UNet (with ``--base``
+  also the base's VAE and text encoders) as one original-layout checkpoint in ``--dtype``, the file
+  A1111 / ComfyUI-style tools load (``perflow_jax.single_file``).
 
 A LoRA run's WORKDIR (``config.model.lora_rank`` > 0) exports its adapters instead: DIR holds
 ``pytorch_lora_weights.safetensors`` (float32; ``--lora-format``: diffusers' peft layout, the
@@ -53,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from perflow_jax import checkpoint, console, hub, lora, pipeline
+from perflow_jax.single_file import EXPORT_FILE, write_export
 from perflow_jax.weights import (
     DTYPES,
     WeightsFileError,
@@ -86,6 +90,7 @@ def export_to_torch(
     base: str | Path | None = None,
     merge: bool = False,
     lora_format: str | None = None,
+    single_file: bool = False,
     overwrite: bool = False,
     log: Callable[[str], Any] = print,
 ) -> Path:
@@ -143,6 +148,9 @@ def export_to_torch(
             log(f"{lora.LORA_FILE} ({fmt} layout, rank {trained.lora_spec.rank}, float32)")
         if merge or not adapters:
             _write_unet_and_delta(staging, student, unet_config, dtype, teacher, teacher_dir, model, log)
+        if single_file:
+            written = write_export(staging / EXPORT_FILE, student, unet_config, Path(base) if base else None, dtype)
+            log(f"{EXPORT_FILE} (original layout, {dtype}: {', '.join(written)})")
         noise_schedule = (teacher or trained.model).scheduler_config
         _write_scheduler(staging / "scheduler", noise_schedule, *described.perflow)
         log(f"scheduler/ (PeRFlowScheduler: {described.perflow[0]}, {described.perflow[1]} windows)")
@@ -227,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="the teacher's diffusers folder: for a whole pipeline, or a delta")
     parser.add_argument("--merge", action="store_true", help="a LoRA run: also the merged unet/ and its delta")
     parser.add_argument("--lora-format", choices=lora.FORMATS, help="a LoRA run's file layout (default diffusers)")
+    parser.add_argument(
+        "--single-file", action="store_true", help="also write the student as one original-layout .safetensors"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload --out with a model card to this repo")
     parser.add_argument("--evaluation", type=Path, help="an evaluate --out folder: its figures in the card")

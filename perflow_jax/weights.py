@@ -221,19 +221,20 @@ WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
 
 
 class SafetensorsStateDict(Mapping):
-    """The tensors of one or more safetensors files, read one at a time when asked for.
+    """The tensors of one or more safetensors files, read one at a time when asked for (as numpy
+    arrays, or torch tensors with ``framework="pt"``).
 
     Converting through it holds one copy of a network in memory, not two (SDXL's UNet is 10 GB
     in float32). Headers are read on construction, so a truncated or corrupt file fails here.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], framework: str = "numpy"):
         from safetensors import SafetensorError, safe_open
 
         self._handle_of: dict[str, Any] = {}  # key -> the open file (memory-mapped) holding it
         for file in files:
             try:
-                handle = safe_open(str(file), framework="numpy")
+                handle = safe_open(str(file), framework=framework)
             except (SafetensorError, OSError) as error:
                 raise WeightsFileError(
                     f"{file} is truncated or corrupt ({error}): download or copy it again"
@@ -300,23 +301,32 @@ def read_state_dict(folder: Path, variant: str | None = None) -> Mapping[str, np
 
 def read_torch_pickle(file: Path) -> dict[str, np.ndarray]:
     """A pickled PyTorch state dict (.bin / .pt), loaded with ``weights_only=True`` only."""
+    return {key: torch_to_numpy(value) for key, value in load_torch_pickle(file).items()}
+
+
+def load_torch_pickle(file: Path) -> dict[str, Any]:
+    """The tensors of a pickled PyTorch state dict (.bin / .pt / .ckpt, unwrapped from a ``state_dict``
+    entry), loaded with ``weights_only=True`` only."""
     import torch
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        reason = f"it needs the code {code[1]} to load" if code else str(error).strip().splitlines()[0]
         raise WeightsFileError(
-            f"{file} cannot be read as a PyTorch state dict with weights_only=True ({error}); "
-            "pickled files that need code to load are refused: use its safetensors version"
+            f"{file} cannot be read as a PyTorch state dict with weights_only=True ({reason}); "
+            "pickled files that need code to load are refused (loading could run it): use its safetensors version"
         ) from error
     if not isinstance(state, Mapping):
         raise WeightsFileError(f"{file} holds a {type(state).__name__}, not a PyTorch state dict (a dict of tensors)")
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    return {key: _torch_to_numpy(value) for key, value in state.items() if hasattr(value, "detach")}
+    return {key: value for key, value in state.items() if hasattr(value, "detach")}
 
 
-def _torch_to_numpy(tensor) -> np.ndarray:
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A torch tensor as a numpy array of the same dtype (bfloat16 as ml_dtypes.bfloat16)."""
     import torch
 
     tensor = tensor.detach().cpu()
