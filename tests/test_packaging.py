@@ -1,4 +1,4 @@
-"""The PyTorch side installs and imports without the JAX stack (setup.cfg's extras)."""
+"""The PyTorch side installs and runs without the JAX stack (setup.cfg's extras), in a fresh virtualenv."""
 
 import configparser
 import json
@@ -8,16 +8,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from perflow_jax.torch import PeRFlowScheduler
 from tests.helpers.networks import TINY_UNETS
 
 ROOT = Path(__file__).resolve().parents[1]
-# Absent where only `pip install perflow_jax[torch]` installed: the JAX stack, what only the JAX side
-# uses, and peft / accelerate (in this venv, not dependencies of torch or diffusers; peft needs transformers).
+# Absent where only `pip install perflow_jax[torch]` installed: the JAX stack and what only the JAX side uses.
 JAX_STACK = ("jax", "jaxlib", "flax", "optax", "orbax", "grain", "array_record", "tensorflow_datasets", "transformers")
-ABSENT = (*JAX_STACK, "peft", "accelerate")
 
 
 def requirement_names(text: str) -> set[str]:
@@ -36,17 +35,21 @@ def test_jax_stack_is_in_extras_and_the_torch_extra_holds_none_of_it():
         assert "perflow_jax[jax]" in extras[accelerator].split()
 
 
-def test_torch_side_imports_and_runs_with_the_jax_stack_absent():
-    """A PathFinder that finds none of ABSENT: to diffusers and to imports, they are not installed."""
+@pytest.mark.slow
+def test_the_torch_extra_installs_in_a_fresh_venv_without_jax_and_runs(tmp_path):
+    """`pip install perflow_jax[torch]` in a new virtualenv (torch and diffusers at requirements.txt's pins,
+    the CPU torch from the machine's disk): no JAX stack, and the scheduler and the delta merge run there."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    pins = [
+        line for line in (ROOT / "requirements.txt").read_text().splitlines() if re.match(r"(torch|diffusers)==", line)
+    ]
+    install = [python, "-m", "pip", "install", "--quiet", f"{ROOT}[torch]", *pins]
+    result = subprocess.run(install, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
     script = f"""
-        import importlib.machinery, importlib.util, json, sys
-
-        class Absent(importlib.machinery.PathFinder):
-            @classmethod
-            def find_spec(cls, name, path=None, target=None):
-                return None if name.partition(".")[0] in {ABSENT} else super().find_spec(name, path, target)
-
-        sys.meta_path = [Absent if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+        import importlib.util, json
         import diffusers, torch
         from perflow_jax.torch import PeRFlowScheduler, merge_delta_weights
 
@@ -59,16 +62,16 @@ def test_torch_side_imports_and_runs_with_the_jax_stack_absent():
         sample = torch.linspace(-1, 1, 32).reshape(1, 2, 4, 4)
         step = scheduler.step(0.5 * sample, scheduler.timesteps[0], sample).prev_sample
         print(json.dumps({{
-            "absent": [name for name in {ABSENT} if importlib.util.find_spec(name) is None],
+            "absent": [name for name in {JAX_STACK} if importlib.util.find_spec(name) is None],
             "merged": all(torch.equal(unet.state_dict()[key], value + 0.5) for key, value in before.items()),
             "timesteps": scheduler.timesteps.tolist(),
             "step": step.flatten().tolist(),
         }}))
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([python, "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["absent"] == list(ABSENT) and report["merged"]
+    assert report["absent"] == list(JAX_STACK) and report["merged"]
     scheduler = PeRFlowScheduler(prediction_type="diff_eps")
     scheduler.set_timesteps(4)
     sample = torch.linspace(-1, 1, 32).reshape(1, 2, 4, 4)
