@@ -31,6 +31,7 @@ no guidance, for configs/demo.py: the same number of UNet passes per step for ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -73,7 +74,10 @@ def evaluate(model: Path, steps: tuple[int, ...], teacher: bool, out: Path, per_
         seed=seed,
         features="digits",
     )
-    metrics = ev.evaluate(options, log=lambda line: None)["samplers"]
+    try:
+        metrics = ev.evaluate(options, log=lambda line: None)["samplers"]
+    except ev.OtherSettings:  # another model checkpoint or settings: measure afresh
+        metrics = ev.evaluate(dataclasses.replace(options, overwrite=True), log=lambda line: None)["samplers"]
     rows = {}
     for n in steps:
         entry = metrics[f"teacher_ddim_{n}" if teacher else f"perflow_{n}"]

@@ -69,6 +69,10 @@ class EvaluateError(ValueError):
     """The arguments, the output folder or a reference do not allow the evaluation."""
 
 
+class OtherSettings(EvaluateError):
+    """--out holds an evaluation made with other settings (``--overwrite`` starts afresh)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # What the images are measured with
 
@@ -600,7 +604,7 @@ def _prepare_out(o: Options, settings: dict[str, Any]) -> None:
         if before != settings:
             differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             details = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in differ[:4])
-            raise EvaluateError(
+            raise OtherSettings(
                 f"--out {o.out} holds an evaluation with other settings ({details}): give another --out, or "
                 "--overwrite to start it afresh"
             )
