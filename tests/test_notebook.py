@@ -135,7 +135,7 @@ def test_an_empty_repository_url_stops_the_install_with_what_to_fill_in():
     cells = nbformat.read(NOTEBOOK, as_version=4).cells
     install = next(cell.source for cell in cells if cell.get("id") == "install")
     settings = next(cell.source for cell in cells if cell.get("id") == "settings")
-    assert 'REPO_URL = ""  #@param {type:"string"}' in settings
+    assert 'REPO_URL = ""  # @param {type:"string"}' in settings
     not_installed = mock.patch.object(importlib.util, "find_spec", return_value=None)
     with not_installed, pytest.raises(ValueError, match="REPO_URL is empty: fill in the form field"):
         exec(install, {"REPO_URL": "  ", "importlib": importlib, "Path": Path})
