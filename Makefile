@@ -1,14 +1,15 @@
 # `make demo` builds the environment from nothing (a virtualenv in .venv) and runs the whole
 # product on the embedded digits model (convert, prepare, train, sample, export, quality table);
 # `make test` runs the whole suite, slow full-size network tests included; `make test-fast`
-# leaves those out.
+# leaves those out. `make check-requirements` checks that requirements-tpu.txt resolves on each
+# Python of TPU_PYTHONS (uv's resolver against the package index: it needs the network).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCHVISION := $(VENV)/torchvision-models
 
-.PHONY: env demo test test-fast lint clean
+.PHONY: env demo test test-fast check-requirements lint clean
 
 env: $(STAMP) $(TORCHVISION)
 
@@ -47,6 +48,20 @@ test: $(STAMP) $(TORCHVISION)
 
 test-fast: $(STAMP) $(TORCHVISION)
 	$(PY) -m pytest -m "not slow"
+
+# uv's resolver, not pip's: pip's --python-version leaves environment markers to the running Python
+# and takes wheels only (promise, a dependency of tensorflow-datasets, is a source archive). Nothing is
+# installed; manylinux_2_35 is Ubuntu 22.04's, the Cloud TPU VM images'. uv: `pip install uv`.
+TPU_PYTHONS ?= 3.11 3.12 3.13
+UV ?= uv
+
+check-requirements:
+	@for version in $(TPU_PYTHONS); do \
+		resolved=$$($(UV) pip compile --quiet --no-header --no-annotate --python-version $$version \
+			--python-platform x86_64-manylinux_2_35 requirements-tpu.txt) || exit 1; \
+		if echo "$$resolved" | grep -q '^torch=='; then echo "requirements-tpu.txt pulls in torch"; exit 1; fi; \
+		echo "requirements-tpu.txt resolves on Python $$version:" $$(echo "$$resolved" | grep -E '^(jax|flax)=='); \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check perflow_jax tests bench

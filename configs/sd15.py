@@ -126,5 +126,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.prompts = ""  # a prompts file (one a line, or COCO captions .json); "": log.sample_prompts in turn
     config.eval.steps = 0  # sampler steps; 0: log.sample_steps (guidance: log.sample_guidance)
 
+    # JAX's persistent compilation cache (perflow_jax/compile_cache.py): a resumed run loads its step from it.
+    # "": WORKDIR/jax_cache; "none": no cache of the run's own (JAX_COMPILATION_CACHE_DIR applies); else a folder
+    config.compilation_cache_dir = ""
     config.tpu_pod = False  # call jax.distributed.initialize() for a multi-host TPU slice
     return config

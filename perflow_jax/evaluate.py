@@ -55,7 +55,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from perflow_jax import console, fid, fid_inception, image_io, pipeline, prepare_data, sample, sharding
+from perflow_jax import compile_cache, console, fid, fid_inception, image_io, pipeline, prepare_data, sample, sharding
 from perflow_jax.weights import COMPUTE_DTYPES, read_json
 
 FEATURES = {"inception": fid_inception.FEATURE, "digits": "digits-mlp-64"}  # --features -> fid.FeatureSpec.feature
@@ -652,13 +652,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype (default float32)")
     parser.add_argument("--save-images", action="store_true", help="also write every image as a PNG")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made with other settings")
+    parser.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        help="JAX compilation cache: load compiled programs from DIR and save new ones there",
+    )
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
     console.set_log_levels(args.verbose)
     try:
         sharding.initialize_distributed()
         fields = {f.name for f in dataclasses.fields(Options)} - {"references"}
-        evaluate(Options(references=args.reference, **{k: getattr(args, k) for k in fields}))
+        with compile_cache.cache_in(args.compilation_cache):
+            evaluate(Options(references=args.reference, **{k: getattr(args, k) for k in fields}))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,9 +32,9 @@ PATH_KEYS = ("model.path", "model.student_init", "data.path")
 LR_SCHEDULES = ("constant", "cosine")
 # Keys a resumed run may change: how long it runs, what it reports and measures, and how the step is computed
 # (attention backend, rematerialisation, gradient accumulation), which changes no result beyond
-# rounding, so that a run can resume on a device with less memory; and data.allow_other_vae, a
-# start-up check. data.worker_count is not here: grain cannot restore its iterator with another
-# number of workers.
+# rounding, so that a run can resume on a device with less memory; data.allow_other_vae, a
+# start-up check; and where compiled programs are cached. data.worker_count is not here: grain
+# cannot restore its iterator with another number of workers.
 RESUMABLE_KEYS = (
     "train.num_steps",
     "log.",
@@ -44,6 +44,7 @@ RESUMABLE_KEYS = (
     "model.remat",
     "train.gradient_accumulation_steps",
     "data.allow_other_vae",
+    "compilation_cache_dir",
 )
 # Keys added after runs were first saved, with the value that stands for how such a run trained, so
 # that its WORKDIR resumes when the new config keeps that behaviour (and is refused, naming the key,

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from perflow_jax import checkpoint, console, image_io, lora, models, pipeline, sharding
+from perflow_jax import checkpoint, compile_cache, console, image_io, lora, models, pipeline, sharding
 from perflow_jax.weights import COMPUTE_DTYPES, check_out
 
 DEFAULT_STEPS = 4
@@ -342,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"images per jitted call (default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=lora.SAMPLE_HELP)
+    parser.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        help="JAX compilation cache: load compiled programs from DIR and save new ones there",
+    )
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
     console.set_log_levels(args.verbose)
@@ -349,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         sharding.initialize_distributed()
         prompts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]
         options = {field.name: getattr(args, field.name) for field in dataclasses.fields(Options)}
-        sample(Options(**{**options, "prompts": prompts}))
+        with compile_cache.cache_in(args.compilation_cache):
+            sample(Options(**{**options, "prompts": prompts}))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,8 +8,9 @@ GPU clusters set PERFLOW_COORDINATOR, PERFLOW_NUM_PROCESSES and PERFLOW_PROCESS_
 that holds checkpoints resumes from the newest readable one (an unreadable newer one is named and
 moved to WORKDIR/broken_checkpoints/). SIGTERM (preemption) or Ctrl-C saves a checkpoint after the
 current step and exits (a second Ctrl-C exits at once, without one). WORKDIR gets checkpoints/,
-metrics.jsonl, TensorBoard events, samples/ and, while the run lasts, a lock file naming it (a
-second run on the same WORKDIR is refused).
+metrics.jsonl, TensorBoard events, samples/, jax_cache/ (the compiled step and samplers, which a
+resumed run loads: ``--config.compilation_cache_dir``) and, while the run lasts, a lock file naming
+it (a second run on the same WORKDIR is refused).
 
 Exit status: 0 the run reached config.train.num_steps; 143 (SIGTERM) or 130 (Ctrl-C) it was
 stopped before that, with a checkpoint: run the same command again to resume; 2 refused settings

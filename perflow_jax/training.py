@@ -27,7 +27,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from perflow_jax import checkpoint, data, flops, lora, pipeline, recipe, reporting, sharding, step, weights
+from perflow_jax import (
+    checkpoint,
+    compile_cache,
+    data,
+    flops,
+    lora,
+    pipeline,
+    recipe,
+    reporting,
+    sharding,
+    step,
+    weights,
+)
 
 
 class TrainingError(RuntimeError):
@@ -72,7 +84,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if workdir.exists() and not workdir.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file, not a folder: give a new folder or a training run's")
     workdir.mkdir(parents=True, exist_ok=True)
-    with checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    with (
+        checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+        compile_cache.cache_in(compile_cache.training_folder(config.compilation_cache_dir, workdir)),
+    ):
         return _train(config, workdir)
 
 
@@ -324,15 +339,18 @@ def _sampled_unet(run: Run, state: step.TrainState) -> Any:
 
 
 def _compile(run: Run, state: step.TrainState, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, float | None]:
-    """The step compiled for this batch's shapes, and its FLOPs over the global batch (for MFU); prints the time."""
+    """The step compiled (or loaded from the compilation cache) for this batch's shapes, and its FLOPs over the
+    global batch (for MFU); prints the time."""
     start = time.perf_counter()
     lowered = run.train_step.lower(state, batch, rng, run.frozen)
-    compiled = lowered.compile()
+    with compile_cache.Loads() as loads:
+        compiled = lowered.compile()
     accumulation_steps = run.config.train.gradient_accumulation_steps
     flops_per_step = flops.train_step_flops(
         lowered, run.components, run.settings, state.params, run.frozen, batch, accumulation_steps
     )
-    print(f"compiled the training step in {time.perf_counter() - start:.1f} s", flush=True)
+    cached = " (loaded from the compilation cache)" if loads.count else ""
+    print(f"compiled the training step in {time.perf_counter() - start:.1f} s{cached}", flush=True)
     return compiled, flops_per_step
 
 

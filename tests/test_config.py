@@ -224,7 +224,8 @@ def test_command_line_rejects_unknown_keys():
         ("--config.optim.lrr=1e-4", "no key optim.lrr; did you mean config.optim.lr?"),
         (
             "--config.foo=1",
-            "no key foo; config holds checkpoint, data, eval, log, mesh, model, optim, perflow, tpu_pod, train",
+            "no key foo; config holds checkpoint, compilation_cache_dir, data, eval, log, mesh, model, optim, "
+            "perflow, tpu_pod, train",
         ),
         ("--config.train.zzzzzz=1", "no key train.zzzzzz; config.train holds global_batch_size, "),
     ],

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from perflow_jax import compile_cache, fid, sample
 from perflow_jax import evaluate as ev
-from perflow_jax import fid, sample
 from perflow_jax.demo import classifier, digits
-from tests.helpers.pipelines import persistent_compilation_cache, quiet, tiny_model_and_data, tiny_workdir
+from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
 from tests.helpers.processes import library_logs
 
 PROMPTS = [digits.caption(label) for label in (0, 1, 2)]
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Every evaluation compiles its generators anew; JAX's persistent cache makes the repeats cheap."""
-    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+    with compile_cache.cache_in(tmp_path_factory.mktemp("jax_cache"), min_compile_secs=0):
         yield
 
 
@@ -201,9 +201,11 @@ def test_cli_on_two_devices_gives_the_figures_of_one_device(workdir, whole, tmp_
         sys.executable, "-m", "perflow_jax.evaluate", "--model", str(workdir), "--prompts",
         str(workdir.parent / "prompts.txt"), "--reference", *REFERENCES, "--features", "digits", "--height", "32",
         "--num-images", str(NUM_IMAGES), "--batch-size", str(BATCH_SIZE), "--out", str(tmp_path / "eval"),
+        "--compilation-cache", str(tmp_path / "jax_cache"),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "jax_cache").iterdir())  # the compiled generators, for the next command
     assert library_logs(result.stderr) == []
     assert "perflow_4: FID" in result.stdout
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())

@@ -1,4 +1,5 @@
-"""The PyTorch side installs and runs without the JAX stack (setup.cfg's extras), in a fresh virtualenv."""
+"""The PyTorch side installs and runs without the JAX stack (setup.cfg's extras), in a fresh virtualenv; the
+requirement files fit the extras' ranges (`make check-requirements` resolves requirements-tpu.txt against the index)."""
 
 import configparser
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from perflow_jax.torch import PeRFlowScheduler
 from tests.helpers.networks import TINY_UNETS
@@ -78,3 +81,35 @@ def test_the_torch_extra_installs_in_a_fresh_venv_without_jax_and_runs(tmp_path)
     step = scheduler.step(0.5 * sample, scheduler.timesteps[0], sample).prev_sample
     assert report["timesteps"] == scheduler.timesteps.tolist()
     assert report["step"] == step.flatten().tolist()
+
+
+def pins(path: Path, python: str) -> dict[str, str]:
+    """{name: version} of a requirements file's ``name==version`` lines whose markers hold on ``python``."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"python_version": python}):
+                assert requirement.name not in found, f"{path.name} pins {requirement.name} twice on Python {python}"
+                found[requirement.name] = next(iter(requirement.specifier)).version
+    return found
+
+
+def test_the_jax_extra_admits_jax_0_10_2_to_0_12_and_every_pinned_version():
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    extras = setup["options.extras_require"]
+    ranges = {r.name: r.specifier for r in map(Requirement, extras["jax"].strip().splitlines())}
+    assert [v for v in ("0.10.1", "0.10.2", "0.11.2", "0.12.0.1", "0.13.0") if v in ranges["jax"]] == [
+        "0.10.2",
+        "0.11.2",
+        "0.12.0.1",
+    ]
+    assert Requirement(extras["tpu"].split()[-1]).specifier == ranges["jax"]
+    tested = pins(ROOT / "requirements.txt", "3.11")
+    tpu = {python: pins(ROOT / "requirements-tpu.txt", python) for python in ("3.11", "3.12", "3.13")}
+    assert tpu["3.11"]["jax"] == tested["jax"] == "0.10.2" and tpu["3.12"]["jax"] == tpu["3.13"]["jax"] == "0.12.0.1"
+    assert not [python for python, pinned in tpu.items() if "torch" in pinned or "diffusers" in pinned]
+    for python, pinned in [("3.11", tested), *tpu.items()]:
+        for name, version in pinned.items():
+            assert version in ranges.get(name, SpecifierSet()), f"{name}=={version} on Python {python}"

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from perflow_jax import image_io, pipeline
+from perflow_jax import compile_cache, image_io, pipeline
 from perflow_jax import sample as sample_module
 from perflow_jax.image_io import to_nchw, to_nhwc
 from perflow_jax.pipeline import seed_noise
 from perflow_jax.sample import Options, SampleError, main, make_plan, sample
-from tests.helpers.pipelines import persistent_compilation_cache, quiet, tiny_model_and_data, tiny_workdir
+from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
 from tests.helpers.processes import library_logs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ FLOAT32_RECOMPILED_ATOL = 1e-5
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Each sample() call compiles its program anew; JAX's persistent cache makes the repeats cheap."""
-    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+    with compile_cache.cache_in(tmp_path_factory.mktemp("jax_cache"), min_compile_secs=0):
         yield
 
 
@@ -208,9 +208,11 @@ def test_cli_on_two_devices_pads_the_batch_and_gives_the_same_images(folders, se
         sys.executable, "-m", "perflow_jax.sample", "--model", str(folders[0]), "--prompts",
         str(tmp_path / "prompts.txt"), "--height", str(HEIGHT), "--width", str(WIDTH),
         "--out", str(tmp_path / "cli.png"), "--save-latents", str(tmp_path / "cli.npy"),
+        "--compilation-cache", str(tmp_path / "jax_cache"),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "jax_cache").iterdir())  # the compiled generator, for the next command
     assert "3 images of 32 x 48" in result.stdout and "ms per image) on 2 cpu device(s)" in result.stdout
     assert library_logs(result.stderr) == []  # Orbax's read-only and metadata warnings: only with --verbose
     expected = to_nchw(seeded[0].latents[:3])

@@ -20,6 +20,7 @@ from tests.helpers.processes import library_logs, run_joined_processes
 from tests.helpers.recipes import load
 
 ROOT = Path(__file__).resolve().parents[1]
+FROM_CACHE = "(loaded from the compilation cache)"  # the end of train's "compiled the training step in X s" line
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,9 @@ def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_samples_and_fid(s
 def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, heldout_reference, tmp_path):
     straight = run(setup, tmp_path / "straight", "--config.train.num_steps=6")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # The compiled step goes to JAX's persistent cache in WORKDIR/jax_cache; each resume below loads it from there.
+    assert "compiled the training step in" in straight.stdout and FROM_CACHE not in straight.stdout
+    assert list((tmp_path / "straight/jax_cache").iterdir())
 
     # No periodic checkpoint before the end: the one to resume from is SIGTERM's. The resumed run also
     # measures FID, which must change nothing of the training.
@@ -139,6 +143,7 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, heldout_referen
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(rows(tmp_path / "resumed", "eval/fid")) == [2, 4, 6]  # each step's FID logged once
     assert f"resuming from the checkpoint of step {stopped_at}" in resumed.stdout
+    assert FROM_CACHE in resumed.stdout
     a, b = saved_state(tmp_path / "straight", 6), saved_state(tmp_path / "resumed", 6)
     for key in ("params", "ema_params", "opt_state"):
         for x, y in zip(jax_leaves(a[key]), jax_leaves(b[key]), strict=True):
@@ -154,6 +159,7 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, heldout_referen
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"the checkpoint {tmp_path / 'straight/checkpoints/6'} cannot be read" in again.stderr
     assert "resuming from the checkpoint of step 3" in again.stdout
+    assert FROM_CACHE in again.stdout
     assert [p.name[:2] for p in (tmp_path / "straight/broken_checkpoints").iterdir()] == ["6-"]
     a = saved_state(tmp_path / "straight", 6)
     for key in ("params", "ema_params", "opt_state"):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import diffusers
-import jax
 import torch
 import transformers
 
@@ -109,26 +107,3 @@ def tiny_workdir(workdir: Path, model: Path, data_dir: Path, *, steps: tuple[int
         saver.wait()
     saver.close()
     return workdir
-
-
-@contextlib.contextmanager
-def persistent_compilation_cache(folder: Path):
-    """JAX's persistent compilation cache in ``folder`` for every compilation meanwhile (tests that
-    compile the same program many times load it from there), then the settings as they were."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {
-        "jax_compilation_cache_dir": str(folder),
-        "jax_persistent_cache_min_compile_time_secs": 0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    saved = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
