@@ -46,6 +46,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from perflow_jax import compile_cache, console, fid, fid_inception, image_io, pipeline, prepare_data, sample, sharding
@@ -236,7 +238,7 @@ class Progress:
         try:
             with np.load(path, allow_pickle=False) as f:
                 data = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError) as error:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             raise EvaluateError(f"cannot read {path} ({error}): delete it to redo that image set") from error
         if int(data.get("version", -1)) != PROGRESS_VERSION or data["mean"].shape != (dim,):
             raise EvaluateError(f"{path} was not written by this version with {dim}-d features: delete it")
@@ -296,7 +298,7 @@ def generated_batches(
     for start in range(first * batch_size, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         noise = pipeline.seed_noise(seed, len(chunk), latent_shape, start=start)
-        output = generator(chunk, noise, unet_params=unet_params, pad_to=batch_size)
+        output = generator(chunk, noise, unet_params=unet_params, pad_to=min(batch_size, len(prompts)))
         yield to_uint8(output.images), chunk, Counter()
 
 
@@ -371,7 +373,7 @@ def evaluate(options: Options, log: Callable[[str], Any] = print) -> dict[str, A
     prompts = read_prompts(o.prompts, o.num_images, o.prompt_seed)
     plans = {}
     for n in o.steps:
-        sample_options = _sample_options(o, n, teacher=o.teacher_ddim, prompts=prompts)
+        sample_options = _sample_options(o, n, teacher=o.teacher_ddim, prompts=prompts, guidance=o.guidance)
         plans[_sampler_name(n, o.teacher_ddim)] = (sample_options, _plan(sample_options))
     first_plan = next(iter(plans.values()))[1]
     size = first_plan.height
@@ -379,7 +381,8 @@ def evaluate(options: Options, log: Callable[[str], Any] = print) -> dict[str, A
     for reference in o.references:
         match = TEACHER_REFERENCE.match(reference)
         if match:
-            teacher_options = _sample_options(o, int(match[1]), teacher=True, prompts=prompts)
+            guidance = o.teacher_guidance  # whatever --guidance the evaluated sampler takes
+            teacher_options = _sample_options(o, int(match[1]), teacher=True, prompts=prompts, guidance=guidance)
             teachers[reference] = (teacher_options, _plan(teacher_options))
         elif reference.endswith(".npz"):
             _read_reference(reference, fid.FeatureSpec(FEATURES[o.features], size, RESIZE))
@@ -387,6 +390,8 @@ def evaluate(options: Options, log: Callable[[str], Any] = print) -> dict[str, A
             reference_images(reference, size, o.batch_size, 0)  # checks that the source opens
     settings = {**_settings(o, prompts, size), "model_step": first_plan.description.step}
     _prepare_out(o, settings)
+    if jax.process_count() > 1:  # no process reads DIR before process 0 has created or cleared it
+        multihost_utils.sync_global_devices("perflow_evaluate_out_ready")
 
     mesh = sharding.make_mesh((-1, 1))
     features = inception_features(o.inception, mesh) if o.features == "inception" else digit_features()
@@ -530,8 +535,8 @@ def _sampler_name(steps: int, teacher: bool) -> str:
     return f"teacher_ddim_{steps}" if teacher else f"perflow_{steps}"
 
 
-def _sample_options(o: Options, steps: int, *, teacher: bool, prompts: Sequence[str]) -> sample.Options:
-    guidance = o.teacher_guidance if teacher and o.guidance is None else o.guidance
+def _sample_options(o: Options, steps: int, *, teacher: bool, prompts: Sequence[str], guidance) -> sample.Options:
+    """The sample options of one sampler (``guidance`` None: sample's default for the student or the teacher)."""
     return sample.Options(
         model=o.model,
         prompts=prompts,

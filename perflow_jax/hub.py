@@ -20,7 +20,7 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import errors
 
-from perflow_jax import __version__, checkpoint, pipeline, weights
+from perflow_jax import __version__, checkpoint, lora, pipeline, weights
 
 # ORG/NAME with an optional @REVISION (a branch, tag or commit).
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>\S+))?")
@@ -156,7 +156,7 @@ def model_card(
         "import perflow_jax.torch  # pip install 'perflow_jax[torch]': PeRFlowScheduler, merge_delta_weights",
         "from diffusers import DiffusionPipeline",
         "",
-        'pipe = DiffusionPipeline.from_pretrained("THIS_REPO")',
+        *_loading_lines(Path(folder), base_model),
         f"image = pipe(prompt, num_inference_steps={steps}"
         + (f", guidance_scale={guidance}" if guidance is not None else "")
         + ").images[0]",
@@ -201,3 +201,17 @@ def push_folder(
         raise error(f"--push-to-hub {repo_id}: {fix}; the export stays in {folder}") from problem
     log(f"uploaded {folder} to {url}")
     return url
+
+
+def _loading_lines(folder: Path, base_model: str) -> list[str]:
+    """How the card's snippet gets a pipeline: the repository itself when it holds one (an export with
+    --base), else the base model with the repository's LoRA or UNet and scheduler on top."""
+    if (folder / "model_index.json").is_file():
+        return ['pipe = DiffusionPipeline.from_pretrained("THIS_REPO")']
+    lines = [
+        f'pipe = DiffusionPipeline.from_pretrained("{base_model}")  # the base model',
+        'pipe.scheduler = perflow_jax.torch.PeRFlowScheduler.from_pretrained("THIS_REPO", subfolder="scheduler")',
+    ]
+    if (folder / lora.LORA_FILE).is_file():
+        return [*lines, 'pipe.load_lora_weights("THIS_REPO")']
+    return [*lines, 'pipe.unet = type(pipe.unet).from_pretrained("THIS_REPO", subfolder="unet")']

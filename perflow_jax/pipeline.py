@@ -430,9 +430,14 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
 def seed_noise(seed: int, count: int, shape: Sequence[int], start: int = 0) -> np.ndarray:
     """[count, h, w, c] float32, images start .. start + count - 1: image j's noise is
     normal(fold_in(key(seed), j), shape), whatever the batch it is drawn in."""
+    return np.asarray(_draw_noise(jnp.asarray(seed), start + jnp.arange(count), tuple(shape)))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _draw_noise(seed: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """One compilation per count and shape, whatever the seed and the first index (many batches reuse it)."""
     key = jax.random.key(seed)
-    draw = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), tuple(shape), jnp.float32))
-    return np.asarray(jax.jit(draw)(start + jnp.arange(count)))
+    return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), shape, jnp.float32))(indices)
 
 
 @dataclasses.dataclass

@@ -285,7 +285,7 @@ def generate_in_batches(
     bar = tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 2, dynamic_ncols=True, file=sys.stderr)
     for start in bar:
         end = start + batch_size
-        outputs.append(generator(prompts[start:end], noise[start:end], pad_to=batch_size))
+        outputs.append(generator(prompts[start:end], noise[start:end], pad_to=min(batch_size, len(prompts))))
     return pipeline.Output(
         np.concatenate([o.images for o in outputs]),
         np.concatenate([o.latents for o in outputs]),

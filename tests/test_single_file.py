@@ -12,13 +12,13 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from perflow_jax import single_file, weights
+from perflow_jax import compile_cache, single_file, weights
 from perflow_jax.convert import ConversionError, convert
 from perflow_jax.export import export_to_torch
 from perflow_jax.sample import Options, sample
 from tests.helpers.networks import TINY_TEXT
 from tests.helpers.parity import torch_state_dict
-from tests.helpers.pipelines import persistent_compilation_cache, quiet, tiny_pipeline
+from tests.helpers.pipelines import quiet, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = {False: ("unet", "vae", "text_encoder"), True: ("unet", "vae", "text_encoder", "text_encoder_2")}
@@ -190,7 +190,7 @@ def test_plug_and_play_unet_is_the_fine_tune_plus_the_delta_and_samples_in_4_ste
     merged = weights.params_to_state_dict(params)
     for key, w in torch_state_dict(tuned.unet).items():
         np.testing.assert_array_equal(merged[key], w + delta[key], err_msg=key)
-    with persistent_compilation_cache(tmp_path / "cache"):
+    with compile_cache.cache_in(tmp_path / "cache", min_compile_secs=0):
         output = sample(
             Options(out, ["a photo number 1"], tmp_path / "grid.png", steps=4, height=32, width=32), log=quiet
         )
