@@ -115,7 +115,7 @@ def torch_row(export: Path, out: Path, per_digit: int, seed: int, guidance: floa
     shape = sample.make_plan(sample.Options(export, prompts=prompts[:1])).latent_shape
     noise = pipeline.seed_noise(seed, count, shape)  # evaluate's: image j from the seed's noise j
     images, seconds = torch_images(export, prompts, noise, EXPORT_STEPS, guidance)
-    pixels = ev.to_uint8(images)
+    pixels = image_io.to_uint8(images)
     stats = fid.FeatureStats(ev.digit_features().dim)
     stats.add(ev.digit_features().compute(pixels))
     spec = fid.FeatureSpec(ev.FEATURES["digits"], digits.RESOLUTION, ev.RESIZE)

@@ -55,17 +55,22 @@ def preprocess(images: jax.Array, image_size: int) -> jax.Array:
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
-def clip_score(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
-    """torchmetrics' CLIPScore of N pairs: [N, P], [N, P] -> scalar float32 in [0, 100].
-
-    The mean over the pairs of 100 x cos(image_embeds, text_embeds), then max(mean, 0): torchmetrics
-    clips the mean, not each pair's score (its documentation's max(100 cos, 0) per pair).
-    """
+def cosine_scores(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
+    """100 x cos(image_embeds, text_embeds) of each of N pairs: [N, P], [N, P] -> [N] float32."""
     image = image_embeds.astype(jnp.float32)
     text = text_embeds.astype(jnp.float32)
     image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
     text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
-    return jnp.maximum(jnp.mean(100.0 * jnp.sum(image * text, axis=-1)), 0.0)
+    return 100.0 * jnp.sum(image * text, axis=-1)
+
+
+def clip_score(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
+    """torchmetrics' CLIPScore of N pairs: [N, P], [N, P] -> scalar float32 in [0, 100].
+
+    The mean over the pairs of ``cosine_scores``, then max(mean, 0): torchmetrics clips the mean,
+    not each pair's score (its documentation's max(100 cos, 0) per pair).
+    """
+    return jnp.maximum(jnp.mean(cosine_scores(image_embeds, text_embeds)), 0.0)
 
 
 class CLIP(NamedTuple):

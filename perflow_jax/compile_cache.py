@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+FLAG_HELP = "JAX compilation cache: load compiled programs from DIR and save new ones there"  # --compilation-cache
 OFF = "none"  # config.compilation_cache_dir: no cache of this run's own
 MIN_COMPILE_SECS = 1.0  # programs compiled faster are not saved (the step and the samplers take longer)
 _HIT = "/jax/compilation_cache/cache_hits"  # the jax.monitoring event of a program loaded from the cache

@@ -124,9 +124,7 @@ def clip_agreement(folder: str | Path, mesh: jax.sharding.Mesh) -> Agreement:
     def cosines(p, images, ids):
         image = clip.vision.apply({"params": p["vision"]}, cs.preprocess(images, size)).image_embeds
         text = clip.text.apply({"params": p["text"]}, ids).text_embeds
-        image = image / jax.numpy.linalg.norm(image, axis=-1, keepdims=True)
-        text = text / jax.numpy.linalg.norm(text, axis=-1, keepdims=True)
-        return 100.0 * (image * text).sum(axis=-1)
+        return cs.cosine_scores(image, text)
 
     apply = jax.jit(cosines, out_shardings=sharding.replicated(mesh))
 
@@ -159,11 +157,6 @@ def _on_devices(apply, params, inputs, mesh: jax.sharding.Mesh) -> np.ndarray:
     padded = -(-count // mesh.size) * mesh.size
     inputs = jax.tree.map(lambda x: np.pad(x, [(0, padded - count)] + [(0, 0)] * (x.ndim - 1), mode="edge"), inputs)
     return np.asarray(apply(params, sharding.place(inputs, sharding.batch_sharding(mesh))), np.float64)[:count]
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, H, W, 3] floats in [0, 1] -> uint8, as a PNG stores them (what every measure reads)."""
-    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +292,7 @@ def generated_batches(
         chunk = prompts[start : start + batch_size]
         noise = pipeline.seed_noise(seed, len(chunk), latent_shape, start=start)
         output = generator(chunk, noise, unet_params=unet_params, pad_to=min(batch_size, len(prompts)))
-        yield to_uint8(output.images), chunk, Counter()
+        yield image_io.to_uint8(output.images), chunk, Counter()
 
 
 def reference_images(
@@ -657,11 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype (default float32)")
     parser.add_argument("--save-images", action="store_true", help="also write every image as a PNG")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made with other settings")
-    parser.add_argument(
-        "--compilation-cache",
-        metavar="DIR",
-        help="JAX compilation cache: load compiled programs from DIR and save new ones there",
-    )
+    parser.add_argument("--compilation-cache", metavar="DIR", help=compile_cache.FLAG_HELP)
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
     console.set_log_levels(args.verbose)

@@ -19,8 +19,13 @@ def grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     cells = np.zeros((rows * columns, h, w, c), np.uint8)
-    cells[:n] = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    cells[:n] = to_uint8(images)
     return cells.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] -> uint8 0..255, rounded, as a PNG stores them."""
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:

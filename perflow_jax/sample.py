@@ -342,11 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"images per jitted call (default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=lora.SAMPLE_HELP)
-    parser.add_argument(
-        "--compilation-cache",
-        metavar="DIR",
-        help="JAX compilation cache: load compiled programs from DIR and save new ones there",
-    )
+    parser.add_argument("--compilation-cache", metavar="DIR", help=compile_cache.FLAG_HELP)
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
     console.set_log_levels(args.verbose)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perflow_jax import compile_cache, fid, sample
+from perflow_jax import compile_cache, fid, image_io, sample
 from perflow_jax import evaluate as ev
 from perflow_jax.demo import classifier, digits
 from tests.helpers.pipelines import quiet, tiny_model_and_data, tiny_workdir
@@ -59,7 +59,7 @@ def test_fid_and_accuracy_are_those_of_the_sampled_images(workdir, whole, tmp_pa
     metrics, out = whole
     prompts = [PROMPTS[j % 3] for j in range(NUM_IMAGES)]
     drawn = sample.sample(sample.Options(workdir, prompts, tmp_path / "grid.png", height=32, width=32), log=quiet)
-    pixels = ev.to_uint8(drawn.images)
+    pixels = image_io.to_uint8(drawn.images)
     features = classifier.features(pixels)
     real = classifier.features(digits.load("heldout")[0])
     expected = classifier.frechet_distance(features, real)

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from perflow_jax import checkpoint, data, evaluate, fid, recipe, sample, sharding, training
+from perflow_jax import checkpoint, data, fid, image_io, recipe, sample, sharding, training
 from perflow_jax.demo import classifier, digits
 from tests.helpers.pipelines import quiet, tiny_model_and_data
 from tests.helpers.processes import library_logs, run_joined_processes
@@ -108,7 +108,7 @@ def test_cli_trains_and_writes_metrics_tensorboard_checkpoints_samples_and_fid(s
         tmp_path / "run", prompts, grid, log.sample_steps, log.sample_guidance, seed=log.sample_seed
     )
     drawn = fid.FeatureStats(64)
-    drawn.add(classifier.features(evaluate.to_uint8(sample.sample(options, log=quiet).images)))
+    drawn.add(classifier.features(image_io.to_uint8(sample.sample(options, log=quiet).images)))
     expected = fid.frechet_distance(drawn.mean, drawn.sigma, reference.mu, reference.sigma)
     assert scores[4] == pytest.approx(expected, rel=1e-6)  # float64 statistics of the same uint8 images
     assert f"step 4/4 | FID {expected:.3f} vs {path} (6 images, 4 steps)" in result.stdout
