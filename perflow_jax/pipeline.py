@@ -343,6 +343,8 @@ class GenerateSettings:
     parameterization: the student's output, "velocity", "ddim_eps" or "diff_eps" (method "perflow").
     num_windows: K, the student's time windows (method "perflow"); N >= K.
     prediction_type: the teacher's output, "epsilon" or "v_prediction" (method "ddim").
+    strength: img2img (method "perflow"): generate takes init images and runs the last
+      min(int(N strength), N) steps from them (``sampler.img2img_first_step``); None draws from noise alone.
     """
 
     method: str = "perflow"
@@ -351,6 +353,7 @@ class GenerateSettings:
     parameterization: str = "diff_eps"
     num_windows: int = 4
     prediction_type: str = "epsilon"
+    strength: float | None = None
 
     def __post_init__(self):
         if not math.isfinite(self.guidance):
@@ -360,7 +363,11 @@ class GenerateSettings:
         if self.method == "perflow":
             schedule.check_parameterization(self.parameterization)
             sampler.sampler_timesteps(self.num_steps, self.num_windows)  # raises if N < K
+            if self.strength is not None:
+                sampler.img2img_first_step(self.num_steps, self.strength)  # raises outside (0, 1] or for 0 steps
         else:
+            if self.strength is not None:
+                raise ValueError("img2img (strength) is implemented for the PeRFlow sampler, not the teacher's DDIM")
             if self.prediction_type not in solver.PREDICTION_TYPES:
                 raise ValueError(
                     f"unknown teacher prediction_type {self.prediction_type!r}: use one of "
@@ -391,7 +398,7 @@ class Pipeline:
 
 
 def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """``generate(params, ids, null_ids, noise) -> (images, latents)``, jittable as a whole.
+    """``generate(params, ids, null_ids, noise, init_images=None) -> (images, latents)``, jittable as a whole.
 
     params: {"unet": the student's (method "perflow") or the teacher's ("ddim") parameters,
       "text": {"text_encoder": ..., ("text_encoder_2": ...)}, "vae": ...}.
@@ -399,6 +406,9 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
       SDXL's size ids default to ``TextEncoders.size_ids``). null_ids: the same for the one negative
       prompt ([1, 77]), the unconditional branch of classifier-free guidance (unused at guidance 1).
     noise: [N, h, w, c] the initial latents z ~ N(0, I) (``Pipeline.latent_shape``).
+    init_images: img2img (``settings.strength`` set, then required): [N, f h, f w, 3] in [-1, 1], encoded
+      to the VAE posterior's mean (diffusers draws a posterior sample; its ``sample_mode="argmax"`` is
+      this), times scaling_factor, and noised with ``noise`` to the first step's timestep.
     Returns images [N, f h, f w, 3] float32 in [0, 1] (f the VAE's downsampling factor) and the
     final latents [N, h, w, c] float32 before the VAE decode (scaled by its scaling_factor).
     """
@@ -409,9 +419,19 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
     else:
         solve = functools.partial(solver.ddim_sample, prediction_type=settings.prediction_type)
     steps = {"num_steps": settings.num_steps, "guidance": settings.guidance}
+    img2img = settings.strength is not None
+    if img2img:
+        steps["first_step"] = sampler.img2img_first_step(settings.num_steps, settings.strength)
+        first_timestep = int(sampler.sampler_timesteps(settings.num_steps, settings.num_windows)[steps["first_step"]])
 
-    def generate(params, ids, null_ids, noise):
+    def generate(params, ids, null_ids, noise, init_images=None):
         n = noise.shape[0]
+        if img2img != (init_images is not None):
+            raise ValueError(
+                "img2img needs init_images and settings.strength together: give both, or neither to draw from noise"
+            )
+        if img2img and init_images.shape[0] != n:
+            raise ValueError(f"{init_images.shape[0]} init images but noise for {n} images: give one per image")
         if ids["input_ids"].shape[0] != n:
             raise ValueError(f"{ids['input_ids'].shape[0]} prompts but noise for {n} images: give one noise per prompt")
         if pipe.text.text_encoder_2 is not None and "input_ids_2" not in ids:
@@ -420,6 +440,10 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
         null_cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(1), **null_ids})
         null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), null_cond)
         apply = unet_apply(pipe.unet, params["unet"])
+        if img2img:
+            mean, _ = pipe.vae.apply({"params": params["vae"]}, init_images, method="encode")
+            x0 = mean * pipe.vae.config.scaling_factor
+            noise = sampler.add_noise(x0, noise.astype(jnp.float32), pipe.alphas_cumprod, first_timestep)
         z = solve(apply, noise, cond, null_cond, pipe.alphas_cumprod, **steps)
         decoded = pipe.vae.apply({"params": params["vae"]}, z / pipe.vae.config.scaling_factor, method="decode")
         return jnp.clip((decoded.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0), z
@@ -481,10 +505,17 @@ class Generator:
         """A Generator of the same networks and parameters (not copied) that draws per ``settings``."""
         return Generator(self.pipe, settings, self.params, self.tokenize, self.mesh, self.negative_prompt)
 
-    def inputs(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None, pad_to: int = 0) -> tuple:
-        """The compiled function's arguments: ``prompts`` (one per image) and ``noise`` [B, h, w, c], padded
-        (to ``pad_to`` rows at least) and placed; ``unet_params`` in place of ``params["unet"]`` (e.g. a
-        training run's EMA)."""
+    def inputs(
+        self,
+        prompts: Sequence[str],
+        noise: np.ndarray,
+        unet_params: Any = None,
+        pad_to: int = 0,
+        init_images: np.ndarray | None = None,
+    ) -> tuple:
+        """The compiled function's arguments: ``prompts`` (one per image) and ``noise`` [B, h, w, c] (and img2img's
+        ``init_images`` [B, H, W, 3]), padded (to ``pad_to`` rows at least) and placed; ``unet_params`` in place of
+        ``params["unet"]`` (e.g. a training run's EMA)."""
         count = len(prompts)
         if np.shape(noise)[0] != count:
             raise ValueError(f"noise for {np.shape(noise)[0]} images but {count} prompts: give one noise per prompt")
@@ -496,20 +527,31 @@ class Generator:
         noise = _pad(np.asarray(noise, np.float32), padded, "constant")
         params = self.params if unet_params is None else {**self.params, "unet": unet_params}
         batch = sharding.batch_sharding(self.mesh)
-        return params, sharding.place(ids, batch), self.null_ids, sharding.place(noise, batch)
+        args = (params, sharding.place(ids, batch), self.null_ids, sharding.place(noise, batch))
+        if init_images is None:
+            return args
+        return args + (sharding.place(_pad(np.asarray(init_images, np.float32), padded, "edge"), batch),)
 
     def compiled(self, args: tuple) -> tuple[Any, float]:
         """(the function compiled for ``args``' batch size, seconds spent compiling it now: 0 if cached)."""
-        padded = args[-1].shape[0]
+        padded = args[3].shape[0]
         if padded in self._compiled:
             return self._compiled[padded], 0.0
         start = time.perf_counter()
         self._compiled[padded] = self._jitted.lower(*args).compile()
         return self._compiled[padded], time.perf_counter() - start
 
-    def __call__(self, prompts: Sequence[str], noise: np.ndarray, unet_params: Any = None, pad_to: int = 0) -> Output:
-        """Images of ``prompts`` (one per image) from ``noise`` [B, h, w, c] (channels-last)."""
-        args = self.inputs(prompts, noise, unet_params, pad_to)
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        noise: np.ndarray,
+        unet_params: Any = None,
+        pad_to: int = 0,
+        init_images: np.ndarray | None = None,
+    ) -> Output:
+        """Images of ``prompts`` (one per image) from ``noise`` [B, h, w, c] (channels-last), and with
+        ``settings.strength`` from ``init_images`` [B, H, W, 3] in [-1, 1] (img2img)."""
+        args = self.inputs(prompts, noise, unet_params, pad_to, init_images)
         function, compile_seconds = self.compiled(args)
         start = time.perf_counter()
         images, latents = jax.block_until_ready(function(*args))

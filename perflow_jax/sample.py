@@ -11,6 +11,15 @@ decode; the images (the prompts times --num-images) are drawn --batch-size at a 
 with a progress bar), each batch split over all devices. Images are ordered
 prompt by prompt: image j = p N + i is prompt p's i-th (N = --num-images), as in diffusers.
 
+img2img: ``--init-image IMAGE --strength S`` starts every image from IMAGE (read as RGB; its size must be
+--height x --width, else it is refused naming both: resize it first) as diffusers'
+StableDiffusionImg2ImgPipeline does with the PeRFlowScheduler: of the --steps N steps, the last
+min(int(N S), N) run (S = 0.75 at 4 steps: timesteps 750, 500, 250), from the image's latents (the VAE
+posterior's mean, times scaling_factor; diffusers draws a posterior sample, its ``retrieve_latents``
+with ``sample_mode="argmax"`` gives this) forward-diffused with the image's noise to the first of them.
+S = 1 still keeps a trace of the image (sqrt(alphas_cumprod[999]) of it). The noise below is then that
+forward diffusion's noise. The PeRFlow sampler only (not --teacher-ddim).
+
 Noise: image j starts from ``jax.random.normal(jax.random.fold_in(jax.random.key(seed), j), (h, w, c))``
 (channels-last; h = H / f and w = W / f with f the VAE's downsampling factor, c its latent channels),
 so the same seed gives the same images and every image, hence every prompt, has its own noise.
@@ -40,6 +49,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from perflow_jax import checkpoint, compile_cache, console, image_io, lora, models, pipeline, sharding
@@ -48,6 +58,7 @@ from perflow_jax.weights import COMPUTE_DTYPES, check_out
 DEFAULT_STEPS = 4
 STUDENT_GUIDANCE = 4.5  # the released SD1.5 setting at 4 steps
 TEACHER_GUIDANCE = 7.5  # Stable Diffusion's usual setting
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 DEFAULT_BATCH_SIZE = 16  # images per jitted call: SD1.5 at 512 px in float32 fits a 16 GB accelerator
 WEIGHTS = tuple(checkpoint.WEIGHTS)
 
@@ -80,6 +91,8 @@ class Options:
     dtype: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE
     lora: Sequence[str] = ()
+    init_image: Path | None = None
+    strength: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +132,12 @@ def make_plan(options: Options) -> Plan:
             f"--guidance {o.guidance}: classifier-free guidance scales below 1 move away from the prompt; "
             "use 1 (no guidance) or more"
         )
+    if o.strength is not None and o.init_image is None:
+        raise SampleError(f"--strength {o.strength} is img2img's: give the image to start from as --init-image IMAGE")
+    if o.strength is not None and not 0 < o.strength <= 1:
+        raise SampleError(f"--strength {o.strength}: give a value in (0, 1] (the share of the steps that run)")
+    if o.init_image is not None and o.teacher_ddim is not None:
+        raise SampleError("--init-image is implemented for the PeRFlow student's sampler: drop --teacher-ddim")
     if o.negative_prompt is not None and o.guidance == 1:
         raise SampleError("--negative-prompt has no effect with --guidance 1 (no unconditional pass): raise --guidance")
     for name, size in (("height", o.height), ("width", o.width)):
@@ -183,12 +202,22 @@ def _settings(o: Options, description: pipeline.Description) -> pipeline.Generat
             f"{pipeline.PERFLOW_SCHEDULER}"
         )
     parameterization, num_windows = description.perflow
+    num_steps = o.steps or DEFAULT_STEPS
+    strength = None
+    if o.init_image is not None:
+        strength = DEFAULT_STRENGTH if o.strength is None else o.strength
+        if int(num_steps * strength) == 0:
+            raise SampleError(
+                f"--strength {strength} of {num_steps} steps runs int({num_steps} x {strength}) = 0 steps: give "
+                f"--strength {1 / num_steps:g} or more, or more --steps"
+            )
     return pipeline.GenerateSettings(
         method="perflow",
-        num_steps=o.steps or DEFAULT_STEPS,
+        num_steps=num_steps,
         guidance=o.guidance or STUDENT_GUIDANCE,
         parameterization=parameterization,
         num_windows=num_windows,
+        strength=strength,
     )
 
 
@@ -209,6 +238,24 @@ def initial_noise(options: Options, plan: Plan, count: int) -> np.ndarray:
     if bad:
         raise SampleError(f"--init-noise {options.init_noise} holds {bad} NaN or infinite values: give finite noise")
     return image_io.to_nhwc(given)
+
+
+def read_init_image(path: Path, height: int, width: int) -> np.ndarray:
+    """--init-image as [height, width, 3] float32 in [-1, 1] (RGB, x / 255 * 2 - 1 as diffusers' image
+    processor computes it); a missing or unreadable file, or another size, is refused."""
+    if not Path(path).is_file():
+        raise SampleError(f"--init-image {path} does not exist: give an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SampleError(f"--init-image {path} is not a readable image ({error}): give a PNG or JPEG file") from error
+    if pixels.shape[:2] != (height, width):
+        raise SampleError(
+            f"--init-image {path} is {pixels.shape[0]} x {pixels.shape[1]} pixels (height x width) but the images "
+            f"are {height} x {width}: resize the image, or give --height {pixels.shape[0]} --width {pixels.shape[1]}"
+        )
+    return pixels.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
 
 
 def load(options: Options, plan: Plan) -> pipeline.Generator:
@@ -257,13 +304,16 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
     plan = make_plan(o)
     batch = [prompt for prompt in o.prompts for _ in range(o.num_images)]
     noise = initial_noise(o, plan, len(batch))
+    init_image = None if o.init_image is None else read_init_image(o.init_image, plan.height, plan.width)
 
     start = time.perf_counter()
     generator = load(o, plan)
     source = f"the student of {o.model} ({plan.weights} weights)" if plan.weights else str(plan.description.folder)
     log(f"loaded {source} in {time.perf_counter() - start:.1f} s")
-    result = generate_in_batches(generator, batch, noise, o.batch_size)
+    result = generate_in_batches(generator, batch, noise, o.batch_size, init_image)
     what = "the teacher's DDIM" if plan.settings.method == "ddim" else "PeRFlow"
+    if init_image is not None:
+        what += f" img2img from {o.init_image} at strength {plan.settings.strength}"
     log(
         f"{what}, {plan.settings.num_steps} steps, guidance {plan.settings.guidance}: compiled in "
         f"{result.compile_seconds:.1f} s; {len(batch)} images of {plan.height} x {plan.width} in "
@@ -276,16 +326,24 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
 
 
 def generate_in_batches(
-    generator: pipeline.Generator, prompts: Sequence[str], noise: np.ndarray, batch_size: int
+    generator: pipeline.Generator,
+    prompts: Sequence[str],
+    noise: np.ndarray,
+    batch_size: int,
+    init_image: np.ndarray | None = None,
 ) -> pipeline.Output:
     """``generator``'s images of ``prompts`` from ``noise``, ``batch_size`` at a time (one compilation; a
-    progress bar on standard error when there is more than one batch), joined in order."""
+    progress bar on standard error when there is more than one batch), joined in order. ``init_image``
+    [H, W, 3] in [-1, 1]: img2img's start for every image."""
     outputs = []
     starts = range(0, len(prompts), batch_size)
     bar = tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 2, dynamic_ncols=True, file=sys.stderr)
     for start in bar:
         end = start + batch_size
-        outputs.append(generator(prompts[start:end], noise[start:end], pad_to=min(batch_size, len(prompts))))
+        count = len(prompts[start:end])
+        init_images = None if init_image is None else np.broadcast_to(init_image, (count, *init_image.shape))
+        pad_to = min(batch_size, len(prompts))
+        outputs.append(generator(prompts[start:end], noise[start:end], pad_to=pad_to, init_images=init_images))
     return pipeline.Output(
         np.concatenate([o.images for o in outputs]),
         np.concatenate([o.latents for o in outputs]),
@@ -341,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_BATCH_SIZE,
         help=f"images per jitted call (default {DEFAULT_BATCH_SIZE})",
     )
+    parser.add_argument("--init-image", type=Path, metavar="IMAGE", help="img2img: the image to start from")
+    parser.add_argument("--strength", type=float, help=f"img2img: share of steps run, (0, 1] ({DEFAULT_STRENGTH})")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=lora.SAMPLE_HELP)
     parser.add_argument("--compilation-cache", metavar="DIR", help=compile_cache.FLAG_HELP)
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
