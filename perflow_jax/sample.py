@@ -11,14 +11,14 @@ decode; the images (the prompts times --num-images) are drawn --batch-size at a 
 with a progress bar), each batch split over all devices. Images are ordered
 prompt by prompt: image j = p N + i is prompt p's i-th (N = --num-images), as in diffusers.
 
-img2img: ``--init-image IMAGE --strength S`` starts every image from IMAGE (read as RGB; its size must be
---height x --width, else it is refused naming both: resize it first) as diffusers'
-StableDiffusionImg2ImgPipeline does with the PeRFlowScheduler: of the --steps N steps, the last
-min(int(N S), N) run (S = 0.75 at 4 steps: timesteps 750, 500, 250), from the image's latents (the VAE
-posterior's mean, times scaling_factor; diffusers draws a posterior sample, its ``retrieve_latents``
-with ``sample_mode="argmax"`` gives this) forward-diffused with the image's noise to the first of them.
-S = 1 still keeps a trace of the image (sqrt(alphas_cumprod[999]) of it). The noise below is then that
-forward diffusion's noise. The PeRFlow sampler only (not --teacher-ddim).
+img2img: ``--init-image IMAGE --strength S`` (S default 0.8, as in diffusers) starts every image from
+IMAGE (read as RGB; its size must be --height x --width, else it is refused naming both: resize it
+first) as diffusers' StableDiffusionImg2ImgPipeline does with the PeRFlowScheduler: of the --steps N
+steps, the last min(int(N S), N) run (S = 0.75 at 4 steps: timesteps 750, 500, 250), from the image's
+latents (the VAE posterior's mean, times scaling_factor; diffusers draws a posterior sample, its
+``retrieve_latents`` with ``sample_mode="argmax"`` gives this) forward-diffused with the image's noise
+to the first of them. S = 1 still keeps a trace of the image (sqrt(alphas_cumprod[999]) of it). The
+noise below is then that forward diffusion's noise. The PeRFlow sampler only (not --teacher-ddim).
 
 Noise: image j starts from ``jax.random.normal(jax.random.fold_in(jax.random.key(seed), j), (h, w, c))``
 (channels-last; h = H / f and w = W / f with f the VAE's downsampling factor, c its latent channels),
