@@ -86,7 +86,7 @@ def test_generate_wants_init_images_exactly_when_a_strength_is_set(strength):
         generate(None, {"input_ids": np.zeros((1, 77), np.int32)}, None, np.zeros((1, 8, 8, 4)), init_images)
 
 
-@pytest.mark.parametrize("num_steps, strength", [(4, 0.5), (4, 1.0), (6, 0.5)])
+@pytest.mark.parametrize("num_steps, strength", [(4, 1.0), (6, 0.5)])  # from t = 1000; from inside a window
 def test_img2img_final_latents_equal_diffusers_img2img_pipeline(
     student, diffusers_img2img, monkeypatch, tmp_path, num_steps, strength
 ):
