@@ -27,8 +27,8 @@ to every reference is ``perflow_jax.fid.frechet_distance``.
 Nothing is lost when a run stops: after each batch the running statistics of its sampler go to
 ``DIR/progress/NAME.npz`` (with the number of finished batches), and a new run with the same
 settings continues after the last finished batch, so no image is counted twice or left out.
-``DIR/settings.json`` holds the settings; a DIR made with other settings is refused unless
---overwrite. Results: ``DIR/metrics.json`` (FID per sampler and reference, CLIP score, images,
+``DIR/settings.json`` holds the settings (--save-images among them: a resumed run writes every
+image or none); a DIR made with other settings is refused unless --overwrite. Results: ``DIR/metrics.json`` (FID per sampler and reference, CLIP score, images,
 seconds, images/s, the settings and versions), ``DIR/NAME.png`` (a grid of the first batch) and,
 with --save-images, every image as ``DIR/images/NAME/XXXXX.png`` for other tools.
 """
@@ -585,7 +585,7 @@ def _check(o: Options) -> None:
 def _settings(o: Options, prompts: Sequence[str], size: int) -> dict[str, Any]:
     """What the results depend on: a resumed run must have the same (settings.json)."""
     fields = dataclasses.asdict(o)
-    for transient in ("overwrite", "out", "save_images"):
+    for transient in ("overwrite", "out"):
         fields.pop(transient)
     fields = {
         k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple | list) else v) for k, v in fields.items()
