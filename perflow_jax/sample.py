@@ -15,6 +15,16 @@ Noise: image j starts from ``jax.random.normal(jax.random.fold_in(jax.random.key
 (channels-last; h = H / f and w = W / f with f the VAE's downsampling factor, c its latent channels),
 so the same seed gives the same images and every image, hence every prompt, has its own noise.
 
+ControlNet: ``--control IMAGE --controlnet NAME [--control-scale S]`` (repeatable pairs, in order,
+for several ControlNets whose residuals are summed) steers every image with a ControlNet converted
+into the model folder (``python -m perflow_jax.convert --controlnet DIR:NAME``; for a WORKDIR, into
+its teacher folder), as diffusers' StableDiffusionControlNetPipeline does. IMAGE is the control
+signal itself, already preprocessed (an edge, depth or pose map: this project ships no annotators),
+a PNG or JPEG at exactly the image size (--height x --width; other sizes are refused, naming the
+expected one, rather than resized), RGB or grayscale (repeated to RGB, as diffusers converts it).
+--control-scale is given for every pair or for none (each 1.0); ``--guess-mode`` is diffusers'
+guess mode (residuals weighted from 0.1 to 1 with depth, none in the unconditional CFG branch).
+
 Files for comparisons across frameworks: .npy, float32, in diffusers' layout [images, c, h, w]
 (this project computes channels-last, [images, h, w, c]; the files are transposed on the way):
 - ``--init-noise``: the initial noise z_1 ~ N(0, I) to start from instead of the seed's. The same
@@ -80,6 +90,10 @@ class Options:
     dtype: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE
     lora: Sequence[str] = ()
+    control: Sequence[Path] = ()
+    controlnet: Sequence[str] = ()
+    control_scale: Sequence[float] = ()
+    guess_mode: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +169,7 @@ def make_plan(options: Options) -> Plan:
             f"--height {height} and --width {width}: SDXL models are sampled here at square sizes only (one "
             "resolution for the size conditioning); give --height equal to --width"
         )
-    settings = _settings(o, description)
+    settings = dataclasses.replace(_settings(o, description), **_control_settings(o, description))
     weights = (o.weights or "ema") if description.workdir and o.teacher_ddim is None else None
     return Plan(description, settings, weights, height, width, (height // f, width // f, vae.latent_channels))
 
@@ -192,6 +206,64 @@ def _settings(o: Options, description: pipeline.Description) -> pipeline.Generat
     )
 
 
+def _control_settings(o: Options, description: pipeline.Description) -> dict[str, Any]:
+    """The ControlNets' conditioning scales and guess mode, after checking the --control / --controlnet pairs."""
+    if len(o.control) != len(o.controlnet):
+        raise SampleError(
+            f"{len(o.control)} --control images for {len(o.controlnet)} --controlnet names: give them in pairs, "
+            "--control IMAGE --controlnet NAME (one pair per ControlNet)"
+        )
+    if o.control_scale and len(o.control_scale) != len(o.controlnet):
+        raise SampleError(
+            f"{len(o.control_scale)} --control-scale values for {len(o.controlnet)} ControlNets: give one per "
+            "--controlnet, or none (each 1.0)"
+        )
+    if o.guess_mode and not o.controlnet:
+        raise SampleError("--guess-mode is a ControlNet mode: add --control IMAGE --controlnet NAME, or drop it")
+    available = pipeline.controlnet_names(description.folder)
+    unknown = [name for name in o.controlnet if name not in available]
+    if unknown:
+        raise SampleError(
+            f"--controlnet {unknown[0]}: {description.folder} has no such ControlNet; it has "
+            f"{', '.join(available) or 'none'}: convert one into it with python -m perflow_jax.convert "
+            "--controlnet DIR:NAME"
+        )
+    for path in o.control:
+        if not Path(path).is_file():
+            raise SampleError(f"--control {path} does not exist: give the control image (an edge, depth or pose map)")
+    scales = tuple(float(x) for x in o.control_scale) or (1.0,) * len(o.controlnet)
+    bad = [x for x in scales if not math.isfinite(x)]
+    if bad:
+        raise SampleError(f"--control-scale {bad[0]}: give a finite number (1.0 is the ControlNet as trained)")
+    return {"control_scales": scales, "guess_mode": o.guess_mode}
+
+
+def read_control_image(path: Path, height: int, width: int, channels: int = 3) -> np.ndarray:
+    """[height, width, 3] float32 in [0, 1]: an RGB or grayscale (repeated to RGB) image file; SampleError for
+    another size, another mode (RGBA, CMYK, ...) or a ControlNet whose ``channels`` are not 3."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+            pixels = np.asarray(image.convert("RGB") if mode == "L" else image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise SampleError(f"--control {path} is not an image file PIL can read ({error}): give a PNG or JPEG") from None
+    if mode not in ("RGB", "L"):
+        raise SampleError(
+            f"--control {path} is a {mode} image; control images are RGB (or grayscale): convert it, e.g. with "
+            "PIL's image.convert('RGB')"
+        )
+    if size != (width, height):
+        raise SampleError(
+            f"--control {path} is {size[0]} x {size[1]} pixels; the images are {width} x {height}: give the control "
+            "image at the image size (resize it yourself, or set --width and --height to its size)"
+        )
+    if channels != 3:
+        raise SampleError(f"--control {path}: this ControlNet takes {channels}-channel control inputs, not RGB images")
+    return pixels.astype(np.float32) / 255.0
+
+
 def initial_noise(options: Options, plan: Plan, count: int) -> np.ndarray:
     """[count, h, w, c] float32: --init-noise's (checked, NCHW on disk), else the seed's."""
     if options.init_noise is None:
@@ -221,6 +293,7 @@ def load(options: Options, plan: Plan) -> pipeline.Generator:
         dtype=options.dtype,
         negative_prompt=options.negative_prompt or "",
         loras=[lora.parse_file_arg(arg) for arg in options.lora],
+        controlnets=options.controlnet,
     )
 
 
@@ -256,13 +329,17 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
             check_out(path, {"--model": o.model}, SampleError, flag)
     plan = make_plan(o)
     batch = [prompt for prompt in o.prompts for _ in range(o.num_images)]
+    control = tuple(
+        read_control_image(path, plan.height, plan.width, _conditioning_channels(plan, name))
+        for path, name in zip(o.control, o.controlnet, strict=True)
+    )
     noise = initial_noise(o, plan, len(batch))
 
     start = time.perf_counter()
     generator = load(o, plan)
     source = f"the student of {o.model} ({plan.weights} weights)" if plan.weights else str(plan.description.folder)
     log(f"loaded {source} in {time.perf_counter() - start:.1f} s")
-    result = generate_in_batches(generator, batch, noise, o.batch_size)
+    result = generate_in_batches(generator, batch, noise, o.batch_size, control)
     what = "the teacher's DDIM" if plan.settings.method == "ddim" else "PeRFlow"
     log(
         f"{what}, {plan.settings.num_steps} steps, guidance {plan.settings.guidance}: compiled in "
@@ -276,22 +353,31 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
 
 
 def generate_in_batches(
-    generator: pipeline.Generator, prompts: Sequence[str], noise: np.ndarray, batch_size: int
+    generator: pipeline.Generator, prompts: Sequence[str], noise: np.ndarray, batch_size: int, control=()
 ) -> pipeline.Output:
     """``generator``'s images of ``prompts`` from ``noise``, ``batch_size`` at a time (one compilation; a
-    progress bar on standard error when there is more than one batch), joined in order."""
+    progress bar on standard error when there is more than one batch), joined in order; ``control``: one
+    control image per ControlNet, for every image."""
     outputs = []
     starts = range(0, len(prompts), batch_size)
     bar = tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 2, dynamic_ncols=True, file=sys.stderr)
     for start in bar:
         end = start + batch_size
-        outputs.append(generator(prompts[start:end], noise[start:end], pad_to=min(batch_size, len(prompts))))
+        outputs.append(
+            generator(prompts[start:end], noise[start:end], pad_to=min(batch_size, len(prompts)), control=control)
+        )
     return pipeline.Output(
         np.concatenate([o.images for o in outputs]),
         np.concatenate([o.latents for o in outputs]),
         sum(o.compile_seconds for o in outputs),
         sum(o.run_seconds for o in outputs),
     )
+
+
+def _conditioning_channels(plan: Plan, name: str) -> int:
+    """The control input channels of ControlNet ``name`` of the planned model's folder (3 for images)."""
+    config = pipeline.read_json(plan.description.folder / pipeline.CONTROLNET_FOLDER / name / "config.json")
+    return int(config.get("conditioning_channels", 3))
 
 
 def _write(o: Options, noise: np.ndarray, result: pipeline.Output, log: Callable[[str], Any]) -> None:
@@ -342,6 +428,20 @@ def main(argv: list[str] | None = None) -> int:
         help=f"images per jitted call (default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=lora.SAMPLE_HELP)
+    parser.add_argument(
+        "--control", action="append", default=[], type=Path, metavar="IMAGE", help="a control image (with --controlnet)"
+    )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a ControlNet of the model folder, per --control",
+    )
+    parser.add_argument(
+        "--control-scale", action="append", default=[], type=float, metavar="S", help="per --controlnet (default 1.0)"
+    )
+    parser.add_argument("--guess-mode", action="store_true", help="diffusers' ControlNet guess mode")
     parser.add_argument("--compilation-cache", metavar="DIR", help=compile_cache.FLAG_HELP)
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)

@@ -86,15 +86,17 @@ def architecture_mismatches(controlnet: ControlNetConfig, unet: UNetConfig) -> l
     for key in BASE_ARCHITECTURE:
         a, b = getattr(controlnet.unet, key), getattr(unet, key)
         if a != b:
-            mismatches.append(f"{key} {_plain(a)} vs {_plain(b)}")
+            mismatches.append(f"{key} {_as_written(key, a)} vs {_as_written(key, b)}")
     return mismatches
 
 
-def _plain(value):
-    """(768, 768) -> 768 and tuples as lists: a dimension as config.json writes it."""
-    if isinstance(value, tuple):
-        return value[0] if len(set(value)) == 1 else list(value)
-    return value
+def _as_written(key: str, value):
+    """A dimension as config.json usually writes it: tuples as lists, and one number for the same in every block."""
+    if not isinstance(value, tuple):
+        return value
+    if key in ("cross_attention_dim", "layers_per_block") and len(set(value)) == 1:
+        return value[0]
+    return list(value)
 
 
 def guess_mode_scales(count: int) -> np.ndarray:
