@@ -543,11 +543,11 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
             raise ValueError(f"{ids['input_ids'].shape[0]} prompts but noise for {n} images: give one noise per prompt")
         if pipe.text.text_encoder_2 is not None and "input_ids_2" not in ids:
             raise ValueError("this is an SDXL model: ids need input_ids_2 as well; pass Model.tokenize(prompts)")
+        check_control(control, noise.shape, pipe)
         cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(n), **ids})
         null_cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(1), **null_ids})
         null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), null_cond)
         apply = unet_apply(pipe.unet, params["unet"])
-        check_control(control, noise.shape, pipe)
         if pipe.controlnets:
             controlnets = (pipe.controlnets, params["controlnets"], settings.control_scales, settings.guess_mode)
             apply = controlled_unet_apply(pipe.unet, params["unet"], *controlnets)
