@@ -41,9 +41,8 @@ class Model:
     params: dict[str, Any]
     tokenizers: dict[str, Any]  # batch field ("input_ids", "input_ids_2") -> transformers CLIPTokenizer
     scheduler_config: dict[str, Any]
-    controlnets: dict[str, tuple[dict[str, Any], Any]] = dataclasses.field(
-        default_factory=dict
-    )  # name -> (config, params)
+    # ControlNet name -> (its config dict, its parameters): those asked of load_model.
+    controlnets: dict[str, tuple[dict[str, Any], Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def sdxl(self) -> bool:

@@ -16,7 +16,7 @@ from perflow_jax.export import export_to_torch
 from perflow_jax.image_io import to_nchw, to_nhwc
 from perflow_jax.sample import Options, SampleError, make_plan, sample
 from tests.helpers.networks import TINY_TEXT, TINY_UNETS
-from tests.helpers.parity import relative_error
+from tests.helpers.parity import random_torch_controlnet, relative_error
 from tests.helpers.pipelines import quiet, tiny_pipeline
 
 PROMPTS = ["a photo number 3", "a red car"]
@@ -34,8 +34,6 @@ def compilation_cache(tmp_path_factory):
 def models(tmp_path_factory):
     """A tiny PeRFlow student (diff_eps, 4 windows) converted with two random ControlNets ("edges", "depth"), its
     export to diffusers, and a control image for each (RGB, grayscale), under one folder."""
-    from tests.helpers.parity import random_torch_controlnet
-
     root = tmp_path_factory.mktemp("controlnet")
     tiny_pipeline(root / "sources").save_pretrained(root / "teacher")
     shutil.copytree(root / "teacher", root / "student")
@@ -143,8 +141,6 @@ def test_the_converted_controlnets_are_listed_by_name(models):
 
 
 def test_a_controlnet_of_another_base_architecture_is_refused_at_convert_naming_the_dimension(models, tmp_path):
-    from tests.helpers.parity import random_torch_controlnet
-
     random_torch_controlnet({**UNET, "cross_attention_dim": 24}).save_pretrained(tmp_path / "sd21_canny")
     with pytest.raises(ConversionError, match=r"sd21_canny: .*another base model: cross_attention_dim 24 vs 32"):
         convert(models / "student", tmp_path / "out", controlnet=[str(tmp_path / "sd21_canny")], log=quiet)
@@ -209,3 +205,11 @@ def test_a_control_image_of_the_wrong_size_or_channels_is_refused_before_loading
     )
     with pytest.raises(SampleError, match=message):
         sample(options, log=quiet)
+
+
+def test_cli_refuses_a_control_image_without_its_controlnet_with_exit_status_2(models, tmp_path, capsys):
+    from perflow_jax.sample import main
+
+    argv = ["--model", str(models / "model"), "--prompt", "a", "--out", str(tmp_path / "g.png")]
+    assert main([*argv, "--control", str(models / "edges.png")]) == 2
+    assert "error: 1 --control images for 0 --controlnet names" in capsys.readouterr().err
