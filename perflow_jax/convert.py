@@ -2,7 +2,7 @@
 
     python -m perflow_jax.convert --from DIFFUSERS_DIR|ORG/NAME[@REVISION] --out DIR [--dtype float32|bfloat16]
         [--perflow-delta delta_weights.safetensors [--perflow-parameterization diff_eps] [--perflow-windows 4]]
-        [--lora FILE[:SCALE] ...] [--variant fp16] [--overwrite]
+        [--lora FILE[:SCALE] ...] [--controlnet CONTROLNET_DIR[:NAME] ...] [--variant fp16] [--overwrite]
     python -m perflow_jax.convert --from MODEL.safetensors|MODEL.ckpt --base DIFFUSERS_DIR [--config sd15|sd21|sdxl]
         [--ema|--no-ema] --out DIR [...]
 
@@ -18,6 +18,12 @@ configs of ``--base`` (a diffusers folder or hub id of the same architecture), w
 the tokenizers, the scheduler and any network the file lacks. The UNet is the file's EMA weights
 when it holds both (``--no-ema`` for the others). ``--config`` checks the file against a released
 architecture. The manifest records which weights were used.
+
+With ``--controlnet`` (repeatable) each diffusers ControlNet folder (``ControlNetModel.save_pretrained``'s:
+config.json and its weights) is converted into ``DIR/controlnet/NAME/`` (NAME: the folder's name, or
+the one after a colon), for ``python -m perflow_jax.sample --control IMAGE --controlnet NAME``. A
+ControlNet of another base architecture than the UNet's (e.g. cross_attention_dim 768 vs 1024, an
+SD1.5 ControlNet for SD2.1) is refused, naming the dimensions that differ.
 
 A ``--from`` that is no local path but reads as a Hugging Face Hub id (``ORG/NAME``, optionally
 ``@REVISION``) is downloaded first, only the files conversion reads and one ``--variant``, through
@@ -77,6 +83,7 @@ def convert(
     perflow_parameterization: str = "diff_eps",
     perflow_windows: int = 4,
     lora: Sequence[str] = (),
+    controlnet: Sequence[str] = (),
     variant: str | None = None,
     base: Path | str | None = None,
     config: str | None = None,
@@ -94,11 +101,13 @@ def convert(
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
     loras = [parse_file_arg(arg) for arg in lora]
+    controlnets = _controlnet_args(controlnet)
     inputs = {
         "--from": source,
         "--base": base,
         "--perflow-delta": perflow_delta,
         **{f"--lora {p}": p for p, _ in loras},
+        **{f"--controlnet {p}": p for p in controlnets.values()},
     }
     weights.check_out(out, inputs, ConversionError)
     if not overwrite:
@@ -127,6 +136,8 @@ def convert(
                 single["from_base"].append(name)
         return state if state is not None else weights.read_state_dict(source / name, variant)
 
+    base_configs = [weights.read_json(source / name / "config.json") for name in ("unet", "vae")]
+    controlnet_configs = {name: _controlnet_config(folder, *base_configs) for name, folder in controlnets.items()}
     delta = weights.read_delta(perflow_delta) if perflow_delta else None
     if delta is not None:
         schedule.check_parameterization(perflow_parameterization)
@@ -144,6 +155,8 @@ def convert(
             counts[name] = _convert_network(source, staging, name, components[name], dtype, read_state, *loaded, log)
         for name in (n for n in weights.PIPELINE_COPIED if n in components):
             shutil.copytree(source / name, staging / name)
+        for name, folder in controlnets.items():
+            _convert_controlnet(folder, staging, name, controlnet_configs[name], dtype, log)
         if delta is not None:
             components = {**components, "scheduler": pipeline.PERFLOW_SCHEDULER}
             teacher = weights.read_json(source / "scheduler" / "scheduler_config.json")
@@ -158,6 +171,7 @@ def convert(
             "variant": variant,
             "perflow_delta": str(Path(perflow_delta).resolve()) if perflow_delta else None,
             "loras": [[str(path.resolve()), scale] for path, scale in loras],
+            "controlnets": {name: str(folder.resolve()) for name, folder in controlnets.items()},
             **({"single_file": single} if single else {}),
             "components": components,
             "parameters": counts,
@@ -231,6 +245,54 @@ def _convert_network(folder, staging, name, class_name, dtype, read_state, delta
     return count
 
 
+def _controlnet_args(args: Sequence[str]) -> dict[str, Path]:
+    """``DIR[:NAME]`` (the --controlnet flags) -> {NAME: DIR}, NAME defaulting to DIR's name."""
+    controlnets = {}
+    for arg in args:
+        folder, colon, name = arg.rpartition(":")
+        folder, name = (Path(folder), name) if colon and not Path(arg).exists() else (Path(arg), Path(arg).name)
+        if not (folder / "config.json").is_file():
+            raise ConversionError(
+                f"--controlnet {folder} is not a diffusers ControlNet folder (no config.json): give the folder "
+                "ControlNetModel.save_pretrained wrote, DIR[:NAME]"
+            )
+        if not pipeline.CONTROLNET_NAME.fullmatch(name):
+            raise ConversionError(
+                f"--controlnet {arg}: the name {name!r} is not a plain folder name: give one of letters, digits, "
+                "'.', '_' and '-', as DIR:NAME"
+            )
+        if name in controlnets:
+            raise ConversionError(f"--controlnet {arg}: the name {name!r} is given twice: name one of them DIR:NAME")
+        controlnets[name] = folder
+    return controlnets
+
+
+def _controlnet_config(folder: Path, unet_config: dict[str, Any], vae_config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the ControlNet in ``folder``, checked to be a ControlNetModel of the model's architecture."""
+    config = weights.read_json(folder / "config.json")
+    if config.get("_class_name") != "ControlNetModel":
+        raise ConversionError(
+            f"--controlnet {folder} holds a {config.get('_class_name')}, not a ControlNetModel: give a diffusers "
+            "ControlNet folder"
+        )
+    try:
+        pipeline.check_controlnet_fits(config, unet_config, vae_config)
+    except ValueError as error:
+        raise ConversionError(f"--controlnet {folder}: {error}") from error
+    return config
+
+
+def _convert_controlnet(folder: Path, staging: Path, name: str, config: dict[str, Any], dtype: str, log) -> None:
+    """The diffusers ControlNet in ``folder`` -> ``staging/controlnet/name``."""
+    start = time.perf_counter()
+    module = models.from_config("ControlNetModel", config)
+    state = weights.read_state_dict(folder)
+    params = weights.cast_params(weights.state_dict_to_params(state, module.abstract_params(), name=name), dtype)
+    weights.write_component(staging, f"{pipeline.CONTROLNET_FOLDER}/{name}", "ControlNetModel", config, params)
+    count = sum(int(np.size(x)) for x in weights.flatten(params).values())
+    log(f"controlnet/{name:<15} {_count(count):>8} parameters  {time.perf_counter() - start:6.1f} s")
+
+
 def _count(n: int) -> str:
     """1234567 -> '1.23 M'."""
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -264,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perflow-windows", type=int, default=4, help="the delta's window count K (default 4)")
     parser.add_argument(
         "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a UNet LoRA to merge (repeatable)"
+    )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="DIR[:NAME]",
+        help="a diffusers ControlNet folder to convert into controlnet/NAME (repeatable; NAME default DIR's name)",
     )
     parser.add_argument("--variant", help="weight file variant to read, e.g. fp16 (default: plain files)")
     parser.add_argument("--base", help="single file: diffusers folder or hub id for configs, tokenizers, scheduler")

@@ -28,9 +28,10 @@ Nothing is lost when a run stops: after each batch the running statistics of its
 ``DIR/progress/NAME.npz`` (with the number of finished batches), and a new run with the same
 settings continues after the last finished batch, so no image is counted twice or left out.
 ``DIR/settings.json`` holds the settings (--save-images among them: a resumed run writes every
-image or none); a DIR made with other settings is refused unless --overwrite. Results: ``DIR/metrics.json`` (FID per sampler and reference, CLIP score, images,
-seconds, images/s, the settings and versions), ``DIR/NAME.png`` (a grid of the first batch) and,
-with --save-images, every image as ``DIR/images/NAME/XXXXX.png`` for other tools.
+image or none); a DIR made with other settings is refused unless --overwrite. Results:
+``DIR/metrics.json`` (FID per sampler and reference, CLIP score, images, seconds, images/s, the
+settings and versions), ``DIR/NAME.png`` (a grid of the first batch) and, with --save-images, every
+image as ``DIR/images/NAME/XXXXX.png`` for other tools.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 diffusers folder; ``load_trained`` a training run's student; ``describe`` reads only their config
 files. ``Generator`` is the one jitted prompts -> images function (text encoders, the PeRFlow
 sampler or the teacher's DDIM with classifier-free guidance, VAE decode) that sampling, the
-training run's grids and the benchmarks call.
+training run's grids and the benchmarks call; given ControlNets (``controlnet/NAME/`` of a
+converted folder) and control images, the UNet it samples with is steered by them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +41,8 @@ class Model:
     params: dict[str, Any]
     tokenizers: dict[str, Any]  # batch field ("input_ids", "input_ids_2") -> transformers CLIPTokenizer
     scheduler_config: dict[str, Any]
+    # ControlNet name -> (its config dict, its parameters): those asked of load_model.
+    controlnets: dict[str, tuple[dict[str, Any], Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def sdxl(self) -> bool:
@@ -72,10 +76,11 @@ class Model:
         }
 
 
-def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Model:
+def load_model(path: str | Path, networks: tuple[str, ...] | None = None, controlnets: Sequence[str] = ()) -> Model:
     """A converted folder or a diffusers pipeline folder, as a Model.
 
-    ``networks``: the networks to load (e.g. ``("vae",)``), default all the folder has.
+    ``networks``: the networks to load (e.g. ``("vae",)``), default all the folder has. ``controlnets``:
+    the names of the converted folder's ControlNets to load (``load_controlnets``).
     """
     from transformers import CLIPTokenizer
 
@@ -109,7 +114,63 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
         if (path / folder).is_dir()
     }
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
-    return Model(path, classes, configs, params, tokenizers, scheduler_config)
+    loaded = load_controlnets(path, controlnets) if controlnets else {}
+    return Model(path, classes, configs, params, tokenizers, scheduler_config, loaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNets: a converted folder's controlnet/NAME/ (python -m perflow_jax.convert --controlnet DIR:NAME).
+
+CONTROLNET_FOLDER = "controlnet"
+CONTROLNET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def controlnet_names(folder: str | Path) -> list[str]:
+    """The names of the ControlNets converted into ``folder``, sorted."""
+    root = Path(folder) / CONTROLNET_FOLDER
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+
+
+def check_controlnet_fits(config: dict[str, Any], unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
+    """Raise ValueError naming every dimension in which a ControlNet (its config.json dict) does not fit the UNet
+    it is to steer, and a control-image embedding that does not downsample as the VAE does."""
+    controlnet = models.controlnet.ControlNetConfig.from_dict(config)
+    problems = models.controlnet.architecture_mismatches(controlnet, models.unet.UNetConfig.from_dict(unet_config))
+    if problems:
+        raise ValueError(
+            f"this ControlNet is for another base model: {'; '.join(problems)} (ControlNet vs the model's UNet): "
+            "give a ControlNet trained on this model's architecture (e.g. an SD1.5 ControlNet for SD1.5)"
+        )
+    factor = 2 ** (len(controlnet.conditioning_embedding_out_channels) - 1)
+    vae_factor = models.vae.VAEConfig.from_dict(vae_config).downsampling_factor
+    if factor != vae_factor:
+        raise ValueError(
+            f"this ControlNet embeds control images at 1/{factor} of their size but the model's latents are 1/"
+            f"{vae_factor} of the image size: give a ControlNet of this model's VAE resolution"
+        )
+
+
+def load_controlnets(folder: str | Path, names: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
+    """{name: (config dict, parameters)} of the ControlNets ``names`` of converted ``folder``, each checked to fit
+    its UNet (``check_controlnet_fits``); WeightsFileError for an unknown name (listing the known) or a misfit."""
+    folder = Path(folder)
+    available = controlnet_names(folder)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise weights_io.WeightsFileError(
+            f"{folder} has no ControlNet {', '.join(map(repr, unknown))}; it has {', '.join(available) or 'none'}: "
+            "convert one into it with python -m perflow_jax.convert --controlnet DIR:NAME"
+        )
+    unet_config, vae_config = (read_json(folder / name / "config.json") for name in ("unet", "vae"))
+    controlnets = {}
+    for name in names:
+        try:
+            check_controlnet_fits(read_json(folder / CONTROLNET_FOLDER / name / "config.json"), unet_config, vae_config)
+        except ValueError as error:
+            raise weights_io.WeightsFileError(f"{folder / CONTROLNET_FOLDER / name}: {error}") from error
+        _, config, params = weights_io.read_component(folder, f"{CONTROLNET_FOLDER}/{name}")
+        controlnets[name] = (config, params)
+    return controlnets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +390,54 @@ def unet_apply(module: nn.Module, params: Any) -> solver.Apply:
     return apply
 
 
+def controlled_unet_apply(
+    unet: nn.Module,
+    unet_params: Any,
+    controlnets: Sequence[nn.Module],
+    controlnet_params: Sequence[Any],
+    scales: Sequence[float],
+    guess_mode: bool = False,
+) -> solver.Apply:
+    """The UNet steered by ControlNets, as diffusers' ControlNet pipelines run it: ``apply(z, timesteps, cond)``.
+
+    cond: ``TextEncoders.encode``'s, plus "control": one control image [B, H, W, C] in [0, 1] per ControlNet,
+    and in guess mode "control_weight" [B]: 1 where the ControlNets steer, 0 in classifier-free guidance's
+    unconditional rows (diffusers gives those no residuals in guess mode). Each ControlNet's residuals are
+    scaled by its conditioning scale (``scales``) and summed (diffusers' MultiControlNetModel).
+    """
+
+    def apply(z, timesteps, cond):
+        sdxl = (cond.get("text_embeds"), cond.get("time_ids"))
+        down, mid = None, None
+        for module, params, image, scale in zip(controlnets, controlnet_params, cond["control"], scales, strict=True):
+            d, m = module.apply(
+                {"params": params},
+                z,
+                timesteps,
+                cond["encoder_hidden_states"],
+                image,
+                *sdxl,
+                conditioning_scale=scale,
+                guess_mode=guess_mode,
+            )
+            if "control_weight" in cond:
+                weight = cond["control_weight"][:, None, None, None]
+                d, m = [r * weight.astype(r.dtype) for r in d], m * weight.astype(m.dtype)
+            down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        return unet.apply(
+            {"params": unet_params},
+            z,
+            timesteps,
+            cond["encoder_hidden_states"],
+            *sdxl,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        )
+
+    return apply
+
+
 METHODS = ("perflow", "ddim")
 
 
@@ -345,6 +454,9 @@ class GenerateSettings:
     prediction_type: the teacher's output, "epsilon" or "v_prediction" (method "ddim").
     strength: img2img (method "perflow"): generate takes init images and runs the last
       min(int(N strength), N) steps from them (``sampler.img2img_first_step``); None draws from noise alone.
+    control_scales: one conditioning scale per ControlNet of the Pipeline (none without ControlNets).
+    guess_mode: diffusers' guess mode: the ControlNets' residuals weighted logspace(-1, 0) from conv_in's to the
+      mid block's, and none in classifier-free guidance's unconditional branch.
     """
 
     method: str = "perflow"
@@ -354,10 +466,16 @@ class GenerateSettings:
     num_windows: int = 4
     prediction_type: str = "epsilon"
     strength: float | None = None
+    control_scales: tuple[float, ...] = ()
+    guess_mode: bool = False
 
     def __post_init__(self):
         if not math.isfinite(self.guidance):
             raise ValueError(f"guidance {self.guidance}: give a finite scale, 1 (no guidance) or more")
+        if not all(math.isfinite(scale) for scale in self.control_scales):
+            raise ValueError(f"control scales {list(self.control_scales)}: give finite numbers (1 by default)")
+        if self.guess_mode and not self.control_scales:
+            raise ValueError("guess mode is a ControlNet mode: give ControlNets (and their control scales) or drop it")
         if self.method not in METHODS:
             raise ValueError(f"unknown sampling method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.method == "perflow":
@@ -387,6 +505,7 @@ class Pipeline:
     text: TextEncoders
     vae: nn.Module
     alphas_cumprod: np.ndarray
+    controlnets: tuple[nn.Module, ...] = ()
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(h, w, c) of the latents of height x width images: one image's noise."""
@@ -398,14 +517,17 @@ class Pipeline:
 
 
 def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """``generate(params, ids, null_ids, noise, init_images=None) -> (images, latents)``, jittable as a whole.
+    """``generate(params, ids, null_ids, noise, control=(), init_images=None) -> (images, latents)``, jittable.
 
     params: {"unet": the student's (method "perflow") or the teacher's ("ddim") parameters,
-      "text": {"text_encoder": ..., ("text_encoder_2": ...)}, "vae": ...}.
+      "text": {"text_encoder": ..., ("text_encoder_2": ...)}, "vae": ..., and with ControlNets
+      "controlnets": a tuple of their parameters, in ``pipe.controlnets``' order}.
     ids: ``Model.tokenize(prompts)``, "input_ids" [N, 77] int32 (and "input_ids_2" for SDXL;
       SDXL's size ids default to ``TextEncoders.size_ids``). null_ids: the same for the one negative
       prompt ([1, 77]), the unconditional branch of classifier-free guidance (unused at guidance 1).
     noise: [N, h, w, c] the initial latents z ~ N(0, I) (``Pipeline.latent_shape``).
+    control: one control image batch [N, f h, f w, C] in [0, 1] per ControlNet of ``pipe`` (the user's edge,
+      depth or pose maps at the image size), steering the UNet at ``settings.control_scales``.
     init_images: img2img (``settings.strength`` set, then required): [N, f h, f w, 3] in [-1, 1], encoded
       to the VAE posterior's mean (diffusers draws a posterior sample; its ``sample_mode="argmax"`` is
       this), times scaling_factor, and noised with ``noise`` to the first step's timestep.
@@ -424,7 +546,12 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
         steps["first_step"] = sampler.img2img_first_step(settings.num_steps, settings.strength)
         first_timestep = int(sampler.sampler_timesteps(settings.num_steps, settings.num_windows)[steps["first_step"]])
 
-    def generate(params, ids, null_ids, noise, init_images=None):
+    if len(settings.control_scales) != len(pipe.controlnets):
+        raise ValueError(
+            f"{len(settings.control_scales)} control scales for {len(pipe.controlnets)} ControlNets: give one each"
+        )
+
+    def generate(params, ids, null_ids, noise, control=(), init_images=None):
         n = noise.shape[0]
         if img2img != (init_images is not None):
             raise ValueError(
@@ -436,6 +563,7 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
             raise ValueError(f"{ids['input_ids'].shape[0]} prompts but noise for {n} images: give one noise per prompt")
         if pipe.text.text_encoder_2 is not None and "input_ids_2" not in ids:
             raise ValueError("this is an SDXL model: ids need input_ids_2 as well; pass Model.tokenize(prompts)")
+        check_control(control, noise.shape, pipe)
         cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(n), **ids})
         null_cond = pipe.text.encode(params["text"], {**pipe.text.size_ids(1), **null_ids})
         null_cond = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), null_cond)
@@ -444,11 +572,33 @@ def make_generate(pipe: Pipeline, settings: GenerateSettings) -> Callable[..., t
             mean, _ = pipe.vae.apply({"params": params["vae"]}, init_images, method="encode")
             x0 = mean * pipe.vae.config.scaling_factor
             noise = sampler.add_noise(x0, noise.astype(jnp.float32), pipe.alphas_cumprod, first_timestep)
+        if pipe.controlnets:
+            controlnets = (pipe.controlnets, params["controlnets"], settings.control_scales, settings.guess_mode)
+            apply = controlled_unet_apply(pipe.unet, params["unet"], *controlnets)
+            cond, null_cond = {**cond, "control": tuple(control)}, {**null_cond, "control": tuple(control)}
+            if settings.guess_mode:
+                cond["control_weight"], null_cond["control_weight"] = jnp.ones(n), jnp.zeros(n)
         z = solve(apply, noise, cond, null_cond, pipe.alphas_cumprod, **steps)
         decoded = pipe.vae.apply({"params": params["vae"]}, z / pipe.vae.config.scaling_factor, method="decode")
         return jnp.clip((decoded.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0), z
 
     return generate
+
+
+def check_control(control: Sequence[Any], noise_shape: Sequence[int], pipe: Pipeline) -> None:
+    """Raise ValueError unless ``control`` holds one [N, f h, f w, C] image batch per ControlNet of ``pipe``, for
+    noise [N, h, w, c] (f: the VAE's downsampling factor; C: the ControlNet's conditioning_channels)."""
+    if len(control) != len(pipe.controlnets):
+        raise ValueError(f"{len(control)} control images for {len(pipe.controlnets)} ControlNets: give one each")
+    n, h, w, _ = noise_shape
+    f = pipe.vae.config.downsampling_factor
+    for i, (image, module) in enumerate(zip(control, pipe.controlnets, strict=True)):
+        expected = (n, h * f, w * f, module.config.conditioning_channels)
+        if tuple(image.shape) != expected:
+            raise ValueError(
+                f"control image {i} is {tuple(image.shape)}; expected {expected} (images, height, width, channels) "
+                f"for {n} images of {h * f} x {w * f} pixels"
+            )
 
 
 def seed_noise(seed: int, count: int, shape: Sequence[int], start: int = 0) -> np.ndarray:
@@ -479,7 +629,7 @@ class Output:
 class Generator:
     """A Pipeline's parameters on the devices and its one jitted prompts -> images function.
 
-    ``params`` ({"unet", "text", "vae"}, see ``make_generate``) are global arrays placed as the
+    ``params`` ({"unet", "text", "vae"} and any "controlnets", see ``make_generate``) are global arrays placed as the
     caller chose (replicated by ``load_generator``; a training run passes its sharded ones). The
     batch is split over all devices of ``mesh``, padded to a multiple of their count (the padding
     dropped from the results). One compilation per padded batch size: a caller that runs many
@@ -511,11 +661,13 @@ class Generator:
         noise: np.ndarray,
         unet_params: Any = None,
         pad_to: int = 0,
+        control=(),
         init_images: np.ndarray | None = None,
     ) -> tuple:
-        """The compiled function's arguments: ``prompts`` (one per image) and ``noise`` [B, h, w, c] (and img2img's
-        ``init_images`` [B, H, W, 3]), padded (to ``pad_to`` rows at least) and placed; ``unet_params`` in place of
-        ``params["unet"]`` (e.g. a training run's EMA)."""
+        """The compiled function's arguments: ``prompts`` (one per image) and ``noise`` [B, h, w, c], padded
+        (to ``pad_to`` rows at least) and placed; ``unet_params`` in place of ``params["unet"]`` (e.g. a
+        training run's EMA); ``control``: one control image [f h, f w, C] in [0, 1] per ControlNet, for every
+        image; img2img's ``init_images`` [B, H, W, 3]."""
         count = len(prompts)
         if np.shape(noise)[0] != count:
             raise ValueError(f"noise for {np.shape(noise)[0]} images but {count} prompts: give one noise per prompt")
@@ -527,7 +679,14 @@ class Generator:
         noise = _pad(np.asarray(noise, np.float32), padded, "constant")
         params = self.params if unet_params is None else {**self.params, "unet": unet_params}
         batch = sharding.batch_sharding(self.mesh)
-        args = (params, sharding.place(ids, batch), self.null_ids, sharding.place(noise, batch))
+        control = tuple(np.broadcast_to(np.asarray(c, np.float32), (padded, *np.shape(c))) for c in control)
+        args = (
+            params,
+            sharding.place(ids, batch),
+            self.null_ids,
+            sharding.place(noise, batch),
+            sharding.place(control, batch),
+        )
         if init_images is None:
             return args
         return args + (sharding.place(_pad(np.asarray(init_images, np.float32), padded, "edge"), batch),)
@@ -547,11 +706,13 @@ class Generator:
         noise: np.ndarray,
         unet_params: Any = None,
         pad_to: int = 0,
+        control=(),
         init_images: np.ndarray | None = None,
     ) -> Output:
-        """Images of ``prompts`` (one per image) from ``noise`` [B, h, w, c] (channels-last), and with
-        ``settings.strength`` from ``init_images`` [B, H, W, 3] in [-1, 1] (img2img)."""
-        args = self.inputs(prompts, noise, unet_params, pad_to, init_images)
+        """Images of ``prompts`` (one per image) from ``noise`` [B, h, w, c] (channels-last), steered by ``control``
+        (see ``inputs``) when the Pipeline has ControlNets, and with ``settings.strength`` from ``init_images``
+        [B, H, W, 3] in [-1, 1] (img2img)."""
+        args = self.inputs(prompts, noise, unet_params, pad_to, control, init_images)
         function, compile_seconds = self.compiled(args)
         start = time.perf_counter()
         images, latents = jax.block_until_ready(function(*args))
@@ -574,12 +735,15 @@ def load_generator(
     dtype: str = "float32",
     negative_prompt: str = "",
     loras: Sequence[tuple[Path, float]] = (),
+    controlnets: Sequence[str] = (),
 ) -> Generator:
     """A Generator of the described model, computing in ``dtype``, its parameters replicated on every device.
 
     The UNet is a WORKDIR's student (its ``weights``, "ema" or "student") for the PeRFlow sampler;
     otherwise the folder's (a PeRFlow folder's student, or the teacher for DDIM). SDXL's size ids say ``height``.
     ``loras``: (UNet LoRA file, scale) pairs merged into the UNet in order (``lora.merge_files``).
+    ``controlnets``: the names of ControlNets converted into the model folder (a WORKDIR's teacher folder), in
+    the order of ``settings.control_scales`` and of the control images.
     """
     if description.workdir and settings.method == "perflow":
         model = load_trained(description.path, step=description.step, weights=weights).model
@@ -590,17 +754,23 @@ def load_generator(
     compute = weights_io.DTYPES[dtype]
     text_names = model.text_encoders
     encoders = [model.module(n, dtype=compute, attention_backend="auto") for n in text_names]
+    loaded = load_controlnets(description.folder, controlnets) if controlnets else {}
     pipe = Pipeline(
         unet=model.module("unet", dtype=compute, attention_backend="auto"),
         text=TextEncoders(*encoders, resolution=height),
         vae=model.module("vae", dtype=compute),
         alphas_cumprod=model.alphas_cumprod(),
+        controlnets=tuple(
+            models.from_config("ControlNetModel", config, dtype=compute, attention_backend="auto")
+            for config, _ in loaded.values()
+        ),
     )
     mesh = sharding.make_mesh((-1, 1))
     params = {
         "unet": model.params["unet"],
         "text": {n: model.params[n] for n in text_names},
         "vae": model.params["vae"],
+        **({"controlnets": tuple(p for _, p in loaded.values())} if loaded else {}),
     }
     params = sharding.place(weights_io.cast_params(params, dtype), sharding.replicated(mesh))
     return Generator(pipe, settings, params, model.tokenize, mesh, negative_prompt)

@@ -24,6 +24,16 @@ Noise: image j starts from ``jax.random.normal(jax.random.fold_in(jax.random.key
 (channels-last; h = H / f and w = W / f with f the VAE's downsampling factor, c its latent channels),
 so the same seed gives the same images and every image, hence every prompt, has its own noise.
 
+ControlNet: ``--control IMAGE --controlnet NAME [--control-scale S]`` (repeatable pairs, in order,
+for several ControlNets whose residuals are summed) steers every image with a ControlNet converted
+into the model folder (``python -m perflow_jax.convert --controlnet DIR:NAME``; for a WORKDIR, into
+its teacher folder), as diffusers' StableDiffusionControlNetPipeline does. IMAGE is the control
+signal itself, already preprocessed (an edge, depth or pose map: this project ships no annotators),
+a PNG or JPEG at exactly the image size (--height x --width; other sizes are refused, naming the
+expected one, rather than resized), RGB or grayscale (repeated to RGB, as diffusers converts it).
+--control-scale is given for every pair or for none (each 1.0); ``--guess-mode`` is diffusers'
+guess mode (residuals weighted from 0.1 to 1 with depth, none in the unconditional CFG branch).
+
 Files for comparisons across frameworks: .npy, float32, in diffusers' layout [images, c, h, w]
 (this project computes channels-last, [images, h, w, c]; the files are transposed on the way):
 - ``--init-noise``: the initial noise z_1 ~ N(0, I) to start from instead of the seed's. The same
@@ -93,6 +103,10 @@ class Options:
     lora: Sequence[str] = ()
     init_image: Path | None = None
     strength: float | None = None
+    control: Sequence[Path] = ()
+    controlnet: Sequence[str] = ()
+    control_scale: Sequence[float] = ()
+    guess_mode: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +188,7 @@ def make_plan(options: Options) -> Plan:
             f"--height {height} and --width {width}: SDXL models are sampled here at square sizes only (one "
             "resolution for the size conditioning); give --height equal to --width"
         )
-    settings = _settings(o, description)
+    settings = dataclasses.replace(_settings(o, description), **_control_settings(o, description))
     weights = (o.weights or "ema") if description.workdir and o.teacher_ddim is None else None
     return Plan(description, settings, weights, height, width, (height // f, width // f, vae.latent_channels))
 
@@ -219,6 +233,64 @@ def _settings(o: Options, description: pipeline.Description) -> pipeline.Generat
         num_windows=num_windows,
         strength=strength,
     )
+
+
+def _control_settings(o: Options, description: pipeline.Description) -> dict[str, Any]:
+    """The ControlNets' conditioning scales and guess mode, after checking the --control / --controlnet pairs."""
+    if len(o.control) != len(o.controlnet):
+        raise SampleError(
+            f"{len(o.control)} --control images for {len(o.controlnet)} --controlnet names: give them in pairs, "
+            "--control IMAGE --controlnet NAME (one pair per ControlNet)"
+        )
+    if o.control_scale and len(o.control_scale) != len(o.controlnet):
+        raise SampleError(
+            f"{len(o.control_scale)} --control-scale values for {len(o.controlnet)} ControlNets: give one per "
+            "--controlnet, or none (each 1.0)"
+        )
+    if o.guess_mode and not o.controlnet:
+        raise SampleError("--guess-mode is a ControlNet mode: add --control IMAGE --controlnet NAME, or drop it")
+    available = pipeline.controlnet_names(description.folder)
+    unknown = [name for name in o.controlnet if name not in available]
+    if unknown:
+        raise SampleError(
+            f"--controlnet {unknown[0]}: {description.folder} has no such ControlNet; it has "
+            f"{', '.join(available) or 'none'}: convert one into it with python -m perflow_jax.convert "
+            "--controlnet DIR:NAME"
+        )
+    for path in o.control:
+        if not Path(path).is_file():
+            raise SampleError(f"--control {path} does not exist: give the control image (an edge, depth or pose map)")
+    scales = tuple(float(x) for x in o.control_scale) or (1.0,) * len(o.controlnet)
+    bad = [x for x in scales if not math.isfinite(x)]
+    if bad:
+        raise SampleError(f"--control-scale {bad[0]}: give a finite number (1.0 is the ControlNet as trained)")
+    return {"control_scales": scales, "guess_mode": o.guess_mode}
+
+
+def read_control_image(path: Path, height: int, width: int, channels: int = 3) -> np.ndarray:
+    """[height, width, 3] float32 in [0, 1]: an RGB or grayscale (repeated to RGB) image file; SampleError for
+    another size, another mode (RGBA, CMYK, ...) or a ControlNet whose ``channels`` are not 3."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+            pixels = np.asarray(image.convert("RGB") if mode == "L" else image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise SampleError(f"--control {path} is not an image file PIL can read ({error}): give a PNG or JPEG") from None
+    if mode not in ("RGB", "L"):
+        raise SampleError(
+            f"--control {path} is a {mode} image; control images are RGB (or grayscale): convert it, e.g. with "
+            "PIL's image.convert('RGB')"
+        )
+    if size != (width, height):
+        raise SampleError(
+            f"--control {path} is {size[0]} x {size[1]} pixels; the images are {width} x {height}: give the control "
+            "image at the image size (resize it yourself, or set --width and --height to its size)"
+        )
+    if channels != 3:
+        raise SampleError(f"--control {path}: this ControlNet takes {channels}-channel control inputs, not RGB images")
+    return pixels.astype(np.float32) / 255.0
 
 
 def initial_noise(options: Options, plan: Plan, count: int) -> np.ndarray:
@@ -268,6 +340,7 @@ def load(options: Options, plan: Plan) -> pipeline.Generator:
         dtype=options.dtype,
         negative_prompt=options.negative_prompt or "",
         loras=[lora.parse_file_arg(arg) for arg in options.lora],
+        controlnets=options.controlnet,
     )
 
 
@@ -303,6 +376,10 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
             check_out(path, {"--model": o.model}, SampleError, flag)
     plan = make_plan(o)
     batch = [prompt for prompt in o.prompts for _ in range(o.num_images)]
+    control = tuple(
+        read_control_image(path, plan.height, plan.width, _conditioning_channels(plan, name))
+        for path, name in zip(o.control, o.controlnet, strict=True)
+    )
     noise = initial_noise(o, plan, len(batch))
     init_image = None if o.init_image is None else read_init_image(o.init_image, plan.height, plan.width)
 
@@ -310,7 +387,7 @@ def sample(options: Options, log: Callable[[str], Any] = print) -> pipeline.Outp
     generator = load(o, plan)
     source = f"the student of {o.model} ({plan.weights} weights)" if plan.weights else str(plan.description.folder)
     log(f"loaded {source} in {time.perf_counter() - start:.1f} s")
-    result = generate_in_batches(generator, batch, noise, o.batch_size, init_image)
+    result = generate_in_batches(generator, batch, noise, o.batch_size, control, init_image)
     what = "the teacher's DDIM" if plan.settings.method == "ddim" else "PeRFlow"
     if init_image is not None:
         what += f" img2img from {o.init_image} at strength {plan.settings.strength}"
@@ -330,11 +407,13 @@ def generate_in_batches(
     prompts: Sequence[str],
     noise: np.ndarray,
     batch_size: int,
+    control=(),
     init_image: np.ndarray | None = None,
 ) -> pipeline.Output:
     """``generator``'s images of ``prompts`` from ``noise``, ``batch_size`` at a time (one compilation; a
-    progress bar on standard error when there is more than one batch), joined in order. ``init_image``
-    [H, W, 3] in [-1, 1]: img2img's start for every image."""
+    progress bar on standard error when there is more than one batch), joined in order; ``control``: one
+    control image per ControlNet, for every image; ``init_image`` [H, W, 3] in [-1, 1]: img2img's start for
+    every image."""
     outputs = []
     starts = range(0, len(prompts), batch_size)
     bar = tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 2, dynamic_ncols=True, file=sys.stderr)
@@ -343,13 +422,21 @@ def generate_in_batches(
         count = len(prompts[start:end])
         init_images = None if init_image is None else np.broadcast_to(init_image, (count, *init_image.shape))
         pad_to = min(batch_size, len(prompts))
-        outputs.append(generator(prompts[start:end], noise[start:end], pad_to=pad_to, init_images=init_images))
+        outputs.append(
+            generator(prompts[start:end], noise[start:end], pad_to=pad_to, control=control, init_images=init_images)
+        )
     return pipeline.Output(
         np.concatenate([o.images for o in outputs]),
         np.concatenate([o.latents for o in outputs]),
         sum(o.compile_seconds for o in outputs),
         sum(o.run_seconds for o in outputs),
     )
+
+
+def _conditioning_channels(plan: Plan, name: str) -> int:
+    """The control input channels of ControlNet ``name`` of the planned model's folder (3 for images)."""
+    config = pipeline.read_json(plan.description.folder / pipeline.CONTROLNET_FOLDER / name / "config.json")
+    return int(config.get("conditioning_channels", 3))
 
 
 def _write(o: Options, noise: np.ndarray, result: pipeline.Output, log: Callable[[str], Any]) -> None:
@@ -402,6 +489,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-image", type=Path, metavar="IMAGE", help="img2img: the image to start from")
     parser.add_argument("--strength", type=float, help=f"img2img: share of steps run, (0, 1] ({DEFAULT_STRENGTH})")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=lora.SAMPLE_HELP)
+    parser.add_argument(
+        "--control", action="append", default=[], type=Path, metavar="IMAGE", help="a control image (with --controlnet)"
+    )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a ControlNet of the model folder, per --control",
+    )
+    parser.add_argument(
+        "--control-scale", action="append", default=[], type=float, metavar="S", help="per --controlnet (default 1.0)"
+    )
+    parser.add_argument("--guess-mode", action="store_true", help="diffusers' ControlNet guess mode")
     parser.add_argument("--compilation-cache", metavar="DIR", help=compile_cache.FLAG_HELP)
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)

@@ -240,6 +240,8 @@ def test_ddim_timesteps_are_trailing():
         (dict(method="euler"), "unknown sampling method 'euler'"),
         (dict(num_steps=2, num_windows=4), "2 sampling steps for a model trained with 4 windows"),
         (dict(method="ddim", prediction_type="sample"), "unknown teacher prediction_type 'sample'"),
+        (dict(control_scales=(float("nan"),)), r"control scales \[nan\]: give finite numbers"),
+        (dict(guess_mode=True), "guess mode is a ControlNet mode: give ControlNets"),
     ],
 )
 def test_settings_are_checked_when_made(changes, message):
@@ -252,6 +254,13 @@ def test_a_noise_per_prompt_is_required():
     fn = pipeline.make_generate(pipe, GenerateSettings())
     with pytest.raises(ValueError, match="3 prompts but noise for 2 images"):
         fn(params, ids, NULL_IDS, noise[:2])
+
+
+def test_control_images_for_a_pipeline_without_controlnets_are_refused():
+    pipe, params, ids, noise = tiny()
+    fn = pipeline.make_generate(pipe, GenerateSettings())
+    with pytest.raises(ValueError, match="1 control images for 0 ControlNets: give one each"):
+        fn(params, ids, NULL_IDS, noise, control=(np.zeros((3, 32, 32, 3), np.float32),))
 
 
 def test_grid_fills_rows_of_ceil_sqrt_n_columns():

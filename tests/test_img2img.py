@@ -83,7 +83,9 @@ def test_generate_wants_init_images_exactly_when_a_strength_is_set(strength):
     generate = pipeline.make_generate(None, pipeline.GenerateSettings(strength=strength))
     init_images = None if strength is not None else np.zeros((1, SIZE, SIZE, 3), np.float32)
     with pytest.raises(ValueError, match="img2img needs init_images and settings.strength together"):
-        generate(None, {"input_ids": np.zeros((1, 77), np.int32)}, None, np.zeros((1, 8, 8, 4)), init_images)
+        generate(
+            None, {"input_ids": np.zeros((1, 77), np.int32)}, None, np.zeros((1, 8, 8, 4)), init_images=init_images
+        )
 
 
 @pytest.mark.parametrize("num_steps, strength", [(4, 1.0), (6, 0.5)])  # from t = 1000; from inside a window

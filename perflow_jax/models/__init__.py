@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 
 from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from perflow_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 from perflow_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -22,13 +23,14 @@ NETWORKS = {
     "AutoencoderKL": (VAEConfig, AutoencoderKL),
     "CLIPTextModel": (CLIPTextConfig, CLIPTextModel),
     "CLIPTextModelWithProjection": (CLIPTextConfig, CLIPTextModelWithProjection),
+    "ControlNetModel": (ControlNetConfig, ControlNetModel),
 }
 
 
 def from_config(class_name: str, config: Mapping[str, Any], **module_kwargs) -> nn.Module:
     """The Flax twin of PyTorch class ``class_name`` built from its config.json dict.
 
-    ``module_kwargs``: dtype, attention_backend (and remat for the UNet).
+    ``module_kwargs``: dtype, attention_backend (and remat for the UNet and the ControlNet).
     """
     if class_name not in NETWORKS:
         raise ValueError(f"no Flax twin of {class_name!r}: supported networks are {', '.join(NETWORKS)}")

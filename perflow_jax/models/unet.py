@@ -286,6 +286,79 @@ def _maybe_remat(module_class, policy: str):
     return nn.remat(module_class, policy=REMAT_POLICIES[policy])
 
 
+def transformer(module: nn.Module, cfg: UNetConfig, name: str, i: int, layers: int, only_cross: bool):
+    """The transformer of down block i of ``module`` (the up blocks mirror the down blocks)."""
+    return Transformer2DModel(
+        cfg.block_out_channels[i],
+        cfg.heads[i],
+        layers,
+        cfg.norm_num_groups,
+        cfg.use_linear_projection,
+        only_cross,
+        module.attention_backend,
+        module.remat,
+        module.dtype,
+        name=name,
+    )
+
+
+def resnet_block(module: nn.Module, cfg: UNetConfig, name: str, c: int, scale: float | None = None):
+    """A ResNet block of ``module`` with ``c`` output channels (``scale``: its output scale factor)."""
+    scale = cfg.resnet_out_scale_factor if scale is None else scale
+    resnet = _maybe_remat(ResnetBlock2D, module.remat)
+    return resnet(c, cfg.norm_num_groups, cfg.norm_eps, scale, module.dtype, name=name)
+
+
+def embedding(module: nn.Module, cfg: UNetConfig, batch: int, timesteps, text_embeds, time_ids) -> jax.Array:
+    """The time embedding [B, 4 block_out_channels[0]] (plus SDXL's text and size embedding) of ``module``,
+    the UNet or its ControlNet, which share this code and its parameter names."""
+    time_dim = cfg.block_out_channels[0] * 4
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
+    t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    emb = TimestepEmbedding(time_dim, module.dtype, name="time_embedding")(t_emb.astype(module.dtype))
+    if cfg.addition_embed_type == "text_time":
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+        time_emb = timestep_embedding(
+            time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        ).reshape(batch, -1)
+        add = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb], axis=-1).astype(module.dtype)
+        emb = emb + TimestepEmbedding(time_dim, module.dtype, name="add_embedding")(add)
+    return emb
+
+
+def down_and_mid_blocks(
+    module: nn.Module, cfg: UNetConfig, x: jax.Array, emb: jax.Array, context: jax.Array
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The down blocks and the mid block of ``module`` (the UNet or its ControlNet) from conv_in's output ``x``.
+
+    Returns the mid block's output and the skip connections, conv_in's output first.
+    """
+    channels = cfg.block_out_channels
+    skips = [x]
+    for i, block_type in enumerate(cfg.down_block_types):
+        prefix = f"down_blocks.{i}"
+        for j in range(cfg.layers_per_block[i]):
+            x = resnet_block(module, cfg, f"{prefix}.resnets.{j}", channels[i])(x, emb)
+            if block_type == "CrossAttnDownBlock2D":
+                layers = cfg.transformer_layers_per_block[i][j]
+                x = transformer(module, cfg, f"{prefix}.attentions.{j}", i, layers, cfg.only_cross_attention[i])(
+                    x, context
+                )
+            skips.append(x)
+        if i < len(channels) - 1:
+            x = Downsample2D(channels[i], cfg.downsample_padding, module.dtype, name=f"{prefix}.downsamplers.0")(x)
+            skips.append(x)
+
+    mid = "mid_block"
+    x = resnet_block(module, cfg, f"{mid}.resnets.0", channels[-1], cfg.mid_block_scale_factor)(x, emb)
+    # diffusers gives the mid block the last down block's transformer depth.
+    layers = cfg.transformer_layers_per_block[-1][0]
+    x = transformer(module, cfg, f"{mid}.attentions.0", -1, layers, cfg.mid_block_only_cross_attention)(x, context)
+    x = resnet_block(module, cfg, f"{mid}.resnets.1", channels[-1], cfg.mid_block_scale_factor)(x, emb)
+    return x, skips
+
+
 class UNet2DConditionModel(nn.Module):
     """diffusers UNet2DConditionModel (SD1.x, SD2.x, SDXL).
 
@@ -315,71 +388,35 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: jax.Array,
         text_embeds: jax.Array | None = None,
         time_ids: jax.Array | None = None,
+        down_block_additional_residuals: Sequence[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
     ) -> jax.Array:
-        """[B, H, W, in_channels] -> [B, H, W, out_channels] in ``dtype``."""
+        """[B, H, W, in_channels] -> [B, H, W, out_channels] in ``dtype``.
+
+        ``down_block_additional_residuals`` (one per skip connection, conv_in's first) and
+        ``mid_block_additional_residual``: a ControlNet's outputs, added to the skips and to the mid
+        block's output where diffusers adds them.
+        """
         cfg = self.config
-        batch = sample.shape[0]
-        channels = cfg.block_out_channels
-        time_dim = channels[0] * 4
-        resnet = _maybe_remat(ResnetBlock2D, self.remat)
-
-        def transformer(name, i, layers, only_cross):
-            """The transformer of down block i (the up blocks mirror the down blocks)."""
-            return Transformer2DModel(
-                channels[i],
-                cfg.heads[i],
-                layers,
-                cfg.norm_num_groups,
-                cfg.use_linear_projection,
-                only_cross,
-                self.attention_backend,
-                self.remat,
-                self.dtype,
-                name=name,
-            )
-
-        def resnet_block(name, c, scale=cfg.resnet_out_scale_factor):
-            return resnet(c, cfg.norm_num_groups, cfg.norm_eps, scale, self.dtype, name=name)
-
-        # Time (and SDXL's text/size) embedding.
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
-        t_emb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = TimestepEmbedding(time_dim, self.dtype, name="time_embedding")(t_emb.astype(self.dtype))
-        if cfg.addition_embed_type == "text_time":
-            if text_embeds is None or time_ids is None:
-                raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
-            time_emb = timestep_embedding(
-                time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
-            ).reshape(batch, -1)
-            add = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb], axis=-1).astype(self.dtype)
-            emb = emb + TimestepEmbedding(time_dim, self.dtype, name="add_embedding")(add)
+        emb = embedding(self, cfg, sample.shape[0], timesteps, text_embeds, time_ids)
         context = encoder_hidden_states.astype(self.dtype)
 
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        x = conv(channels[0], cfg.conv_in_kernel, self.dtype, "conv_in")(x)
+        x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, self.dtype, "conv_in")(x)
+        x, skips = down_and_mid_blocks(self, cfg, x, emb, context)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"{len(down_block_additional_residuals)} down-block residuals for a UNet with {len(skips)} "
+                    "skip connections: is the ControlNet of this UNet's architecture?"
+                )
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(x.dtype)
 
-        skips = [x]
-        for i, block_type in enumerate(cfg.down_block_types):
-            prefix = f"down_blocks.{i}"
-            for j in range(cfg.layers_per_block[i]):
-                x = resnet_block(f"{prefix}.resnets.{j}", channels[i])(x, emb)
-                if block_type == "CrossAttnDownBlock2D":
-                    layers = cfg.transformer_layers_per_block[i][j]
-                    x = transformer(f"{prefix}.attentions.{j}", i, layers, cfg.only_cross_attention[i])(x, context)
-                skips.append(x)
-            if i < len(channels) - 1:
-                x = Downsample2D(channels[i], cfg.downsample_padding, self.dtype, name=f"{prefix}.downsamplers.0")(x)
-                skips.append(x)
-
-        mid = "mid_block"
-        x = resnet_block(f"{mid}.resnets.0", channels[-1], cfg.mid_block_scale_factor)(x, emb)
-        # diffusers gives the mid block the last down block's transformer depth.
-        layers = cfg.transformer_layers_per_block[-1][0]
-        x = transformer(f"{mid}.attentions.0", -1, layers, cfg.mid_block_only_cross_attention)(x, context)
-        x = resnet_block(f"{mid}.resnets.1", channels[-1], cfg.mid_block_scale_factor)(x, emb)
-
+        channels = cfg.block_out_channels
         n = len(channels)
         for i, block_type in enumerate(cfg.up_block_types):
             prefix = f"up_blocks.{i}"
@@ -387,10 +424,12 @@ class UNet2DConditionModel(nn.Module):
             c = channels[k]
             for j in range(cfg.layers_per_block[k] + 1):
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
-                x = resnet_block(f"{prefix}.resnets.{j}", c)(x, emb)
+                x = resnet_block(self, cfg, f"{prefix}.resnets.{j}", c)(x, emb)
                 if block_type == "CrossAttnUpBlock2D":
                     layers = cfg.reverse_transformer_layers_per_block[i][j]
-                    x = transformer(f"{prefix}.attentions.{j}", k, layers, cfg.only_cross_attention[k])(x, context)
+                    x = transformer(self, cfg, f"{prefix}.attentions.{j}", k, layers, cfg.only_cross_attention[k])(
+                        x, context
+                    )
             if i < n - 1:
                 size = skips[-1].shape[1:3]
                 x = Upsample2D(c, self.dtype, name=f"{prefix}.upsamplers.0")(x, size)

@@ -113,3 +113,32 @@ def converted(unet_torch, **module_kwargs):
     model = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_torch.config)), **module_kwargs)
     params = weights.state_dict_to_params(torch_state_dict(unet_torch), model.abstract_params(), name="unet")
     return model, params
+
+
+# ControlNet parity: a random diffusers ControlNet of a tiny UNet's architecture, its zero convolutions made non-zero.
+
+# The control image's embedding downsamples by 4, as the tiny VAE (tests/helpers/networks.py) does.
+TINY_CONTROLNET_EMBEDDING = (8, 8, 16)
+
+
+def controlnet_config(unet_config: dict) -> dict:
+    """diffusers ControlNetModel keyword arguments of the ControlNet of a UNet of ``unet_config``."""
+    config = {k: v for k, v in unet_config.items() if k not in ("up_block_types", "out_channels")}
+    return {**config, "conditioning_embedding_out_channels": TINY_CONTROLNET_EMBEDDING}
+
+
+def random_torch_controlnet(unet_config: dict, seed: int = 0):
+    """A diffusers ControlNetModel for a UNet of ``unet_config`` (its keyword arguments), made by ``random_module``,
+    with random zero convolutions (diffusers starts them at zero, so that a missing ControlNet would not show)."""
+    import diffusers
+    import torch
+
+    module = random_module(lambda: diffusers.ControlNetModel(**controlnet_config(unet_config)), seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith(
+                ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return module
