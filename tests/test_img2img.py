@@ -8,6 +8,7 @@ the same latents and the generator's first draw is the noise of the forward diff
 """
 
 import json
+import types
 from pathlib import Path
 
 import diffusers
@@ -80,7 +81,8 @@ def test_generate_settings_refuse_img2img_for_the_teachers_ddim_and_zero_steps()
 
 @pytest.mark.parametrize("strength", [None, 0.5])
 def test_generate_wants_init_images_exactly_when_a_strength_is_set(strength):
-    generate = pipeline.make_generate(None, pipeline.GenerateSettings(strength=strength))
+    no_controlnets = types.SimpleNamespace(controlnets=())  # refused before any network runs
+    generate = pipeline.make_generate(no_controlnets, pipeline.GenerateSettings(strength=strength))
     init_images = None if strength is not None else np.zeros((1, SIZE, SIZE, 3), np.float32)
     with pytest.raises(ValueError, match="img2img needs init_images and settings.strength together"):
         generate(
