@@ -12,17 +12,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from perflow_jax import checkpoint, lora, models, sampler, schedule, sharding, solver
+from perflow_jax import checkpoint, lora, models, paths, sampler, schedule, sharding, solver
 from perflow_jax import weights as weights_io
 from perflow_jax.weights import read_json  # every JSON file of a model is read through it
 
@@ -33,7 +34,7 @@ TOKENIZER_FIELDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
 class Model:
     """One model's parts. ``params[name]`` are numpy trees in their stored dtype."""
 
-    path: Path
+    path: epath.Path
     classes: dict[str, str]  # network name -> PyTorch class name, e.g. "unet" -> "UNet2DConditionModel"
     configs: dict[str, dict[str, Any]]
     params: dict[str, Any]
@@ -72,14 +73,14 @@ class Model:
         }
 
 
-def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Model:
-    """A converted folder or a diffusers pipeline folder, as a Model.
+def load_model(path: str | os.PathLike, networks: tuple[str, ...] | None = None) -> Model:
+    """A converted folder (local or a ``gs://`` URL) or a diffusers pipeline folder, as a Model.
 
     ``networks``: the networks to load (e.g. ``("vae",)``), default all the folder has.
     """
     from transformers import CLIPTokenizer
 
-    path = Path(path)
+    path = epath.Path(path)
     if (path / weights_io.CONVERTED_MANIFEST).is_file():
         manifest = read_json(path / weights_io.CONVERTED_MANIFEST)
         names = [n for n in weights_io.PIPELINE_NETWORKS if n in manifest["components"] and n in (networks or n)]
@@ -103,11 +104,11 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None) -> Mod
             f"{path} is neither a converted model folder ({weights_io.CONVERTED_MANIFEST}) nor a diffusers folder "
             "(model_index.json): give the --out folder of python -m perflow_jax.convert, or a diffusers download"
         )
-    tokenizers = {
-        field: CLIPTokenizer.from_pretrained(str(path / folder))
-        for folder, field in TOKENIZER_FIELDS.items()
-        if (path / folder).is_dir()
-    }
+    tokenizers = {}
+    for folder, field in TOKENIZER_FIELDS.items():
+        if (path / folder).is_dir():
+            with paths.local_copy(path / folder) as files:
+                tokenizers[field] = CLIPTokenizer.from_pretrained(str(files))
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     return Model(path, classes, configs, params, tokenizers, scheduler_config)
 
@@ -168,8 +169,8 @@ class Description:
     ``sample_size``, default 64, times the VAE's downsampling factor).
     """
 
-    path: Path
-    folder: Path
+    path: epath.Path
+    folder: epath.Path
     step: int | None
     perflow: tuple[str, int] | None
     resolution: int
@@ -179,12 +180,12 @@ class Description:
         return self.step is not None
 
 
-def describe(path: str | Path, *, step: int | None = None) -> Description:
+def describe(path: str | os.PathLike, *, step: int | None = None) -> Description:
     """The Description of a training WORKDIR (checkpoint ``step``, default the newest readable) or a model folder."""
-    path = Path(path)
+    path = epath.Path(path)
     if checkpoint.is_workdir(path):
         step, config = checkpoint.run_config(path, step=step)
-        folder = Path(config["model"]["path"])
+        folder = epath.Path(config["model"]["path"])
         if not is_model_folder(folder):
             raise weights_io.WeightsFileError(
                 f"{path} was trained from {folder} (config.model.path), which holds no model now: "
@@ -208,7 +209,7 @@ def describe(path: str | Path, *, step: int | None = None) -> Description:
     return Description(path, path, None, perflow, int(latent_size) * vae.downsampling_factor)
 
 
-def is_model_folder(folder: Path) -> bool:
+def is_model_folder(folder: epath.Path) -> bool:
     """Whether ``folder`` has the VAE, UNet and scheduler configs of a converted or diffusers model."""
     return all(
         (folder / name).is_file() for name in ("vae/config.json", "unet/config.json", "scheduler/scheduler_config.json")
@@ -232,7 +233,7 @@ class Trained:
 
 
 def load_trained(
-    path: str | Path, *, step: int | None = None, weights: str = "ema", networks: tuple[str, ...] | None = None
+    path: str | os.PathLike, *, step: int | None = None, weights: str = "ema", networks: tuple[str, ...] | None = None
 ) -> Trained:
     """A training run's folder (WORKDIR), a converted folder or a diffusers folder, as a Trained.
 
@@ -531,7 +532,7 @@ def load_generator(
     height: int,
     dtype: str = "float32",
     negative_prompt: str = "",
-    loras: Sequence[tuple[Path, float]] = (),
+    loras: Sequence[tuple[os.PathLike, float]] = (),
 ) -> Generator:
     """A Generator of the described model, computing in ``dtype``, its parameters replicated on every device.
 
