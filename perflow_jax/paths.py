@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -53,6 +54,18 @@ def local_copy(folder: epath.Path) -> Iterator[pathlib.Path]:
             if file.is_file():
                 (pathlib.Path(copy) / file.name).write_bytes(file.read_bytes())
         yield pathlib.Path(copy)
+
+
+def upload(folder: pathlib.Path, url: epath.Path) -> None:
+    """Copy the local ``folder``'s files to ``url``, replacing what was there, file by file."""
+    if url.exists():
+        url.rmtree()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            target = url / file.relative_to(folder).as_posix()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(file, "rb") as source, target.open("wb") as copy:
+                shutil.copyfileobj(source, copy)
 
 
 def open_append(path: epath.Path, mode: str = "a") -> IO:

@@ -483,7 +483,7 @@ def require_empty(out: Path, error: type[Exception], fix: str) -> None:
 
     ``fix`` ends the message with what the user can do, e.g. "choose another --out or pass --overwrite".
     """
-    out = Path(out)
+    out = epath.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise error(f"{out} exists and is not empty: {fix}")
 

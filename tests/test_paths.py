@@ -35,7 +35,8 @@ LOCAL_ONLY = {
 # The local-only inputs of modules that also read WORKDIRs or model folders: each pathlib call, as written.
 LOCAL_CALLS = {
     "convert.py": [
-        "out = Path(out)",
+        "out = epath.Path(out) if remote else Path(out)",
+        'staging = Path(tempfile.mkdtemp(prefix="perflow_convert-")) if remote else weights.staging_folder(out, log)',
         "checkpoint, source, single = _read_single_file(Path(source), base, config, ema, variant, log)",
         "source = Path(source)",
         '"perflow_delta": str(Path(perflow_delta).resolve()) if perflow_delta else None,',
