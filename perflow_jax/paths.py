@@ -68,21 +68,23 @@ def upload(folder: pathlib.Path, url: epath.Path) -> None:
                 shutil.copyfileobj(source, copy)
 
 
-def open_append(path: epath.Path, mode: str = "a") -> IO:
+def open_append(path: epath.Path, mode: str = "a", part_bytes: int | None = None) -> IO:
     """``path`` opened for appending (``mode`` "a" or "ab"). Object stores cannot append to a file, so
-    for a URL the file is rewritten whole, what it held and all that was written, at each ``flush``."""
+    for a URL the file is rewritten whole, what it held and all that was written, at each ``flush``;
+    with ``part_bytes``, a flush that leaves it that long goes on in a new file, ``path``.0001, .0002, ...
+    (for TensorBoard event files, which a reader takes in name order: no file is rewritten forever)."""
     if not is_url(path):
         return open(path, mode)
-    return _Rewritten(path, mode)
+    return _Rewritten(path, mode, part_bytes)
 
 
 class _Rewritten:
     """A file opened for appending on an object store: kept in memory, written whole by ``flush`` and ``close``."""
 
-    def __init__(self, path: epath.Path, mode: str):
-        self.path, self.binary = path, "b" in mode
-        empty = b"" if self.binary else ""
-        self.held = (path.read_bytes() if self.binary else path.read_text()) if path.exists() else empty
+    def __init__(self, path: epath.Path, mode: str, part_bytes: int | None):
+        self.first, self.path, self.binary, self.part_bytes, self.parts = path, path, "b" in mode, part_bytes, 0
+        self.empty = b"" if self.binary else ""
+        self.held = (path.read_bytes() if self.binary else path.read_text()) if path.exists() else self.empty
         self.written = len(self.held)
 
     def write(self, data: str | bytes) -> int:
@@ -93,6 +95,10 @@ class _Rewritten:
         if len(self.held) != self.written:
             (self.path.write_bytes if self.binary else self.path.write_text)(self.held)
             self.written = len(self.held)
+        if self.part_bytes is not None and self.written >= self.part_bytes:
+            self.parts += 1
+            self.path = self.first.parent / f"{self.first.name}.{self.parts:04d}"
+            self.held, self.written = self.empty, 0
 
     def close(self) -> None:
         self.flush()

@@ -62,11 +62,15 @@ class Reporter:
             self.tensorboard.close()
 
 
+EVENT_PART_BYTES = 8 * 2**20  # a gs:// event file's part: each flush rewrites the current part
+
+
 class _EventFiles:
-    """tensorboardX's writer factory for a URL: event files written through etils.epath (``paths.open_append``)."""
+    """tensorboardX's writer factory for a URL: event files written through etils.epath (``paths.open_append``),
+    in parts of up to about EVENT_PART_BYTES, each written whole at every flush."""
 
     def open(self, path: str):
-        return paths.open_append(epath.Path(path), "ab")
+        return paths.open_append(epath.Path(path), "ab", part_bytes=EVENT_PART_BYTES)
 
     def directory_check(self, path: str) -> None:
         epath.Path(path).mkdir(parents=True, exist_ok=True)

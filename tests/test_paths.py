@@ -120,6 +120,19 @@ def test_a_gs_workdir_gets_metrics_tensorboard_and_grids_and_a_resume_drops_the_
     np.testing.assert_array_equal(np.asarray(Image.open(run / "samples/step_000003.png")), 200)
 
 
+def test_an_appended_gs_file_is_rewritten_whole_at_each_flush_and_goes_on_in_parts(gcs):
+    file = paths.open_append(paths.absolute("gs://bucket/events"), "ab", part_bytes=10)
+    file.write(b"abcdef")
+    file.flush()
+    assert (gcs / "bucket/events").read_bytes() == b"abcdef"
+    file.write(b"ghijkl")
+    file.flush()
+    file.write(b"mno")
+    file.close()
+    assert (gcs / "bucket/events").read_bytes() == b"abcdefghijkl"
+    assert (gcs / "bucket/events.0001").read_bytes() == b"mno"
+
+
 def test_a_gs_workdir_lock_is_written_refuses_a_second_run_and_is_removed(gcs):
     (gcs / "bucket/run").mkdir()  # train_and_evaluate makes the WORKDIR first (a bucket needs no folders)
     with checkpoint.WorkdirLock("gs://bucket/run") as lock:
