@@ -2,9 +2,9 @@
 
 A WORKDIR, a converted model folder and an export's source are opened as ``epath.Path``: a local
 path reads as with pathlib, a URL goes through fsspec (gcsfs for ``gs://``) and Orbax takes it as
-is (``pathlib.Path("gs://b/x")`` would be the local folder ``gs:/b/x``). What a library reads only
+is (pathlib would make ``gs://b/x`` the local folder ``gs:/b/x``). What a library reads only
 from a disk (ArrayRecord data, tokenizer files) goes through ``local`` or ``local_copy``.
-``tests/test_paths.py`` keeps ``pathlib.Path(`` out of the modules that handle those paths.
+``tests/test_paths.py`` keeps pathlib's ``Path`` calls out of the modules that handle those paths.
 """
 
 from __future__ import annotations

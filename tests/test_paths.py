@@ -24,7 +24,7 @@ from tests.helpers.networks import TINY_VAE
 from tests.helpers.recipes import load
 
 PACKAGE = Path(__file__).resolve().parents[1] / "perflow_jax"
-PATHLIB_CALL = re.compile(r"(?<![\w.])Path\(")
+PATHLIB_CALL = re.compile(r"(?<![\w.])Path\(|pathlib\.Path\(")  # not epath.Path(
 
 # Modules that read only local files by design (prepare_data's inputs, evaluation references, LoRA and
 # single-file checkpoints, hub downloads, the package's own files): pathlib is theirs to use.
