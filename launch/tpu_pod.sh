@@ -56,14 +56,16 @@ v2-alpha-tpuv5-lite (v5e), tpu-ubuntu2204-base (v4 and older)"
   setting REPO "a git URL every worker clones at REF; empty: copy this checkout (tracked, and untracked
 but not ignored, files) to every worker"
   setting REF "branch, tag or commit of REPO"
-  setting BUCKET "Cloud Storage bucket mounted with gcsfuse at MOUNT on every worker; empty: mount
-nothing (WORKDIR, MODEL, DATA must then be on a file system all workers share, e.g. NFS)"
+  setting BUCKET "Cloud Storage bucket mounted with gcsfuse at MOUNT on every worker (for DATA, and any
+path under MOUNT); empty: mount nothing (local paths must then be on a file system all workers share)"
   setting MOUNT "where BUCKET is mounted on the workers"
   setting GCSFUSE_FLAGS "gcsfuse flags: Orbax commits a checkpoint by renaming its folder (keep
 --rename-dir-limit), and one worker must see at once what another has just written (no negative cache)"
-  setting WORKDIR "checkpoints, metrics, samples, logs/; on the shared mount (gs:// is not supported)"
-  setting MODEL "converted or diffusers folder, readable on every worker"
-  setting DATA "prepared data folder (python -m perflow_jax.prepare_data), readable on every worker"
+  setting WORKDIR "checkpoints, metrics, samples, logs/: a gs:// URL (written directly), or a folder on
+the shared mount"
+  setting MODEL "converted folder (a gs:// URL or a folder), or a diffusers folder, readable on every worker"
+  setting DATA "prepared data folder (python -m perflow_jax.prepare_data), readable on every worker: a
+folder (the bucket mounted at MOUNT, or a shared disk), not gs:// (ArrayRecord reads a local disk)"
   setting CONFIG "training config, relative to the repository"
   setting PYTHON_VERSION "Python of the workers' virtualenv (uv installs it)"
   setting POLL_SECONDS "watch: seconds between checks"
@@ -156,13 +158,14 @@ check_settings() {
   local name value bucket
   for name in WORKDIR MODEL DATA; do
     value=${!name}
-    if [[ $value == gs://* ]]; then
+    if [[ $value == gs://* && $name == DATA ]]; then
       bucket=${value#gs://}
       bucket=${bucket%%/*}
-      die "$name=$value: gs:// paths are not supported yet (the code reads and writes local paths); mount the \
+      die "$name=$value: the prepared data is read from a local disk (ArrayRecord reads no gs://); mount the \
 bucket on every worker with BUCKET=$bucket and use $name=$MOUNT${value#gs://"$bucket"}"
     fi
-    [[ $value == /* ]] || die "$name=$value: give an absolute path on the workers, e.g. under MOUNT=$MOUNT"
+    [[ $value == /* || $value == gs://?* ]] || die "$name=$value: give a gs:// URL or an absolute path on the \
+workers, e.g. under MOUNT=$MOUNT"
   done
   [[ $MOUNT == /* ]] || die "MOUNT=$MOUNT: give an absolute path, e.g. /mnt/perflow"
   for name in BUCKET MOUNT GCSFUSE_FLAGS REPO REF PYTHON_VERSION WORKDIR MODEL DATA CONFIG STOP_WAIT LOG_LINES; do
@@ -352,8 +355,8 @@ pack_checkout() {
 }
 
 cmd_setup() {
-  [[ -n $BUCKET ]] || say "BUCKET is empty: nothing is mounted; WORKDIR, MODEL and DATA must be on a file system \
-every worker shares"
+  [[ -n $BUCKET ]] || say "BUCKET is empty: nothing is mounted; WORKDIR, MODEL and DATA must be gs:// URLs (not \
+DATA) or on a file system every worker shares"
   if [[ -z $REPO ]]; then
     local folder=TEMPORARY_FOLDER
     [[ $DRY_RUN == 1 ]] || folder=$(mktemp -d)
@@ -382,7 +385,10 @@ cat > "$logs/wrapper.sh" <<"WRAPPER"
 echo $! > "$PERFLOW_LOGS/train.pid.new" && mv "$PERFLOW_LOGS/train.pid.new" "$PERFLOW_LOGS/train.pid"
 wait $!
 echo $? > "$PERFLOW_LOGS/train.rc.new" && mv "$PERFLOW_LOGS/train.rc.new" "$PERFLOW_LOGS/train.rc"
-mkdir -p "$PERFLOW_RUN_LOGS" && cp "$PERFLOW_LOG" "$PERFLOW_RUN_LOGS/$(hostname)-${PERFLOW_LOG##*/}" || true
+case $PERFLOW_RUN_LOGS in
+  gs://*) gcloud storage cp -q "$PERFLOW_LOG" "$PERFLOW_RUN_LOGS/$(hostname)-${PERFLOW_LOG##*/}" || true ;;
+  *) mkdir -p "$PERFLOW_RUN_LOGS" && cp "$PERFLOW_LOG" "$PERFLOW_RUN_LOGS/$(hostname)-${PERFLOW_LOG##*/}" || true ;;
+esac
 WRAPPER
 cd "$code"
 export PYTHONUNBUFFERED=1 PERFLOW_LOGS="$logs" PERFLOW_LOG="$log" PERFLOW_RUN_LOGS="$run_logs"

@@ -14,7 +14,8 @@ A checkpoint that cannot be read back (truncated or garbled files) is named in a
 newest readable one is used instead (a resuming run moves the broken one to
 WORKDIR/broken_checkpoints/, out of the way of its own saves); a save that fails (a full disk)
 raises CheckpointError, and the temporary folders of failed saves are removed at the next start.
-A WORKDIR is written by one run at a time: ``WorkdirLock``.
+A WORKDIR is written by one run at a time: ``WorkdirLock``. It may be a ``gs://`` URL: Orbax and
+etils.epath write it directly.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from perflow_jax import paths
 from perflow_jax import weights as weights_io  # trained_unet has a `weights` parameter
 
 
@@ -47,8 +49,8 @@ class Checkpoints:
       keep: how many of the newest checkpoints to keep.
     """
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3):
-        self.workdir = Path(workdir).absolute()
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3):
+        self.workdir = paths.absolute(workdir)
         self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
@@ -161,14 +163,15 @@ class Checkpoints:
 class WorkdirLock:
     """WORKDIR/lock while a training run writes WORKDIR: its host, pid and start time as JSON.
 
-    A context manager: it creates the file atomically (O_CREAT | O_EXCL) and removes it on exit;
+    A context manager: it creates the file (atomically on a disk, O_CREAT | O_EXCL; on an object store,
+    which has no such call, after checking that it does not exist) and removes it on exit;
     SIGTERM, until a later handler (the training loop's) takes over, exits with status 143 through
     that exit. A lock of a process of this host that runs no more is taken over with a warning;
     another run's, or one from another host (which cannot be checked), raises CheckpointError.
     """
 
-    def __init__(self, workdir: str | Path):
-        self.path = Path(workdir).absolute() / "lock"
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = paths.absolute(workdir) / "lock"
         start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": start}
         self._previous_sigterm = None
@@ -176,16 +179,25 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
-            with os.fdopen(fd, "w") as file:
-                json.dump(self.holder, file)
             break
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
+
+    def _create(self) -> None:
+        """Write the lock file; FileExistsError if there is one."""
+        if paths.is_url(self.path):
+            if self.path.exists():
+                raise FileExistsError(self.path)
+            self.path.write_text(json.dumps(self.holder))
+            return
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as file:
+            json.dump(self.holder, file)
 
     def __exit__(self, *exc_info) -> None:
         if self._previous_sigterm is not None:
@@ -227,7 +239,7 @@ def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
-def _newest_readable(directory: Path, steps: list[int], read: Callable[[int], Any]) -> tuple[int, Any]:
+def _newest_readable(directory: epath.Path, steps: list[int], read: Callable[[int], Any]) -> tuple[int, Any]:
     """(step, ``read(step)``) of the newest of ``steps`` that reads; each newer one is named in a warning."""
     for step in sorted(steps, reverse=True):
         try:
@@ -265,12 +277,12 @@ class CheckpointError(ValueError):
     """A WORKDIR without checkpoints, or without the one asked for."""
 
 
-def is_workdir(path: str | Path) -> bool:
+def is_workdir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a training run's folder (it has a checkpoints/ subfolder)."""
-    return (Path(path) / "checkpoints").is_dir()
+    return (epath.Path(path) / "checkpoints").is_dir()
 
 
-def run_config(workdir: str | Path, *, step: int | None = None) -> tuple[int, dict]:
+def run_config(workdir: str | os.PathLike, *, step: int | None = None) -> tuple[int, dict]:
     """(step, the run's config dict) of a run's checkpoint ``step`` (None: the newest readable); reads no weights.
 
     Readable: its config and the index of its state's arrays read (the arrays' data are not read).
@@ -284,7 +296,7 @@ def run_config(workdir: str | Path, *, step: int | None = None) -> tuple[int, di
         return _read(directory, steps, step, read)
 
 
-def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str = "ema") -> tuple[int, Any, dict]:
+def trained_unet(workdir: str | os.PathLike, *, step: int | None = None, weights: str = "ema") -> tuple[int, Any, dict]:
     """(step, UNet parameters as numpy float32, the run's config dict) of a run's checkpoint.
 
     Only the chosen weights are read (the optimizer state, twice the parameters, stays on disk). A
@@ -316,16 +328,16 @@ def trained_unet(workdir: str | Path, *, step: int | None = None, weights: str =
     return step, params, config
 
 
-def _state_metadata(state_dir: Path) -> dict[str, Any]:
+def _state_metadata(state_dir: epath.Path) -> dict[str, Any]:
     """The tree of a checkpoint's state's array metadata (shapes, dtypes)."""
     with ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.metadata(state_dir).item_metadata.tree
 
 
 @contextlib.contextmanager
-def _reader(workdir: str | Path) -> Iterator[tuple[Path, ocp.CheckpointManager, list[int]]]:
+def _reader(workdir: str | os.PathLike) -> Iterator[tuple[epath.Path, ocp.CheckpointManager, list[int]]]:
     """(checkpoints folder, a read-only CheckpointManager of it, its steps); CheckpointError if there are none."""
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = paths.absolute(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     with ocp.CheckpointManager(directory, options=options) as manager:
         steps = sorted(manager.all_steps())
@@ -334,7 +346,7 @@ def _reader(workdir: str | Path) -> Iterator[tuple[Path, ocp.CheckpointManager, 
         yield directory, manager, steps
 
 
-def _read(directory: Path, steps: list[int], step: int | None, read: Callable[[int], Any]) -> tuple[int, Any]:
+def _read(directory: epath.Path, steps: list[int], step: int | None, read: Callable[[int], Any]) -> tuple[int, Any]:
     """(step, ``read(step)``); step None: the newest that reads (``_newest_readable``)."""
     if step is None:
         return _newest_readable(directory, steps, read)

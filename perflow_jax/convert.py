@@ -42,7 +42,9 @@ the UNet are an error naming them.
 
 Nothing partial is written: the conversion happens in a hidden folder beside DIR that replaces
 DIR only once everything succeeded (one left by a killed conversion goes with the next one). DIR
-may not be, hold or lie inside DIFFUSERS_DIR or the delta file.
+may not be, hold or lie inside DIFFUSERS_DIR or the delta file. DIR may be a ``gs://`` URL: the
+conversion is then written to a local temporary folder and copied up, ``perflow_model.json`` last
+(a folder without it is no converted folder to the commands that read one).
 """
 
 from __future__ import annotations
@@ -51,14 +53,16 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from perflow_jax import __version__, console, hub, models, pipeline, schedule, single_file, weights
+from perflow_jax import __version__, console, hub, models, paths, pipeline, schedule, single_file, weights
 from perflow_jax.lora import merge_files, parse_file_arg
 from perflow_jax.models import reference_configs
 
@@ -97,7 +101,8 @@ def convert(
     Single files only: ``config`` ("sd15", "sd21", "sdxl") checks the file's architecture; ``ema`` chooses
     the UNet's EMA (True) or other (False) weights, default EMA when the file has both.
     """
-    out = Path(out)
+    remote = paths.is_url(out)
+    out = epath.Path(out) if remote else Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
     loras = [parse_file_arg(arg) for arg in lora]
@@ -109,7 +114,8 @@ def convert(
         **{f"--lora {p}": p for p, _ in loras},
         **{f"--controlnet {p}": p for p in controlnets.values()},
     }
-    weights.check_out(out, inputs, ConversionError)
+    if not remote:
+        weights.check_out(out, inputs, ConversionError)
     if not overwrite:
         weights.require_empty(out, ConversionError, "choose another --out or pass --overwrite")
     checkpoint, single = None, {}
@@ -146,7 +152,7 @@ def convert(
                 f"--perflow-windows {perflow_windows}: give the delta's window count K (4 for the releases)"
             )
 
-    staging = weights.staging_folder(out, log)
+    staging = Path(tempfile.mkdtemp(prefix="perflow_convert-")) if remote else weights.staging_folder(out, log)
     start = time.perf_counter()
     try:
         counts = {}
@@ -176,8 +182,14 @@ def convert(
             "components": components,
             "parameters": counts,
         }
-        (staging / weights.CONVERTED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        weights.replace_folder(staging, out)
+        manifest_text = json.dumps(manifest, indent=2) + "\n"
+        if remote:  # an object store renames no folder: the files are copied up, the manifest last
+            paths.upload(staging, out)
+            (out / weights.CONVERTED_MANIFEST).write_text(manifest_text)
+            shutil.rmtree(staging)
+        else:
+            (staging / weights.CONVERTED_MANIFEST).write_text(manifest_text)
+            weights.replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -312,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="diffusers pipeline folder, hub id ORG/NAME[@REVISION], or single-file checkpoint (.safetensors, .ckpt)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
+    parser.add_argument("--out", required=True, help="folder or gs:// URL to write (must be empty or absent)")
     parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="stored dtype (default float32)"
     )

@@ -34,6 +34,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from etils import epath
 from flax import serialization
 
 from perflow_jax import weights
@@ -100,7 +101,7 @@ def skip_summary(manifest: dict[str, Any]) -> str:
 
 def model_fingerprint(vae_config: dict, params: Any, model_dir: Path) -> str:
     """sha256 over the VAE config and weights and the tokenizer files: prepared data belongs to one model."""
-    model_dir = Path(model_dir)
+    model_dir = epath.Path(model_dir)
     config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for key, value in sorted(weights.flatten(params).items()):

@@ -338,7 +338,7 @@ def reference_images(
 class Options:
     """The command line's options, one field per flag (``--help`` and the module docstring say what each does)."""
 
-    model: Path
+    model: str | os.PathLike
     prompts: Path
     references: Sequence[str]
     out: Path
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m perflow_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True, metavar="PATH", help="WORKDIR or model folder")
+    parser.add_argument("--model", required=True, metavar="PATH", help="WORKDIR or model folder (or gs:// URL)")
     parser.add_argument(
         "--prompts", type=Path, required=True, metavar="FILE", help="prompts .txt or COCO captions .json"
     )

@@ -54,8 +54,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from perflow_jax import checkpoint, console, hub, lora, pipeline
+from perflow_jax import checkpoint, console, hub, lora, paths, pipeline
 from perflow_jax.single_file import EXPORT_FILE, write_export
 from perflow_jax.weights import (
     DTYPES,
@@ -95,7 +96,7 @@ def export_to_torch(
     log: Callable[[str], Any] = print,
 ) -> Path:
     """Write the diffusers export of ``model`` to ``out`` (see the module docstring); returns ``out``."""
-    model, out = Path(model), Path(out)
+    model, out = epath.Path(model), paths.local(out, ExportError, "--out")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     if lora_format is not None and lora_format not in lora.FORMATS:
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "the PeRFlow scheduler (and with --base a whole pipeline folder).",
     )
     parser.add_argument("--to-torch", action="store_true", required=True, help="export for PyTorch / diffusers")
-    parser.add_argument("--model", type=Path, required=True, help="training WORKDIR, or a converted PeRFlow folder")
+    parser.add_argument("--model", required=True, help="training WORKDIR, or a converted PeRFlow folder (or gs:// URL)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (must be empty or absent)")
     parser.add_argument("--step", type=int, help="checkpoint step of a WORKDIR (default: the newest)")
     parser.add_argument("--weights", default="ema", choices=tuple(checkpoint.WEIGHTS), help="EMA (default) or student")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -28,11 +29,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def save_png(array: np.ndarray, path: str | Path) -> None:
-    """Write a uint8 [H, W, 3] picture as a PNG, creating its folder."""
-    path = Path(path)
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a uint8 [H, W, 3] picture as a PNG, creating its folder (``path`` may be a ``gs://`` URL)."""
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(array, np.uint8)).save(path, format="PNG")
+    with path.open("wb") as file:
+        Image.fromarray(np.asarray(array, np.uint8)).save(file, format="PNG")
 
 
 def to_nchw(x: np.ndarray) -> np.ndarray:

@@ -13,18 +13,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from perflow_jax import checkpoint, lora, models, sampler, schedule, sharding, solver
+from perflow_jax import checkpoint, lora, models, paths, sampler, schedule, sharding, solver
 from perflow_jax import weights as weights_io
 from perflow_jax.weights import read_json  # every JSON file of a model is read through it
 
@@ -35,7 +36,7 @@ TOKENIZER_FIELDS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2"}
 class Model:
     """One model's parts. ``params[name]`` are numpy trees in their stored dtype."""
 
-    path: Path
+    path: epath.Path
     classes: dict[str, str]  # network name -> PyTorch class name, e.g. "unet" -> "UNet2DConditionModel"
     configs: dict[str, dict[str, Any]]
     params: dict[str, Any]
@@ -76,15 +77,17 @@ class Model:
         }
 
 
-def load_model(path: str | Path, networks: tuple[str, ...] | None = None, controlnets: Sequence[str] = ()) -> Model:
-    """A converted folder or a diffusers pipeline folder, as a Model.
+def load_model(
+    path: str | os.PathLike, networks: tuple[str, ...] | None = None, controlnets: Sequence[str] = ()
+) -> Model:
+    """A converted folder (local or a ``gs://`` URL) or a diffusers pipeline folder, as a Model.
 
     ``networks``: the networks to load (e.g. ``("vae",)``), default all the folder has. ``controlnets``:
     the names of the converted folder's ControlNets to load (``load_controlnets``).
     """
     from transformers import CLIPTokenizer
 
-    path = Path(path)
+    path = epath.Path(path)
     if (path / weights_io.CONVERTED_MANIFEST).is_file():
         manifest = read_json(path / weights_io.CONVERTED_MANIFEST)
         names = [n for n in weights_io.PIPELINE_NETWORKS if n in manifest["components"] and n in (networks or n)]
@@ -108,11 +111,11 @@ def load_model(path: str | Path, networks: tuple[str, ...] | None = None, contro
             f"{path} is neither a converted model folder ({weights_io.CONVERTED_MANIFEST}) nor a diffusers folder "
             "(model_index.json): give the --out folder of python -m perflow_jax.convert, or a diffusers download"
         )
-    tokenizers = {
-        field: CLIPTokenizer.from_pretrained(str(path / folder))
-        for folder, field in TOKENIZER_FIELDS.items()
-        if (path / folder).is_dir()
-    }
+    tokenizers = {}
+    for folder, field in TOKENIZER_FIELDS.items():
+        if (path / folder).is_dir():
+            with paths.local_copy(path / folder) as files:
+                tokenizers[field] = CLIPTokenizer.from_pretrained(str(files))
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     loaded = load_controlnets(path, controlnets) if controlnets else {}
     return Model(path, classes, configs, params, tokenizers, scheduler_config, loaded)
@@ -125,9 +128,9 @@ CONTROLNET_FOLDER = "controlnet"
 CONTROLNET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def controlnet_names(folder: str | Path) -> list[str]:
+def controlnet_names(folder: str | os.PathLike) -> list[str]:
     """The names of the ControlNets converted into ``folder``, sorted."""
-    root = Path(folder) / CONTROLNET_FOLDER
+    root = epath.Path(folder) / CONTROLNET_FOLDER
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
 
@@ -150,10 +153,10 @@ def check_controlnet_fits(config: dict[str, Any], unet_config: dict[str, Any], v
         )
 
 
-def load_controlnets(folder: str | Path, names: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
+def load_controlnets(folder: str | os.PathLike, names: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
     """{name: (config dict, parameters)} of the ControlNets ``names`` of converted ``folder``, each checked to fit
     its UNet (``check_controlnet_fits``); WeightsFileError for an unknown name (listing the known) or a misfit."""
-    folder = Path(folder)
+    folder = epath.Path(folder)
     available = controlnet_names(folder)
     unknown = [name for name in names if name not in available]
     if unknown:
@@ -229,8 +232,8 @@ class Description:
     ``sample_size``, default 64, times the VAE's downsampling factor).
     """
 
-    path: Path
-    folder: Path
+    path: epath.Path
+    folder: epath.Path
     step: int | None
     perflow: tuple[str, int] | None
     resolution: int
@@ -240,12 +243,12 @@ class Description:
         return self.step is not None
 
 
-def describe(path: str | Path, *, step: int | None = None) -> Description:
+def describe(path: str | os.PathLike, *, step: int | None = None) -> Description:
     """The Description of a training WORKDIR (checkpoint ``step``, default the newest readable) or a model folder."""
-    path = Path(path)
+    path = epath.Path(path)
     if checkpoint.is_workdir(path):
         step, config = checkpoint.run_config(path, step=step)
-        folder = Path(config["model"]["path"])
+        folder = epath.Path(config["model"]["path"])
         if not is_model_folder(folder):
             raise weights_io.WeightsFileError(
                 f"{path} was trained from {folder} (config.model.path), which holds no model now: "
@@ -269,7 +272,7 @@ def describe(path: str | Path, *, step: int | None = None) -> Description:
     return Description(path, path, None, perflow, int(latent_size) * vae.downsampling_factor)
 
 
-def is_model_folder(folder: Path) -> bool:
+def is_model_folder(folder: epath.Path) -> bool:
     """Whether ``folder`` has the VAE, UNet and scheduler configs of a converted or diffusers model."""
     return all(
         (folder / name).is_file() for name in ("vae/config.json", "unet/config.json", "scheduler/scheduler_config.json")
@@ -293,7 +296,7 @@ class Trained:
 
 
 def load_trained(
-    path: str | Path, *, step: int | None = None, weights: str = "ema", networks: tuple[str, ...] | None = None
+    path: str | os.PathLike, *, step: int | None = None, weights: str = "ema", networks: tuple[str, ...] | None = None
 ) -> Trained:
     """A training run's folder (WORKDIR), a converted folder or a diffusers folder, as a Trained.
 
@@ -734,7 +737,7 @@ def load_generator(
     height: int,
     dtype: str = "float32",
     negative_prompt: str = "",
-    loras: Sequence[tuple[Path, float]] = (),
+    loras: Sequence[tuple[os.PathLike, float]] = (),
     controlnets: Sequence[str] = (),
 ) -> Generator:
     """A Generator of the described model, computing in ``dtype``, its parameters replicated on every device.

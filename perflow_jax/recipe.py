@@ -27,6 +27,7 @@ import optax
 from perflow_jax import evaluate, fid, fid_inception, lora, loss, pipeline, schedule, sharding, solver, step, weights
 from perflow_jax.models.attention import BACKENDS
 from perflow_jax.models.unet import REMAT_POLICIES
+from perflow_jax.paths import is_url
 
 PATH_KEYS = ("model.path", "model.student_init", "data.path")
 LR_SCHEDULES = ("constant", "cosine")
@@ -106,6 +107,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.data.path:
         problems.append(
             "config.data.path is empty: set --config.data.path=DIR, a folder from python -m perflow_jax.prepare_data"
+        )
+    elif is_url(config.data.path):
+        problems.append(
+            f"config.data.path {config.data.path} is a URL, but the ArrayRecord data is read from a local disk: mount "
+            "the bucket (gcsfuse) and give the mounted folder, or copy the data to a local disk"
         )
     if model.compute_dtype == "float16":
         problems.append(
@@ -291,8 +297,8 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def absolute_path(path: str) -> str:
-    """``path`` (``~`` expanded) as an absolute, normalised path from the current directory."""
-    return os.path.abspath(os.path.expanduser(path))
+    """``path`` (``~`` expanded) as an absolute, normalised path from the current directory; a URL as it is."""
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:

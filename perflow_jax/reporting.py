@@ -8,16 +8,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import optax
+from etils import epath
 
-from perflow_jax import evaluate, fid, flops, image_io, pipeline, recipe, sharding, step, weights
+from perflow_jax import evaluate, fid, flops, image_io, paths, pipeline, recipe, sharding, step, weights
 
 
 class Reporter:
@@ -25,15 +24,18 @@ class Reporter:
 
     A run resumed at ``first_step`` first drops what an interrupted run logged after its
     checkpoint (rows of metrics.jsonl, TensorBoard events), so that each step is logged once.
+    ``workdir`` may be a URL (``gs://``): both files are then written through etils.epath.
     """
 
-    def __init__(self, workdir: Path, first_step: int = 0):
+    def __init__(self, workdir: epath.Path, first_step: int = 0):
         self.active = jax.process_index() == 0
         if self.active:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter, record_writer
 
             _drop_rows_after(workdir / "metrics.jsonl", first_step)
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.jsonl = paths.open_append(workdir / "metrics.jsonl")
+            if paths.is_url(workdir):  # tensorboardX's own gs:// writer needs google-cloud-storage
+                record_writer.register_writer_factory(str(workdir).split("://")[0], _EventFiles())
             self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=first_step + 1)
 
     def scalars(self, step_number: int, values: dict[str, float], line: str) -> None:
@@ -60,7 +62,21 @@ class Reporter:
             self.tensorboard.close()
 
 
-def _drop_rows_after(path: Path, step_number: int) -> None:
+EVENT_PART_BYTES = 8 * 2**20  # a gs:// event file's part: each flush rewrites the current part
+
+
+class _EventFiles:
+    """tensorboardX's writer factory for a URL: event files written through etils.epath (``paths.open_append``),
+    in parts of up to about EVENT_PART_BYTES, each written whole at every flush."""
+
+    def open(self, path: str):
+        return paths.open_append(epath.Path(path), "ab", part_bytes=EVENT_PART_BYTES)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _drop_rows_after(path: epath.Path, step_number: int) -> None:
     """Keep the rows of a metrics.jsonl up to ``step_number`` (and none that is cut off), replacing it whole."""
     if not path.exists():
         return
@@ -73,7 +89,7 @@ def _drop_rows_after(path: Path, step_number: int) -> None:
             continue
     partial = path.with_name(path.name + ".writing")
     partial.write_text("".join(kept))
-    os.replace(partial, path)
+    partial.replace(path)
 
 
 @dataclasses.dataclass
@@ -148,7 +164,7 @@ class Samples:
     """
 
     def __init__(
-        self, config, workdir: Path, components: step.Components, model: pipeline.Model, frozen, mesh, reporter
+        self, config, workdir: epath.Path, components: step.Components, model: pipeline.Model, frozen, mesh, reporter
     ):
         self.folder = workdir / "samples"
         self.reporter = reporter
@@ -188,7 +204,6 @@ class Samples:
         if jax.process_index() != 0:
             return
         picture = image_io.grid(images)
-        self.folder.mkdir(exist_ok=True)
         image_io.save_png(picture, self.folder / f"{name}.png")
         self.reporter.image(step_number, "samples/teacher_ddim" if name == "teacher_ddim" else "samples/ema", picture)
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -81,7 +82,7 @@ class SampleError(ValueError):
 class Options:
     """The command line's options, one field per flag (``--help`` and the module docstring say what each does)."""
 
-    model: Path
+    model: str | os.PathLike
     prompts: Sequence[str] = ()
     out: Path | None = None
     steps: int | None = None
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m perflow_jax.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True, metavar="PATH", help="WORKDIR or PeRFlow model folder")
+    parser.add_argument("--model", required=True, metavar="PATH", help="WORKDIR or PeRFlow model folder (or gs:// URL)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="one prompt")
     prompt.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line (blank lines skipped)")

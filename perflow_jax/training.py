@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from perflow_jax import (
     checkpoint,
@@ -62,7 +63,7 @@ class Run:
     """What the loop reads, built once by the setup of ``train_and_evaluate``."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path
     mesh: jax.sharding.Mesh
     model: pipeline.Model  # its VAE and tokenizers draw the sample grids
     components: step.Components
@@ -75,12 +76,13 @@ class Run:
     first_step: int  # 0, or the step of the checkpoint resumed from
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> step.TrainState:
-    """Train (or resume training) per ``config`` in ``workdir``; returns the final state, or raises ``Stopped``."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> step.TrainState:
+    """Train (or resume training) per ``config`` in ``workdir`` (a folder or a ``gs://`` URL); returns the final
+    state, or raises ``Stopped``."""
     sharding.initialize_distributed(config.tpu_pod)
     recipe.validate(config)
     config = recipe.with_absolute_paths(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file, not a folder: give a new folder or a training run's")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return _train(config, workdir)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path) -> step.TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> step.TrainState:
     """The setup, then ``_loop``."""
     _refuse_another_run(workdir, config)
     model = pipeline.load_model(config.model.path)
@@ -151,7 +153,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> step.TrainState:
     return _loop(run, state)
 
 
-def _refuse_another_run(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def _refuse_another_run(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
     """``recipe.check_resumable`` against the newest checkpoint, before anything is loaded; nothing for a new run."""
     if not checkpoint.is_workdir(workdir):
         return

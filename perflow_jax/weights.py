@@ -37,7 +37,9 @@ from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
+from perflow_jax import paths
 from perflow_jax.models import NETWORKS as NETWORK_CLASSES
 
 
@@ -446,20 +448,20 @@ def cast_params(params: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: np.asarray(x).astype(target, copy=False), params)
 
 
-def save_params(path: Path, params: Any) -> None:
-    """Write a parameter tree as an Orbax checkpoint at ``path`` (which must not exist yet)."""
+def save_params(path: epath.Path, params: Any) -> None:
+    """Write a parameter tree as an Orbax checkpoint at ``path`` (which must not exist yet; may be a URL)."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(path).absolute(), params)
+        checkpointer.save(paths.absolute(path), params)
 
 
-def load_params(path: Path) -> Any:
+def load_params(path: epath.Path) -> Any:
     """A parameter tree written by ``save_params``, as numpy arrays in their stored dtypes."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(Path(path).absolute())
+        return checkpointer.restore(paths.absolute(path))
 
 
 def write_diffusers_unet(params: Any, config: Mapping[str, Any], out: Path, dtype: str = "float32") -> Path:
@@ -481,7 +483,7 @@ def require_empty(out: Path, error: type[Exception], fix: str) -> None:
 
     ``fix`` ends the message with what the user can do, e.g. "choose another --out or pass --overwrite".
     """
-    out = Path(out)
+    out = epath.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise error(f"{out} exists and is not empty: {fix}")
 
@@ -496,7 +498,7 @@ def check_out(out: Path, inputs: Mapping[str, Any], error: type[Exception], flag
     """
     target = Path(out).resolve()
     for name, path in inputs.items():
-        if path is None or not Path(path).exists():
+        if path is None or paths.is_url(path) or not Path(path).exists():  # a URL is no local folder's
             continue
         source = Path(path).resolve()
         if target == source:
@@ -562,9 +564,9 @@ def replace_folder(staging: Path, out: Path) -> None:
         staging.rename(out)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """The object of a JSON file; a file that is not JSON raises WeightsFileError naming its line and column."""
-    path = Path(path)
+def read_json(path: epath.Path) -> dict[str, Any]:
+    """The object of a JSON file (or URL); a file that is not JSON raises WeightsFileError naming where."""
+    path = epath.Path(path)
     try:
         value = json.loads(path.read_bytes())
     except json.JSONDecodeError as error:
@@ -599,17 +601,17 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Ma
 CONVERTED_MANIFEST = "perflow_model.json"
 
 
-def write_component(folder: Path, name: str, class_name: str, config: Mapping[str, Any], params: Any) -> None:
+def write_component(folder: epath.Path, name: str, class_name: str, config: Mapping[str, Any], params: Any) -> None:
     """``folder/name/config.json`` (the PyTorch config, ``_class_name`` set) and ``folder/name/params``."""
-    target = Path(folder) / name
+    target = epath.Path(folder) / name
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").write_text(json.dumps({**config, "_class_name": class_name}, indent=2) + "\n")
     save_params(target / "params", params)
 
 
-def read_component(folder: Path, name: str) -> tuple[str, dict[str, Any], Any]:
-    """(PyTorch class name, config dict, parameter tree) of one network of a converted folder."""
-    folder = Path(folder)
+def read_component(folder: epath.Path, name: str) -> tuple[str, dict[str, Any], Any]:
+    """(PyTorch class name, config dict, parameter tree) of one network of a converted folder (or URL)."""
+    folder = epath.Path(folder)
     if not (folder / CONVERTED_MANIFEST).is_file():
         hint = (
             "it is a diffusers folder: convert it first with python -m perflow_jax.convert --from "

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from perflow_jax import weights
 from perflow_jax.convert import ConversionError, convert, main
 from perflow_jax.pipeline import load_trained
+from tests.helpers.fake_gcs import fake_gcs
 from tests.helpers.parity import torch_state_dict
 from tests.helpers.pipelines import quiet, tiny_pipeline
 from tests.helpers.processes import library_logs
@@ -153,6 +154,19 @@ def test_with_a_delta_the_folder_is_a_perflow_student_for_the_sampler(sd, tmp_pa
     without = convert(source, tmp_path / "plain", log=quiet)
     assert without["components"]["scheduler"] == teacher["_class_name"]
     assert load_trained(tmp_path / "plain", networks=()).description.perflow is None
+
+
+def test_an_out_on_gs_is_converted_locally_and_copied_up_whole(sd, tmp_path):
+    source, pipe = sd
+    with fake_gcs(tmp_path / "gcs") as root:
+        (root / "bucket/model/old").mkdir(parents=True)
+        with pytest.raises(ConversionError, match="gs://bucket/model exists and is not empty"):
+            convert(source, "gs://bucket/model", log=quiet)
+        manifest = convert(source, "gs://bucket/model", overwrite=True, log=quiet)
+    out = root / "bucket/model"
+    assert json.loads((out / weights.CONVERTED_MANIFEST).read_text()) == manifest
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["components"], weights.CONVERTED_MANIFEST])
+    assert_component_equals_torch(out, "unet", pipe.unet)
 
 
 def test_converted_folder_loads_without_torch(sd, tmp_path):

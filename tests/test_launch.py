@@ -127,11 +127,19 @@ def test_watch_recreates_a_preempted_resource_and_starts_training_again():
     assert "--config.tpu_pod=True" in train
 
 
-def test_gs_workdir_is_refused_with_the_mount_to_use():
-    result = tpu("train", WORKDIR="gs://bkt/runs/a")
+def test_a_gs_workdir_and_model_go_to_train_as_urls():
+    result = tpu("train", WORKDIR="gs://bkt/runs/a", MODEL="gs://bkt/converted/sd15", BUCKET="bkt")
+    assert result.returncode == 0, result.stderr
+    script = worker_script(commands(result.stdout)[0])
+    assert "--workdir=gs://bkt/runs/a --config.model.path=gs://bkt/converted/sd15 " in script
+    assert "run_logs=gs://bkt/runs/a/logs" in script
+
+
+def test_gs_data_is_refused_with_the_mount_to_use():
+    result = tpu("train", DATA="gs://bkt/data/a")
     assert result.returncode == 2
-    assert "gs:// paths are not supported yet" in result.stderr
-    assert "BUCKET=bkt and use WORKDIR=/mnt/perflow/runs/a" in result.stderr
+    assert "the prepared data is read from a local disk (ArrayRecord reads no gs://)" in result.stderr
+    assert "BUCKET=bkt and use DATA=/mnt/perflow/data/a" in result.stderr
 
 
 def test_train_refuses_arguments_other_than_config_overrides():
@@ -170,11 +178,14 @@ def worker(tmp_path):
             os.killpg(int(group.read_text()), signal.SIGKILL)
 
 
-def on_worker(home: Path, command: str, mode: str = "run", **env) -> str:
-    """Run the worker script of `launch/tpu_pod.sh COMMAND` with HOME=home; returns its stdout."""
+def on_worker(home: Path, command: str, mode: str = "run", bin: Path | None = None, **env) -> str:
+    """Run the worker script of `launch/tpu_pod.sh COMMAND` with HOME=home (and ``bin`` first on the PATH);
+    returns its stdout."""
     settings = {"WORKDIR": str(home.parent / "run"), "STOP_WAIT": "20", **env}
     (ssh,) = [c for c in commands(tpu(command, **settings).stdout) if "ssh" in c]
     environment = {**os.environ, "HOME": str(home), "FAKE_TRAIN_MODE": mode}
+    if bin is not None:
+        environment["PATH"] = f"{bin}:{os.environ['PATH']}"
     result = subprocess.run(["bash", "-c", worker_script(ssh)], capture_output=True, text=True, env=environment,
                             timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -220,6 +231,24 @@ def test_worker_stop_sends_sigterm_and_keeps_the_log_in_the_workdir(worker):
     assert settled_status(home) == ["stopped"]
     (saved,) = (workdir / "logs").iterdir()
     assert "stopped at step 3 on request" in saved.read_text()
+
+
+def test_worker_stop_with_a_gs_workdir_copies_the_log_there_with_gcloud_storage(worker):
+    home, _ = worker
+    fake = home.parent / "fake-bin"
+    fake.mkdir()
+    (fake / "gcloud").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$HOME/gcloud_args"\n')
+    (fake / "gcloud").chmod(0o755)
+    on_worker(home, "train", bin=fake, WORKDIR="gs://bkt/runs/a")
+    wait_for(home / "train_args")
+    assert "--workdir=gs://bkt/runs/a" in (home / "train_args").read_text().split()
+    on_worker(home, "stop", WORKDIR="gs://bkt/runs/a")
+    assert settled_status(home) == ["stopped"]
+    log = (home / "perflow_logs/train.log").resolve()
+    host = os.uname().nodename
+    assert (home / "gcloud_args").read_text().split() == [
+        "storage", "cp", "-q", str(log), f"gs://bkt/runs/a/logs/{host}-{log.name}"
+    ]  # fmt: skip
 
 
 def test_worker_status_reports_the_failed_exit_status(worker):
