@@ -41,6 +41,8 @@ LOCAL_CALLS = {
         "source = Path(source)",
         '"perflow_delta": str(Path(perflow_delta).resolve()) if perflow_delta else None,',
         "base = Path(base)",
+        # --controlnet DIR[:NAME], a diffusers ControlNet folder
+        "folder, name = (Path(folder), name) if colon and not Path(arg).exists() else (Path(arg), Path(arg).name)",
     ],
     "data.py": [
         "path = Path(folder) / MANIFEST",
@@ -59,6 +61,8 @@ LOCAL_CALLS = {
         "if o.init_noise is not None and not Path(o.init_noise).is_file():",
         "out = Path(o.out)",
         "Path(path).parent.mkdir(parents=True, exist_ok=True)",
+        "if not Path(path).is_file():",  # a --control image
+        "if not Path(path).is_file():",  # the --init-image
     ],
     "weights.py": [
         "folder = Path(folder)",
