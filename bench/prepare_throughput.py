@@ -1,11 +1,14 @@
 """prepare_data's throughput on this machine's CPU at several --decode-workers.
 
-Generates ``--images`` JPEG photos-like images (smooth random colour fields with fine noise,
-``--size`` px on the longer side, 4:3) with .txt captions, then prepares them at ``--resolution``
-with the embedded digits teacher's VAE and tokenizer (``perflow_jax/demo/digits_teacher``: a tiny
-VAE, so the decoding dominates, as on a TPU host where the VAE is fast) for each worker count.
-Each count runs twice, on all the images and on the first batch only: the difference is the
-steady rate, without the model load, the VAE's compilation and the workers' start.
+Generates ``--images`` photo-like JPEGs (smooth random colour fields with fine noise, ``--size``
+px wide, 4:3, quality 90) with .txt captions, and a small random VAE (diffusers' AutoencoderKL:
+two blocks of 8 channels, no attention; the digits teacher's tokenizer), cheap next to the image
+decoding, as the VAE on a TPU host is. For each worker count:
+- decode: `perflow_jax.prepare_data.decoder` alone (read, decode, resize, crop), timed once its
+  workers have started;
+- prepare: `prepare()` end to end at ``--resolution``, once on all the images and once on the first
+  VAE batch: the difference is the steady rate, without the model load, the VAE's compilation and
+  the workers' start.
 
     python bench/prepare_throughput.py --images 400 --size 640 --resolution 256 --workers 0 1 2
 
@@ -20,6 +23,7 @@ import argparse
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -31,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from bench.common import now, out_dir, print_table, write_json
-from perflow_jax.prepare_data import prepare
+from perflow_jax.prepare_data import MAX_PIXELS, decoder, open_source, prepare
 
-MODEL = Path(__file__).resolve().parents[1] / "perflow_jax/demo/digits_teacher"
+DIGITS = Path(__file__).resolve().parents[1] / "perflow_jax/demo/digits_teacher"
 BATCH = 16
 
 
@@ -49,33 +53,67 @@ def write_images(folder: Path, count: int, size: int) -> None:
         (folder / f"{i:05d}.txt").write_text(f"a photo number {i}\n")
 
 
-def timed_prepare(source: Path, out: Path, resolution: int, workers: int) -> float:
+def write_small_model(folder: Path) -> None:
+    """The digits teacher's diffusers folder with a random 2-block, 8-channel AutoencoderKL as its VAE."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    shutil.copytree(DIGITS, folder, ignore=shutil.ignore_patterns("vae"), dirs_exist_ok=True)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        mid_block_add_attention=False,
+    )
+    vae.save_pretrained(folder / "vae")
+
+
+def decode_rate(source: Path, resolution: int, workers: int) -> float:
+    """Images per second through `decoder`, once its workers have started (one batch before the clock)."""
+    _, items = open_source(str(source))
+    items = list(items)
+    with decoder(workers, resolution, resolution // 2, MAX_PIXELS) as decode:
+        list(decode(items[:BATCH]))
+        start = time.perf_counter()
+        list(decode(items))
+        return len(items) / (time.perf_counter() - start)
+
+
+def timed_prepare(model: Path, source: Path, out: Path, resolution: int, workers: int) -> float:
     start = time.perf_counter()
-    prepare(MODEL, str(source), out, resolution=resolution, batch_size=BATCH, decode_workers=workers, progress=False)
+    prepare(model, str(source), out, resolution=resolution, batch_size=BATCH, decode_workers=workers, progress=False)
     return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--size", type=int, default=640, help="longer side of the generated JPEGs")
+    parser.add_argument("--size", type=int, default=640, help="width of the generated JPEGs")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, os.cpu_count()])
     args = parser.parse_args()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "all").mkdir()
-        (tmp / "first").mkdir()
+        for folder in ("model", "all", "first"):
+            (tmp / folder).mkdir()
+        write_small_model(tmp / "model")
         write_images(tmp / "all", args.images, args.size)
         write_images(tmp / "first", BATCH, args.size)
         for workers in args.workers:
-            whole = timed_prepare(tmp / "all", tmp / f"out-all-{workers}", args.resolution, workers)
-            first = timed_prepare(tmp / "first", tmp / f"out-first-{workers}", args.resolution, workers)
+            decoded = decode_rate(tmp / "all", args.resolution, workers)
+            whole = timed_prepare(tmp / "model", tmp / "all", tmp / f"out-all-{workers}", args.resolution, workers)
+            first = timed_prepare(tmp / "model", tmp / "first", tmp / f"out-first-{workers}", args.resolution, workers)
             steady = (args.images - BATCH) / (whole - first)
-            results.append(dict(workers=workers, whole_s=whole, first_batch_s=first, images_per_s=steady))
-            rows.append([str(workers), f"{whole:.1f}", f"{args.images / whole:.1f}", f"{steady:.1f}"])
-            print(f"workers {workers}: {whole:.1f} s for {args.images}, {first:.1f} s for {BATCH}", flush=True)
+            results.append(
+                dict(workers=workers, decode_per_s=decoded, whole_s=whole, first_batch_s=first, prepare_per_s=steady)
+            )
+            rows.append([str(workers), f"{decoded:.1f}", f"{whole:.1f}", f"{args.images / whole:.1f}", f"{steady:.1f}"])
+            print(f"workers {workers}: decode {decoded:.1f}/s; prepare {whole:.1f} s, first batch {first:.1f} s")
     write_json(
         out_dir() / "prepare_throughput.json",
         dict(
@@ -87,7 +125,8 @@ def main() -> None:
             results=results,
         ),
     )
-    print_table(["decode workers", "wall s", "images/s (wall)", "images/s (steady)"], rows)
+    columns = ["decode workers", "decode images/s", "prepare wall s", "prepare images/s (wall)", "(steady)"]
+    print_table(columns, rows)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's default decompression-bomb limit
 STATE_FILE = "prepare_settings.json"
 INPUT_FILE = "prepare_inputs.json.gz"  # name -> [size, mtime_ns] of the input files at the start
-DECODE_WORKERS = min(16, (os.cpu_count() or 1) - 1)  # --decode-workers' default: a CPU left for the VAE and reading
+DECODE_WORKERS = min(16, os.cpu_count() or 1)  # --decode-workers' default (bench/RESULTS.md)
 
 
 class PrepareError(ValueError):
@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-workers",
         type=_non_negative,
         default=DECODE_WORKERS,
-        help=f"processes that decode images; 0: in this process (default {DECODE_WORKERS}: CPUs - 1, at most 16)",
+        help=f"processes that decode images; 0: in this process (default {DECODE_WORKERS}: the CPUs, at most 16)",
     )
     parser.add_argument(
         "--tpu-pod", action="store_true", help="every host of a TPU slice runs this: join them (jax.distributed)"
