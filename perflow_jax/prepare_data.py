@@ -52,6 +52,7 @@ import multiprocessing
 import os
 import sys
 import tarfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -397,13 +398,14 @@ def decoder(workers: int, resolution: int, min_size: int, max_pixels: int) -> It
     0) or in that many worker processes (spawned: JAX's threads do not survive a fork).
 
     The results are the same either way; a worker process that dies (killed, out of memory) ends
-    the run in a PrepareError.
+    the run in a PrepareError, and the workers end when this process does, even when it is killed.
     """
     load = functools.partial(load_item, resolution=resolution, min_size=min_size, max_pixels=max_pixels)
     if not workers:
         yield lambda items: map(load, items)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, context, initializer=_exit_with_parent, initargs=(os.getpid(),))
 
     def decode(items):
         try:
@@ -418,6 +420,17 @@ def decoder(workers: int, resolution: int, min_size: int, max_pixels: int) -> It
         yield decode
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A decode worker's start: a thread that ends the worker once ``parent`` (its starter) is gone."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------

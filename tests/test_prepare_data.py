@@ -5,10 +5,13 @@ import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import textwrap
+import time
 import zlib
 from pathlib import Path
 
@@ -374,6 +377,42 @@ def test_a_decode_worker_that_dies_ends_the_run_in_a_prepare_error():
     with decoder(1, RESOLUTION, 1, MAX_PIXELS) as decode:
         with pytest.raises(PrepareError, match=r"a decode worker process died .*--decode-workers 0 to decode in this"):
             list(decode([dies]))
+
+
+def test_decode_workers_end_when_the_process_that_started_them_is_killed():
+    code = """
+        import functools, multiprocessing, time
+        import numpy as np
+        from PIL import Image
+        from perflow_jax.prepare_data import Item, decoder
+
+        item = Item("grey.png", functools.partial(Image.fromarray, np.zeros((8, 8), np.uint8)), "a caption")
+        with decoder(1, 8, 1, 10**6) as decode:
+            list(decode([item]))
+            print(*[worker.pid for worker in multiprocessing.active_children()], flush=True)
+            time.sleep(600)
+    """
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    (worker,) = [int(pid) for pid in parent.stdout.readline().split()]
+    assert running(worker)
+    parent.kill()  # SIGKILL: no clean-up in the parent
+    parent.wait()
+    deadline = time.monotonic() + 60  # a guard against a worker left behind, not a speed check
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if running(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the decode worker outlived its parent")
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("value", ["-1", "two"])
