@@ -1,9 +1,9 @@
 """prepare_data's throughput on this machine's CPU at several --decode-workers.
 
 Generates ``--images`` photo-like JPEGs (smooth random colour fields with fine noise, ``--size``
-px wide, 4:3, quality 90) with .txt captions, and a small random VAE (diffusers' AutoencoderKL:
-two blocks of 8 channels, no attention; the digits teacher's tokenizer), cheap next to the image
-decoding, as the VAE on a TPU host is. For each worker count:
+px wide, 4:3, quality 90) with .txt captions, and a model: the digits teacher's folder with a small
+random VAE (diffusers' AutoencoderKL: two blocks of 8 channels, no attention), cheap next to the
+image decoding, as the VAE on a TPU host is. For each worker count:
 - decode: `perflow_jax.prepare_data.decoder` alone (read, decode, resize, crop), timed once its
   workers have started;
 - prepare: `prepare()` end to end at ``--resolution``, once on all the images and once on the first
