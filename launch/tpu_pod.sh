@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# PeRFlow training on a Cloud TPU slice: create it, install this repository on every worker, start
+# PeRFlow training on a Cloud TPU slice: create it, install this repository on every worker, prepare
+# the data on all workers (`python -m perflow_jax.prepare_data ... --tpu-pod`), start
 # `python -m perflow_jax.train ... --config.tpu_pod=True` on all workers at once, and keep a spot run
 # going through preemptions (each restart resumes from WORKDIR's newest checkpoint).
 #
 #   launch/tpu_pod.sh [--dry-run] COMMAND [--config.KEY=VALUE ...] [--verbose]
+#   launch/tpu_pod.sh [--dry-run] prepare --input=SRC --resolution=512 [--FLAG=VALUE ...]
 #
 # Settings come from environment variables; `launch/tpu_pod.sh help` lists them with their values.
 # launch/README.md walks through a whole run.
@@ -21,10 +23,14 @@ STOPPED_CODES="143 130"
 usage() {
   cat <<EOF
 Usage: launch/tpu_pod.sh [--dry-run] COMMAND [--config.KEY=VALUE ...] [--verbose]
+       launch/tpu_pod.sh [--dry-run] prepare --input=SRC --resolution=512 [--FLAG=VALUE ...]
 
 Commands:
   create   create the TPU (a queued resource when SPOT=1) and wait until it is ready
   setup    on every worker: mount BUCKET at MOUNT, install the code and requirements-tpu.txt
+  prepare  python -m perflow_jax.prepare_data --model=MODEL --out=DATA --tpu-pod and the flags given,
+           on every worker at once (each its own shards, one data set in DATA); waits until all are
+           done, a log per worker in ~/perflow_logs; run again, it resumes
   train    start training on every worker at once (nohup; a log per worker in ~/perflow_logs)
   watch    keep the run going: create and set up the TPU if it is missing, (re)start training,
            re-create the TPU after a preemption, restart a failed run (MAX_RESTARTS times);
@@ -65,7 +71,8 @@ path under MOUNT); empty: mount nothing (local paths must then be on a file syst
 the shared mount"
   setting MODEL "converted folder (a gs:// URL or a folder), or a diffusers folder, readable on every worker"
   setting DATA "prepared data folder (python -m perflow_jax.prepare_data), readable on every worker: a
-folder (the bucket mounted at MOUNT, or a shared disk), not gs:// (ArrayRecord reads a local disk)"
+folder (the bucket mounted at MOUNT, or a shared disk), not gs:// (ArrayRecord reads a local disk);
+prepare writes it"
   setting CONFIG "training config, relative to the repository"
   setting PYTHON_VERSION "Python of the workers' virtualenv (uv installs it)"
   setting POLL_SECONDS "watch: seconds between checks"
@@ -184,6 +191,19 @@ check_overrides() {
   for arg in "$@"; do
     [[ $arg == --config.?*=* || $arg == --verbose ]] || die "unexpected argument '$arg': give training settings as --config.KEY=VALUE \
 (CONFIG, WORKDIR, MODEL and DATA are environment variables)"
+    check_portable "$arg"
+  done
+}
+
+# Extra arguments for prepare_data must be --FLAG=VALUE or --FLAG, not the ones the script sets.
+check_prepare_args() {
+  local arg
+  for arg in "$@"; do
+    [[ $arg == --?* ]] || die "unexpected argument '$arg': give prepare_data's flags as --FLAG=VALUE, e.g. \
+--input=$MOUNT/laion/*.tar --resolution=512"
+    case ${arg%%=*} in
+      --model | --out | --tpu-pod) die "$arg: prepare sets ${arg%%=*} itself (MODEL and DATA are environment variables)" ;;
+    esac
     check_portable "$arg"
   done
 }
@@ -402,6 +422,22 @@ echo "$(hostname): training started, log $log"
 EOF
 }
 
+# prepare_data on this worker, in the foreground; its output also goes to a log in ~/perflow_logs.
+prepare_script() {
+  local arg prepare=("-m" "perflow_jax.prepare_data" "--model=$MODEL" "--out=$DATA" "--tpu-pod" "$@")
+  cat <<'EOF'
+set -euo pipefail
+if running; then echo "$(hostname): training is running; stop it first (launch/tpu_pod.sh stop)" >&2; exit 1; fi
+mkdir -p "$logs"
+log=$logs/prepare-$(date -u +%Y%m%dT%H%M%SZ).log
+cd "$code"
+export PYTHONUNBUFFERED=1
+EOF
+  printf '"$venv/bin/python"'
+  for arg in "${prepare[@]}"; do printf ' %s' "$(remote_value "$arg")"; done
+  printf ' 2>&1 | tee "$log"\n'
+}
+
 # One line per worker: "perflow-worker HOST STATE", STATE one of no-setup, running, done, stopped,
 # failed RC, killed, idle.
 status_script() {
@@ -444,6 +480,12 @@ cmd_train() {
   check_overrides "$@"
   say "starting training on every worker of $TPU_NAME: $CONFIG, WORKDIR $WORKDIR"
   on_workers "$(start_script "$@")"
+}
+
+cmd_prepare() {
+  check_prepare_args "$@"
+  say "preparing the data on every worker of $TPU_NAME: MODEL $MODEL, DATA $DATA"
+  on_workers "$(prepare_script "$@")"
 }
 
 cmd_stop() { on_workers "$(stop_script)"; }
@@ -564,6 +606,7 @@ main() {
   case $command in
     create) cmd_create "$@" ;;
     setup) cmd_setup "$@" ;;
+    prepare) cmd_prepare "$@" ;;
     train) cmd_train "$@" ;;
     watch) cmd_watch "$@" ;;
     status) cmd_status ;;

@@ -2,6 +2,7 @@
 
     python -m perflow_jax.prepare_data --model MODEL_DIR --input SRC --out DIR --resolution 512
         [--shard-size 1000] [--batch-size 16] [--latent-dtype float16|float32] [--max-pixels N]
+        [--decode-workers N] [--tpu-pod]
 
 MODEL_DIR is a converted folder (``python -m perflow_jax.convert``) or a diffusers folder. SRC is
 - a folder of images with captions: a ``.txt`` beside each image, or ``metadata.jsonl`` /
@@ -17,9 +18,15 @@ Each image is resized (shorter side to the resolution) and centre-cropped; its V
 moments, its token ids for each tokenizer and its caption are stored (record schema in
 ``perflow_jax.data``). Input item i goes to shard i // shard_size, so a run is deterministic:
 finished shards (those with a sidecar ``.json``) are kept when an interrupted run is started
-again, and on a pod process p prepares the shards s with s % process_count == p. A resumed run
-must have the same settings and the same input files (names, sizes and modification times of a
-folder's images, captions and metadata, or of the .tar files; recorded in ``INPUT_FILE``).
+again. A resumed run must have the same settings and the same input files (names, sizes and
+modification times of a folder's images, captions and metadata, or of the .tar files; recorded in
+``INPUT_FILE``). Images are decoded (and resized, cropped) in --decode-workers processes while the
+VAE encodes on this host's devices; the shards are the same bytes for any number of workers.
+
+Multi-host (every host of a TPU slice with --tpu-pod, or the PERFLOW_* variables of
+``perflow_jax.sharding``): every host runs the same command on the same input and --out (a shared
+mount); process p of n prepares the shards s with s % n == p on its own devices, process 0 writes the
+settings files and, once every host is done, the manifest listing all shards: one data set.
 
 One bad item never aborts the run: it is skipped and counted by reason (``SKIP_REASONS``):
 unreadable or corrupt images, images smaller than --min-size or larger than --max-pixels (PIL's
@@ -32,19 +39,26 @@ greyscale images are scaled to 8 bits. A run that keeps no example at all ends i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import glob
 import gzip
 import hashlib
 import io
 import itertools
 import json
+import multiprocessing
+import os
 import sys
 import tarfile
+import threading
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +66,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -72,6 +87,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's default decompression-bomb limit
 STATE_FILE = "prepare_settings.json"
 INPUT_FILE = "prepare_inputs.json.gz"  # name -> [size, mtime_ns] of the input files at the start
+DECODE_WORKERS = min(16, os.cpu_count() or 1)  # --decode-workers' default (bench/RESULTS.md)
 
 
 class PrepareError(ValueError):
@@ -96,8 +112,8 @@ class Settings:
 
 @dataclass
 class Item:
-    """One input example: ``open()`` gives the image (may raise); ``caption`` may be None or not a
-    string; ``skip``, a skip reason known without opening it."""
+    """One input example: ``open()`` gives the image (may raise; picklable, for the decode workers);
+    ``caption`` may be None or not a string; ``skip``, a skip reason known without opening it."""
 
     key: str
     open: Callable[[], Image.Image]
@@ -156,7 +172,7 @@ def _folder_items(folder: Path) -> list[Item]:
     for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         relative = file.relative_to(folder).as_posix()
         caption = captions.get(relative) if captions is not None else _read_text(file.with_suffix(".txt"))
-        items.append(Item(relative, lambda file=file: Image.open(file), caption))
+        items.append(Item(relative, functools.partial(Image.open, file), caption))
     if not items:
         raise PrepareError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return items
@@ -251,12 +267,13 @@ def _webdataset_item(tar_path: Path, key: str, group: dict[str, bytes]) -> Item:
         except (json.JSONDecodeError, AttributeError):  # not JSON, or JSON but not an object
             skip = "bad_metadata"
 
-    def open_image():
-        if image_bytes is None:
-            raise UnidentifiedImageError(f"no image member for {key}")
-        return Image.open(io.BytesIO(image_bytes))
+    return Item(f"{tar_path.name}/{key}", functools.partial(_open_bytes, key, image_bytes), caption, skip)
 
-    return Item(f"{tar_path.name}/{key}", open_image, caption, skip)
+
+def _open_bytes(key: str, image_bytes: bytes | None) -> Image.Image:
+    if image_bytes is None:
+        raise UnidentifiedImageError(f"no image member for {key}")
+    return Image.open(io.BytesIO(image_bytes))
 
 
 def _tfds_source(name_split: str, data_dir: str | None, caption_field: str | None):
@@ -284,7 +301,7 @@ def _tfds_source(name_split: str, data_dir: str | None, caption_field: str | Non
             caption = caption.decode() if isinstance(caption, bytes) else str(caption)
             pixels = example["image"]
             pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels  # grey images
-            yield Item(f"{name_split}/{index}", lambda pixels=pixels: Image.fromarray(pixels), caption)
+            yield Item(f"{name_split}/{index}", functools.partial(Image.fromarray, pixels), caption)
 
     return len(source), items()
 
@@ -297,7 +314,7 @@ def _digits_source(split: str):
     except ValueError as error:
         raise PrepareError(f"input digits:{split}: {error}") from error
     items = [
-        Item(f"digits:{split}/{index}", lambda pixels=pixels: Image.fromarray(pixels), digits.caption(label))
+        Item(f"digits:{split}/{index}", functools.partial(Image.fromarray, pixels), digits.caption(label))
         for index, (pixels, label) in enumerate(zip(images, labels, strict=True))
     ]
     return len(items), iter(items)
@@ -326,7 +343,10 @@ def center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[
     return pixels, (height, width), (top, left)
 
 
-def load_item(item: Item, resolution: int, min_size: int, max_pixels: int) -> tuple[dict[str, Any] | None, str | None]:
+Loaded = tuple[dict[str, Any] | None, str | None]  # an example without latents and ids, or a skip reason
+
+
+def load_item(item: Item, resolution: int, min_size: int, max_pixels: int) -> Loaded:
     """(example without latents and ids, None) or (None, skip reason)."""
     if item.skip:
         return None, item.skip
@@ -367,6 +387,50 @@ def read_image(item: Item, max_pixels: int) -> tuple[Image.Image | None, str | N
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     return image, None
+
+
+Decode = Callable[[list[Item]], Iterator[Loaded]]
+
+
+@contextlib.contextmanager
+def decoder(workers: int, resolution: int, min_size: int, max_pixels: int) -> Iterator[Decode]:
+    """A function: items -> their `load_item` results, in order, decoded in this process (``workers``
+    0) or in that many worker processes (spawned: JAX's threads do not survive a fork).
+
+    The results are the same either way; a worker process that dies (killed, out of memory) ends
+    the run in a PrepareError, and the workers end when this process does, even when it is killed.
+    """
+    load = functools.partial(load_item, resolution=resolution, min_size=min_size, max_pixels=max_pixels)
+    if not workers:
+        yield lambda items: map(load, items)
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, context, initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+    def decode(items):
+        try:
+            yield from pool.map(load, items)
+        except BrokenProcessPool as error:
+            raise PrepareError(
+                f"a decode worker process died ({error}): run again to resume, with fewer --decode-workers if "
+                "memory is short, or --decode-workers 0 to decode in this process"
+            ) from None
+
+    try:
+        yield decode
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A decode worker's start: a thread that ends the worker once ``parent`` (its starter) is gone."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,12 +490,16 @@ def prepare(
     caption_field: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    decode_workers: int = 0,
     max_items: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """Prepare (or resume preparing) ``out``; returns the manifest once every shard is finished.
 
-    ``max_items`` stops after that many input items (a run that is interrupted on purpose).
+    In a multi-host run (``jax.distributed``) every process calls it with the same arguments and
+    writes its own shards; process 0 starts ``out`` and writes the manifest, which every process
+    returns. ``decode_workers`` > 0 decodes the images in that many worker processes (`decoder`).
+    ``max_items`` stops after that many input items (a run that is interrupted on purpose; one process).
     ``max_pixels`` replaces PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) while an image is read.
     """
     out = Path(out)
@@ -462,29 +530,35 @@ def prepare(
         input_count=None if files is None else len(files),
         input_sha256=input_sha256,
     )
-    _check_settings(out, settings, files)
-    for partial in out.glob("*.partial"):
-        partial.unlink()
+    _start(out, settings, files)
 
     start = time.perf_counter()
     bar = tqdm(total=total, unit="item", desc="preparing", disable=not progress, dynamic_ncols=True)
     skipped: Counter = Counter()
-    written = 0
+    written = shards_written = 0
     num_items = 0
-    for shard, chunk in enumerate(chunks(items, shard_size)):
-        num_items += len(chunk)
-        bar.update(len(chunk))
-        if shard % process_count != process_index or _sidecar(out, shard).is_file():
-            continue
-        if max_items is not None and num_items > max_items:
-            bar.close()
-            return None
-        stats = _write_shard(out, shard, chunk, encoder, settings)
-        skipped.update(stats["skipped"])
-        written += stats["count"]
-        bar.set_postfix(written=written, skipped=sum(skipped.values()))
+    with decoder(decode_workers, resolution, min_size, max_pixels) as decode:
+        for shard, chunk in enumerate(chunks(items, shard_size)):
+            num_items += len(chunk)
+            bar.update(len(chunk))
+            if shard % process_count != process_index or _sidecar(out, shard).is_file():
+                continue
+            if max_items is not None and num_items > max_items:
+                bar.close()
+                return None
+            stats = _write_shard(out, shard, decode(chunk), encoder, settings)
+            skipped.update(stats["skipped"])
+            written += stats["count"]
+            shards_written += 1
+            bar.set_postfix(written=written, skipped=sum(skipped.values()))
     bar.close()
-    manifest = _finish(out, settings, num_items, encoder)
+    if jax.process_count() > 1:
+        print(f"process {process_index} of {process_count} wrote {shards_written} shards")
+    _sync("perflow_prepare_shards_written")
+    manifest = _finish(out, settings, num_items, encoder) if jax.process_index() == 0 else None
+    _sync("perflow_prepare_manifest_written")
+    if jax.process_index() != 0:
+        manifest = data.read_manifest(out)
     elapsed = time.perf_counter() - start
     if manifest is not None:
         if not manifest["count"]:
@@ -499,25 +573,47 @@ def prepare(
     return manifest
 
 
-def _check_settings(out: Path, settings: Settings, files: dict[str, list[int]] | None) -> None:
-    """Start ``out`` (its ``STATE_FILE`` and ``INPUT_FILE``), or check that an ``out`` already started
-    has the same settings and input files."""
+def _start(out: Path, settings: Settings, files: dict[str, list[int]] | None) -> None:
+    """Start ``out`` (its ``STATE_FILE`` and ``INPUT_FILE``, written by process 0), or check that an
+    ``out`` already started has the same settings and input files (every process); leftover
+    ``.partial`` files of an interrupted run are removed."""
+    new = _check_settings(out, settings, files)
+    _sync("perflow_prepare_checked")  # every process has looked at out before process 0 writes in it
+    if jax.process_index() == 0:
+        if new:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / STATE_FILE).write_text(json.dumps(asdict(settings), indent=2) + "\n")
+            if files is not None:
+                (out / INPUT_FILE).write_bytes(gzip.compress(json.dumps(files).encode()))
+        for partial in out.glob("*.partial"):
+            partial.unlink()
+    _sync("perflow_prepare_started")
+    if new and jax.process_index() != 0:  # process 0's settings and input files: the same as this host's?
+        _check_settings(out, settings, files)
+
+
+def _sync(name: str) -> None:
+    """Wait until every process of a multi-host run gets here (a no-op in one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_settings(out: Path, settings: Settings, files: dict[str, list[int]] | None) -> bool:
+    """True if ``out`` is to be started (it is empty or absent); False if it was started with the same
+    settings and input files; else a PrepareError."""
     now = asdict(settings)
     state = out / STATE_FILE
-    if state.is_file():
-        before = weights.read_json(state)
-        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and not k.startswith("input_")}
-        if changed:
-            details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
-            raise PrepareError(f"{out} was prepared with other settings ({details}): use another --out to start afresh")
-        if "input_sha256" in before and before["input_sha256"] != settings.input_sha256:  # older runs have none
-            _refuse_changed_input(out, files)
-    else:
+    if not state.is_file():
         weights.require_empty(out, PrepareError, "it is not a prepared data folder; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps(now, indent=2) + "\n")
-        if files is not None:
-            (out / INPUT_FILE).write_bytes(gzip.compress(json.dumps(files).encode()))
+        return True
+    before = weights.read_json(state)
+    changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and not k.startswith("input_")}
+    if changed:
+        details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+        raise PrepareError(f"{out} was prepared with other settings ({details}): use another --out to start afresh")
+    if "input_sha256" in before and before["input_sha256"] != settings.input_sha256:  # older runs have none
+        _refuse_changed_input(out, files)
+    return False
 
 
 def _refuse_changed_input(out: Path, files: dict[str, list[int]] | None) -> None:
@@ -534,9 +630,10 @@ def _refuse_changed_input(out: Path, files: dict[str, list[int]] | None) -> None
         for kind, names in changes.items()
         if names
     )
+    hosts = " (on a pod every host must see the same input files)" if jax.process_count() > 1 else ""
     raise PrepareError(
-        f"the input changed since {out} was started ({details}): restore the input as it was, or use another "
-        "--out to start afresh"
+        f"the input changed since {out} was started ({details}){hosts}: restore the input as it was, or use "
+        "another --out to start afresh"
     )
 
 
@@ -553,36 +650,45 @@ def _sidecar(out: Path, shard: int) -> Path:
     return out / f"shard-{shard:05d}.json"
 
 
-def _write_shard(out: Path, shard: int, chunk: list[Item], encoder: Encoder, settings: Settings) -> dict[str, Any]:
-    """Encode one shard's items and write the shard, then its sidecar (the mark of a finished shard)."""
-    examples, skipped = [], Counter()
-    for item in chunk:
-        example, reason = load_item(item, settings.resolution, settings.min_size, settings.max_pixels)
+def _write_shard(
+    out: Path, shard: int, loaded: Iterator[Loaded], encoder: Encoder, settings: Settings
+) -> dict[str, Any]:
+    """Encode one shard's items (``loaded``: their `load_item` results) a VAE batch at a time, as they
+    are decoded, and write the shard, then its sidecar (the mark of a finished shard)."""
+    records, batch, skipped, input_items = [], [], Counter(), 0
+    for example, reason in loaded:
+        input_items += 1
         if reason:
             skipped[reason] += 1
         else:
-            examples.append(example)
-    records = []
-    if examples:
-        mean, logvar = encoder.moments(np.stack([e.pop("pixels") for e in examples]))
-        ids = encoder.model.tokenize([e["caption"] for e in examples])  # input_ids (input_ids_2): [N, 77] int32
-        for i, example in enumerate(examples):
-            example.update(mean=mean[i].astype(settings.latent_dtype), logvar=logvar[i].astype(settings.latent_dtype))
-            example.update({field: values[i] for field, values in ids.items()})
-            records.append(data.encode_record(example))
+            batch.append(example)
+        if len(batch) == encoder.batch_size:
+            records += _encode(batch, encoder, settings)
+            batch = []
+    records += _encode(batch, encoder, settings) if batch else []
     partial = _shard_file(out, shard).with_name(_shard_file(out, shard).name + ".partial")
     data.write_shard(partial, records)
     partial.replace(_shard_file(out, shard))
     stats = {
         "file": _shard_file(out, shard).name,
         "count": len(records),
-        "input_items": len(chunk),
+        "input_items": input_items,
         "skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
     }
     sidecar = _sidecar(out, shard)
     sidecar.with_suffix(".json.partial").write_text(json.dumps(stats) + "\n")
     sidecar.with_suffix(".json.partial").replace(sidecar)
     return stats
+
+
+def _encode(examples: list[dict[str, Any]], encoder: Encoder, settings: Settings) -> list[bytes]:
+    """Records of decoded examples: their VAE moments and token ids added."""
+    mean, logvar = encoder.moments(np.stack([e.pop("pixels") for e in examples]))
+    ids = encoder.model.tokenize([e["caption"] for e in examples])  # input_ids (input_ids_2): [N, 77] int32
+    for i, example in enumerate(examples):
+        example.update(mean=mean[i].astype(settings.latent_dtype), logvar=logvar[i].astype(settings.latent_dtype))
+        example.update({field: values[i] for field, values in ids.items()})
+    return [data.encode_record(example) for example in examples]
 
 
 def _finish(out: Path, settings: Settings, num_items: int, encoder: Encoder) -> dict[str, Any] | None:
@@ -630,12 +736,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tfds-data-dir", help="data_dir of a tfds: source")
     parser.add_argument("--caption-field", help="caption feature of a tfds: source (default caption or text)")
+    parser.add_argument(
+        "--decode-workers",
+        type=_non_negative,
+        default=DECODE_WORKERS,
+        help=f"processes that decode images; 0: in this process (default {DECODE_WORKERS}: the CPUs, at most 16)",
+    )
+    parser.add_argument(
+        "--tpu-pod", action="store_true", help="every host of a TPU slice runs this: join them (jax.distributed)"
+    )
     parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))  # the other flags are prepare's keyword arguments
     console.set_log_levels(args.pop("verbose"))
     try:
+        sharding.initialize_distributed(args.pop("tpu_pod"))
         manifest = prepare(args.pop("model"), args.pop("input"), args.pop("out"), **args)
-    except (PrepareError, weights.WeightsFileError, weights.WeightsMismatchError) as error:
+    except ValueError as error:  # PrepareError, weights' file errors, half-set PERFLOW_* variables (sharding)
         print(f"error: {error}", file=sys.stderr)
         return 2
     if manifest is None:
@@ -651,6 +767,17 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
     return value
 
 

@@ -112,6 +112,24 @@ def test_train_starts_the_same_command_on_all_workers_at_once():
     ) in worker_script(ssh)
 
 
+def test_prepare_runs_prepare_data_on_all_workers_into_data():
+    result = tpu("prepare", "--input=/mnt/b/laion/*.tar", "--resolution=512", BUCKET="b", MOUNT="/mnt/b")
+    assert result.returncode == 0, result.stderr
+    (ssh,) = commands(result.stdout)
+    assert "--worker=all" in ssh
+    assert (
+        '"$venv/bin/python" -m perflow_jax.prepare_data --model=/mnt/b/converted/sd15 --out=/mnt/b/data/sd15-512 '
+        '--tpu-pod --input=/mnt/b/laion/\\*.tar --resolution=512 2>&1 | tee "$log"'
+    ) in worker_script(ssh)
+
+
+@pytest.mark.parametrize("arg", ["--out=/mnt/perflow/elsewhere", "--tpu-pod", "laion"])
+def test_prepare_refuses_the_flags_it_sets_and_arguments_that_are_not_flags(arg):
+    result = tpu("prepare", "--resolution=512", arg)
+    assert result.returncode == 2 and commands(result.stdout) == []
+    assert ("prepare sets" if arg.startswith("--") else "give prepare_data's flags as --FLAG=VALUE") in result.stderr
+
+
 def test_watch_recreates_a_preempted_resource_and_starts_training_again():
     result = tpu("watch", REPO="https://example.com/perflow.git", REF="v1")
     assert result.returncode == 0, result.stderr
@@ -178,11 +196,13 @@ def worker(tmp_path):
             os.killpg(int(group.read_text()), signal.SIGKILL)
 
 
-def on_worker(home: Path, command: str, mode: str = "run", bin: Path | None = None, **env) -> str:
-    """Run the worker script of `launch/tpu_pod.sh COMMAND` with HOME=home (and ``bin`` first on the PATH);
-    returns its stdout."""
+def on_worker(
+    home: Path, command: str, mode: str = "run", bin: Path | None = None, args: tuple[str, ...] = (), **env
+) -> str:
+    """Run the worker script of `launch/tpu_pod.sh COMMAND ARGS` with HOME=home (and ``bin`` first on the
+    PATH); returns its stdout."""
     settings = {"WORKDIR": str(home.parent / "run"), "STOP_WAIT": "20", **env}
-    (ssh,) = [c for c in commands(tpu(command, **settings).stdout) if "ssh" in c]
+    (ssh,) = [c for c in commands(tpu(command, *args, **settings).stdout) if "ssh" in c]
     environment = {**os.environ, "HOME": str(home), "FAKE_TRAIN_MODE": mode}
     if bin is not None:
         environment["PATH"] = f"{bin}:{os.environ['PATH']}"
@@ -255,6 +275,22 @@ def test_worker_status_reports_the_failed_exit_status(worker):
     home, _ = worker
     on_worker(home, "train", mode="exit-3")
     assert settled_status(home) == ["failed", "3"]
+
+
+def test_worker_prepare_runs_prepare_data_in_the_code_folder_and_keeps_a_log(worker):
+    home, _ = worker
+    output = on_worker(home, "prepare", mode="exit-0", args=("--input=/mnt/perflow/images", "--resolution=512"))
+    assert (home / "train_args").read_text().split() == [
+        "-m",
+        "perflow_jax.prepare_data",
+        "--model=/mnt/perflow/converted/sd15",
+        "--out=/mnt/perflow/data/sd15-512",
+        "--tpu-pod",
+        "--input=/mnt/perflow/images",
+        "--resolution=512",
+    ]
+    (log,) = (home / "perflow_logs").glob("prepare-*.log")
+    assert output == log.read_text() == "exit 0\n"
 
 
 def test_checkout_is_packed_without_ignored_files(tmp_path):

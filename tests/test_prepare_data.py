@@ -1,26 +1,42 @@
 """python -m perflow_jax.prepare_data: sources, skip reasons, stored values, resume, processes."""
 
+import functools
 import io
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import textwrap
+import time
 import zlib
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from perflow_jax import data, models, weights
+from perflow_jax import data, models, prepare_data, sharding, weights
 from perflow_jax.convert import convert
-from perflow_jax.prepare_data import SKIP_REASONS, STATE_FILE, PrepareError, center_crop, main, prepare
+from perflow_jax.prepare_data import (
+    MAX_PIXELS,
+    SKIP_REASONS,
+    STATE_FILE,
+    Item,
+    PrepareError,
+    center_crop,
+    decoder,
+    main,
+    prepare,
+)
 from tests.helpers.data import image, read_examples
 from tests.helpers.pipelines import tiny_pipeline
-from tests.helpers.processes import library_logs
+from tests.helpers.processes import library_logs, run_joined_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32  # the tiny VAE downsamples by 4: 8x8 latents
@@ -58,8 +74,15 @@ def image_folder(tmp_path_factory):
     return folder
 
 
-def test_folder_source_counts_skips_by_reason(model, image_folder, tmp_path):
-    manifest = prepare(model, str(image_folder), tmp_path / "out", resolution=RESOLUTION, shard_size=4, progress=False)
+@pytest.fixture(scope="module")
+def prepared(model, image_folder, tmp_path_factory):
+    """(manifest, folder) of image_folder prepared in 4-item shards, decoded in this process."""
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    return prepare(model, str(image_folder), out, resolution=RESOLUTION, shard_size=4, progress=False), out
+
+
+def test_folder_source_counts_skips_by_reason(prepared):
+    manifest, out = prepared
     assert manifest["count"] == 9 and manifest["input_items"] == 13
     assert manifest["skipped"] == {
         **dict.fromkeys(SKIP_REASONS, 0),
@@ -67,7 +90,7 @@ def test_folder_source_counts_skips_by_reason(model, image_folder, tmp_path):
     }
     assert manifest["latent_shape"] == [8, 8, 4] and manifest["schema_version"] == data.SCHEMA_VERSION
     assert sum(shard["count"] for shard in manifest["shards"]) == 9
-    assert sorted(read_examples(tmp_path / "out")) == [f"good{i}.png" for i in range(9)]
+    assert sorted(read_examples(out)) == [f"good{i}.png" for i in range(9)]
 
 
 def test_records_hold_the_vae_moments_of_the_crop_and_the_token_ids(model, image_folder, tmp_path):
@@ -329,6 +352,77 @@ def test_two_processes_prepare_disjoint_shards_and_one_manifest(model, image_fol
     second = prepare(model, str(image_folder), out, process_index=1, **pod)
     assert second["count"] == single["count"] and shard_bytes(out) == shard_bytes(tmp_path / "single")
 
+    # The same as two joined processes (jax.distributed), each writing its own shards: one data set.
+    command = [sys.executable, "-m", "perflow_jax.prepare_data", "--model", str(model), "--input", str(image_folder)]
+    command += ["--out", str(tmp_path / "joined"), "--resolution", str(RESOLUTION), "--shard-size", "3"]
+    outputs = run_joined_processes(command + ["--decode-workers", "0"], 2, timeout=600)
+    assert "process 0 of 2 wrote 3 shards" in outputs[0] and "process 1 of 2 wrote 2 shards" in outputs[1]
+    assert all("prepared 9 examples from 13 items in 4 shards" in out for out in outputs)  # process 1 reports too
+    assert data.read_manifest(tmp_path / "joined") == single
+    assert shard_bytes(tmp_path / "joined") == shard_bytes(tmp_path / "single")
+    assert sorted(read_examples(tmp_path / "joined")) == [f"good{i}.png" for i in range(9)]
+
+
+def test_decode_workers_write_the_same_shards_and_skips_as_this_process(model, image_folder, prepared, tmp_path):
+    manifest, out = prepared
+    two = prepare(
+        model, str(image_folder), tmp_path, resolution=RESOLUTION, shard_size=4, decode_workers=2, progress=False
+    )
+    assert two["skipped"] == manifest["skipped"] and two["skipped"]["corrupt"] == two["skipped"]["unreadable"] == 1
+    assert shard_bytes(tmp_path) == shard_bytes(out)
+
+
+def test_a_decode_worker_that_dies_ends_the_run_in_a_prepare_error():
+    dies = Item("dies.png", functools.partial(os._exit, 1), "a caption")  # as a decoder crash or the OOM killer would
+    with decoder(1, RESOLUTION, 1, MAX_PIXELS) as decode:
+        with pytest.raises(PrepareError, match=r"a decode worker process died .*--decode-workers 0 to decode in this"):
+            list(decode([dies]))
+
+
+def test_decode_workers_end_when_the_process_that_started_them_is_killed():
+    code = """
+        import functools, multiprocessing, time
+        import numpy as np
+        from PIL import Image
+        from perflow_jax.prepare_data import Item, decoder
+
+        item = Item("grey.png", functools.partial(Image.fromarray, np.zeros((8, 8), np.uint8)), "a caption")
+        with decoder(1, 8, 1, 10**6) as decode:
+            list(decode([item]))
+            print(*[worker.pid for worker in multiprocessing.active_children()], flush=True)
+            time.sleep(600)
+    """
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    (worker,) = [int(pid) for pid in parent.stdout.readline().split()]
+    assert running(worker)
+    parent.kill()  # SIGKILL: no clean-up in the parent
+    parent.wait()
+    deadline = time.monotonic() + 60  # a guard against a worker left behind, not a speed check
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if running(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the decode worker outlived its parent")
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_decode_workers_below_zero_are_an_argument_error(value, tmp_path, capsys):
+    argv = ["--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--resolution", "32"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--decode-workers", value])
+    assert exit_.value.code == 2
+    assert f"argument --decode-workers: '{value}' is not a whole number of 0 or more" in capsys.readouterr().err
+
 
 def test_cli_prints_a_summary_and_errors_exit_2(model, image_folder, tmp_path):
     command = [sys.executable, "-m", "perflow_jax.prepare_data", "--model", str(model), "--input", str(image_folder)]
@@ -357,3 +451,34 @@ def test_an_out_over_an_input_is_refused_before_the_model_loads(tmp_path, out, f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model"] and not any(
         (tmp_path / "images").iterdir()
     )
+
+
+def test_tpu_pod_joins_the_hosts_before_preparing(monkeypatch, tmp_path):
+    joined = []
+    monkeypatch.setattr(sharding, "initialize_distributed", joined.append)
+    argv = ["--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--resolution", "32"]
+    assert main(argv + ["--tpu-pod"]) == 2  # --out inside --input: refused after joining
+    assert main(argv) == 2
+    assert joined == [True, False]
+
+
+def test_a_host_that_sees_other_input_files_than_host_0_is_refused(monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    files = {0: {"a.png": [100, 1], "b.png": [100, 1]}, 1: {"a.png": [100, 1], "b.png": [120, 2]}}  # host 1's b.png
+    settings = {
+        host: prepare_data.Settings("images", 32, 3, "float16", 16, "fingerprint", None, MAX_PIXELS, 2, f"sha-{host}")
+        for host in (0, 1)
+    }
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+    def sync(name):  # while host 1 waits at the first barrier, host 0 starts out with its own input
+        if name == "perflow_prepare_checked":
+            with monkeypatch.context() as host_0:
+                host_0.setattr(jax, "process_index", lambda: 0)
+                host_0.setattr(jax, "process_count", lambda: 1)
+                prepare_data._start(out, settings[0], files[0])
+
+    monkeypatch.setattr(prepare_data.multihost_utils, "sync_global_devices", sync)
+    with pytest.raises(PrepareError, match=r"1 modified \(b.png\)\) \(on a pod every host must see the same input"):
+        prepare_data._start(out, settings[1], files[1])
