@@ -97,6 +97,7 @@ def export_to_torch(
 ) -> Path:
     """Write the diffusers export of ``model`` to ``out`` (see the module docstring); returns ``out``."""
     model, out = epath.Path(model), paths.local(out, ExportError, "--out")
+    base = paths.local(base, ExportError, "--base") if base else None
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     if lora_format is not None and lora_format not in lora.FORMATS:
@@ -111,7 +112,7 @@ def export_to_torch(
     check_out(out, inputs, ExportError)
     if not overwrite:
         require_empty(out, ExportError, "choose another --out or pass --overwrite")
-    components = read_model_index(Path(base)) if base else None
+    components = read_model_index(base) if base else None
     start = time.perf_counter()
     trained = pipeline.load_trained(model, step=step, weights=weights, networks=())
     described = trained.description
@@ -133,8 +134,8 @@ def export_to_torch(
         )
     student, unet_config = trained.model.params["unet"], _diffusers_config(trained.model.configs["unet"])
     if base:
-        _check_same_architecture(unet_config, Path(base))
-    teacher_dir = teacher_dir if described.workdir else (Path(base) if base else None)
+        _check_same_architecture(unet_config, base)
+    teacher_dir = teacher_dir if described.workdir else base
     teacher = pipeline.load_model(teacher_dir, networks=("unet",)) if teacher_dir else None
     if teacher is not None and _diffusers_config(teacher.configs["unet"]) != unet_config:
         raise ExportError(f"the teacher in {teacher_dir} is not the student's architecture: no delta can be taken")
@@ -150,13 +151,13 @@ def export_to_torch(
         if merge or not adapters:
             _write_unet_and_delta(staging, student, unet_config, dtype, teacher, teacher_dir, model, log)
         if single_file:
-            written = write_export(staging / EXPORT_FILE, student, unet_config, Path(base) if base else None, dtype)
+            written = write_export(staging / EXPORT_FILE, student, unet_config, base, dtype)
             log(f"{EXPORT_FILE} (original layout, {dtype}: {', '.join(written)})")
         noise_schedule = (teacher or trained.model).scheduler_config
         _write_scheduler(staging / "scheduler", noise_schedule, *described.perflow)
         log(f"scheduler/ (PeRFlowScheduler: {described.perflow[0]}, {described.perflow[1]} windows)")
         if base:
-            _write_pipeline(staging, Path(base), components)
+            _write_pipeline(staging, base, components)
             log(f"pipeline parts from {base}: {', '.join(n for n in components if n not in ('unet', 'scheduler'))}")
         replace_folder(staging, out)
     except BaseException:

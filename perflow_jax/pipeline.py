@@ -95,6 +95,11 @@ def load_model(
         for name in names:
             classes[name], configs[name], params[name] = weights_io.read_component(path, name)
     elif (path / "model_index.json").is_file():
+        if paths.is_url(path):
+            raise weights_io.WeightsFileError(
+                f"{path} is a diffusers folder on a bucket, which is read from a local disk only: convert it with "
+                f"python -m perflow_jax.convert --from DIR --out {path} (a converted folder may be a gs:// URL)"
+            )
         components = weights_io.read_model_index(path)
         classes = {n: components[n] for n in weights_io.PIPELINE_NETWORKS if n in components and n in (networks or n)}
         configs = {n: read_json(path / n / "config.json") for n in classes}
@@ -157,6 +162,12 @@ def load_controlnets(folder: str | os.PathLike, names: Sequence[str]) -> dict[st
     """{name: (config dict, parameters)} of the ControlNets ``names`` of converted ``folder``, each checked to fit
     its UNet (``check_controlnet_fits``); WeightsFileError for an unknown name (listing the known) or a misfit."""
     folder = epath.Path(folder)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise weights_io.WeightsFileError(
+            f"ControlNet {', '.join(map(repr, twice))} given more than once: give each ControlNet once (to steer "
+            "with two control images of one kind, convert it twice under two names, --controlnet DIR:NAME)"
+        )
     available = controlnet_names(folder)
     unknown = [name for name in names if name not in available]
     if unknown:
@@ -677,6 +688,8 @@ class Generator:
         bad = np.size(noise) - np.count_nonzero(np.isfinite(noise))
         if bad:
             raise ValueError(f"the initial noise holds {bad} NaN or infinite values: give finite N(0, I) noise")
+        if init_images is not None and np.shape(init_images)[0] != count:
+            raise ValueError(f"{np.shape(init_images)[0]} init images but {count} prompts: give one init image each")
         padded = -(-max(count, pad_to) // self.mesh.size) * self.mesh.size
         ids = {k: _pad(v, padded, "edge") for k, v in self.tokenize(list(prompts)).items()}
         noise = _pad(np.asarray(noise, np.float32), padded, "constant")

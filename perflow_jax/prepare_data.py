@@ -66,6 +66,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -440,8 +441,8 @@ def _exit_with_parent(parent: int) -> None:
 class Encoder:
     """The VAE encoder (jitted, the batch spread over local devices) and the model's tokenizers."""
 
-    def __init__(self, model_dir: Path, batch_size: int):
-        model_dir = Path(model_dir)
+    def __init__(self, model_dir: str | os.PathLike, batch_size: int):
+        model_dir = epath.Path(model_dir)  # a converted folder may be a gs:// URL
         try:
             self.model = pipeline.load_model(model_dir, networks=("vae",))
         except weights.WeightsFileError as error:
@@ -476,7 +477,7 @@ class Encoder:
 
 
 def prepare(
-    model: Path,
+    model: str | os.PathLike,
     source: str,
     out: Path,
     *,
@@ -718,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m perflow_jax.prepare_data",
         description="Encode images and captions into ArrayRecord shards of VAE latents and token ids.",
     )
-    parser.add_argument("--model", type=Path, required=True, help="converted or diffusers model folder")
+    parser.add_argument("--model", required=True, help="converted (local or gs://) or diffusers model folder")
     parser.add_argument("--input", required=True, help="image folder, webdataset .tar(s), tfds:NAME[:SPLIT], digits")
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumed if it holds a started run)")
     parser.add_argument("--resolution", type=_positive, required=True, help="square crop size in pixels, e.g. 512")

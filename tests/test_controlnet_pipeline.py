@@ -164,6 +164,8 @@ def test_an_unknown_controlnet_name_is_refused_listing_the_converted_ones(models
         make_plan(options)
     with pytest.raises(ValueError, match=r"no ControlNet 'canny'; it has depth, edges"):
         pipeline.load_model(models / "model", controlnets=["canny"])
+    with pytest.raises(ValueError, match=r"ControlNet 'edges' given more than once: give each ControlNet once"):
+        pipeline.load_model(models / "model", controlnets=["edges", "depth", "edges"])
 
 
 @pytest.mark.parametrize(

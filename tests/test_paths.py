@@ -17,7 +17,7 @@ import pytest
 import transformers
 from PIL import Image
 
-from perflow_jax import checkpoint, export, image_io, paths, pipeline, recipe, reporting, weights
+from perflow_jax import checkpoint, export, image_io, paths, pipeline, prepare_data, recipe, reporting, weights
 from perflow_jax.demo.tokenizer import write_tiny_clip_tokenizer
 from tests.helpers.fake_gcs import fake_gcs
 from tests.helpers.networks import TINY_VAE
@@ -29,7 +29,7 @@ PATHLIB_CALL = re.compile(r"(?<![\w.])Path\(|pathlib\.Path\(")  # not epath.Path
 # Modules that read only local files by design (prepare_data's inputs, evaluation references, LoRA and
 # single-file checkpoints, hub downloads, the package's own files): pathlib is theirs to use.
 LOCAL_ONLY = {
-    "clip_score.py", "fid.py", "fid_inception.py", "hub.py", "lora.py", "prepare_data.py", "recipe.py",
+    "clip_score.py", "fid.py", "fid_inception.py", "hub.py", "lora.py", "recipe.py",
     "single_file.py", "evaluate.py", "demo/__init__.py", "demo/train_teacher.py",
 }  # fmt: skip
 # The local-only inputs of modules that also read WORKDIRs or model folders: each pathlib call, as written.
@@ -47,6 +47,13 @@ LOCAL_CALLS = {
     "data.py": [
         "path = Path(folder) / MANIFEST",
         'return [Path(folder) / shard["file"] for shard in manifest["shards"]]',
+    ],
+    "prepare_data.py": [  # the input sources and --out (ArrayRecord writes a local disk)
+        "path = Path(spec)",
+        "path = Path(spec)",
+        'return sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in sorted(glob.glob(spec))] or [path]',
+        "path = Path(spec)",
+        "out = Path(out)",
     ],
     "export.py": [
         "components = read_model_index(Path(base)) if base else None",
@@ -204,6 +211,37 @@ def test_gs_data_is_refused_in_one_line_saying_to_mount_it_and_a_gs_model_path_i
     assert recipe.with_absolute_paths(config).model.path == "gs://bucket/model"
 
 
-def test_an_export_to_a_gs_folder_is_refused_saying_to_write_it_locally():
+def test_an_export_to_a_gs_folder_is_refused_saying_to_write_it_locally(tmp_path):
     with pytest.raises(export.ExportError, match=r"^--out gs://bucket/export is a URL, .* gcloud storage cp -r$"):
         export.export_to_torch("gs://bucket/run", "gs://bucket/export")
+    with pytest.raises(export.ExportError, match=r"^--base gs://bucket/sd15 is a URL, .* gcloud storage cp -r$"):
+        export.export_to_torch("gs://bucket/run", tmp_path / "export", base="gs://bucket/sd15")
+
+
+def test_a_gs_diffusers_folder_is_refused_saying_to_convert_it(gcs):
+    (gcs / "bucket/sd15").mkdir()
+    (gcs / "bucket/sd15/model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(weights.WeightsFileError, match=r"^gs://bucket/sd15 is a diffusers folder on a bucket, .*"):
+        pipeline.load_model("gs://bucket/sd15")
+
+
+def test_prepare_data_hands_a_gs_model_folder_to_the_loader_as_a_url(tmp_path, monkeypatch):
+    handed = []
+
+    def load_model(path, networks=None):
+        handed.append(str(path))
+        raise weights.WeightsFileError("stop here")
+
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    arguments = [
+        "--model",
+        "gs://bucket/model",
+        "--input",
+        "digits",
+        "--out",
+        str(tmp_path / "data"),
+        "--resolution",
+        "32",
+    ]
+    assert prepare_data.main(arguments) == 2
+    assert handed == ["gs://bucket/model"]

@@ -95,3 +95,9 @@ def test_initial_noise_with_a_nan_is_refused_before_anything_runs():
     noise[1, 0, 0, 0], noise[0, 1, 1, 1] = np.nan, np.inf
     with pytest.raises(ValueError, match="the initial noise holds 2 NaN or infinite values"):
         Generator.inputs(None, ["a", "b"], noise)  # refused before the generator's parts are used
+
+
+def test_init_images_of_another_count_than_the_prompts_are_refused_before_anything_runs():
+    noise, init_images = np.zeros((3, 4, 4, 4), np.float32), np.zeros((2, 32, 32, 3), np.float32)
+    with pytest.raises(ValueError, match="2 init images but 3 prompts: give one init image each"):
+        Generator.inputs(None, ["a", "b", "c"], noise, init_images=init_images)
