@@ -1,5 +1,6 @@
 """ControlNets converted with the model: sampling with control in JAX gives the final latents of diffusers'
-StableDiffusionControlNetPipeline with the exported model, the same ControlNets and the PeRFlowScheduler."""
+StableDiffusionControlNetPipeline (and, with an init image, StableDiffusionControlNetImg2ImgPipeline) with the
+exported model, the same ControlNets and the PeRFlowScheduler."""
 
 import json
 import shutil
@@ -8,6 +9,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.controlnet import pipeline_controlnet_img2img
 from PIL import Image
 
 from perflow_jax import compile_cache, pipeline
@@ -129,6 +131,72 @@ def test_sample_cli_with_two_controlnets_in_guess_mode_reaches_diffusers_multi_c
     assert error < 1e-5
     without_guess = diffusers_latents(models, ["edges", "controlnet-sd15-depth"], noise, 4, 3.0, [0.7, 1.2])
     assert relative_error(without_guess, expected) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("num_steps", "guidance", "strength"), [(4, 1.0, 0.75), (8, 3.0, 0.7)]
+)  # 4 and 8 steps, without and with CFG; 8 at 0.7 starts inside a window (int(5.6) = 5 of 8 steps)
+def test_sample_cli_with_a_controlnet_and_an_init_image_reaches_diffusers_controlnet_img2img_latents(
+    models, monkeypatch, tmp_path, num_steps, guidance, strength
+):
+    """diffusers encodes the init image to the posterior mean (``sample_mode="argmax"``, as the JAX path), so the
+    generator's first draw is the forward diffusion's noise, the JAX run's --init-noise."""
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), np.uint8)).save(tmp_path / "init.png")
+    noise = torch.randn((len(PROMPTS), 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
+    np.save(tmp_path / "noise.npy", noise.numpy())
+    options = Options(
+        models / "model",
+        PROMPTS,
+        tmp_path / "grid.png",
+        steps=num_steps,
+        guidance=guidance,
+        height=SIZE,
+        width=SIZE,
+        init_noise=tmp_path / "noise.npy",
+        save_latents=tmp_path / "latents.npy",
+        init_image=tmp_path / "init.png",
+        strength=strength,
+        control=(models / "edges.png",),
+        controlnet=("edges",),
+        control_scale=(0.8,),
+    )
+    sample(options, log=quiet)
+
+    import perflow_jax.torch  # noqa: F401  (diffusers finds PeRFlowScheduler among the imported modules)
+
+    original = pipeline_controlnet_img2img.retrieve_latents
+    monkeypatch.setattr(
+        pipeline_controlnet_img2img,
+        "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": original(output, generator, "argmax"),
+    )
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        models / "export", controlnet=diffusers.ControlNetModel.from_pretrained(models / "edges"), safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "PeRFlowScheduler"
+
+    def latents(scale: float) -> np.ndarray:
+        with torch.no_grad():
+            return pipe(
+                PROMPTS,
+                image=[Image.open(tmp_path / "init.png")] * len(PROMPTS),
+                control_image=Image.open(models / "edges.png"),
+                strength=strength,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=num_steps,
+                guidance_scale=guidance,
+                controlnet_conditioning_scale=scale,
+                generator=torch.Generator().manual_seed(7),
+                output_type="latent",
+            ).images.numpy()
+
+    expected = latents(0.8)
+    error = relative_error(np.load(tmp_path / "latents.npy"), expected)
+    print(f"ControlNet img2img N={num_steps} w={guidance} strength={strength}: relative error {error:.2e}")
+    assert error < 1e-5
+    assert relative_error(latents(0.0), expected) > 1e-2  # the ControlNet steers from the init image too
 
 
 # ---- bad input: one-line errors, before any weights are read -----------------------------------
