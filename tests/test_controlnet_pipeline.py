@@ -4,6 +4,7 @@ exported model, the same ControlNets and the PeRFlowScheduler."""
 
 import json
 import shutil
+import types
 
 import diffusers
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from diffusers.pipelines.controlnet import pipeline_controlnet_img2img
 from PIL import Image
 
-from perflow_jax import compile_cache, pipeline
+from perflow_jax import compile_cache, pipeline, sharding
 from perflow_jax.convert import ConversionError, convert
 from perflow_jax.export import export_to_torch
 from perflow_jax.image_io import to_nchw, to_nhwc
@@ -197,6 +198,21 @@ def test_sample_cli_with_a_controlnet_and_an_init_image_reaches_diffusers_contro
     print(f"ControlNet img2img N={num_steps} w={guidance} strength={strength}: relative error {error:.2e}")
     assert error < 1e-5
     assert relative_error(latents(0.0), expected) > 1e-2  # the ControlNet steers from the init image too
+
+
+def test_generator_takes_one_control_image_for_all_images_or_one_per_image():
+    """Per ControlNet: [H, W, C] is repeated for every image, [B, H, W, C] padded as the prompts are."""
+    no_networks = types.SimpleNamespace(controlnets=())  # inputs() runs no network
+    tokenize = lambda prompts: {"input_ids": np.zeros((len(prompts), 77), np.int32)}  # noqa: E731
+    generator = pipeline.Generator(no_networks, pipeline.GenerateSettings(), {}, tokenize, sharding.make_mesh((-1, 1)))
+    per_image = np.random.default_rng(0).random((3, SIZE, SIZE, 3), np.float32)
+    shared = per_image[0]
+    noise = np.zeros((3, SIZE // 4, SIZE // 4, 4), np.float32)
+    control = generator.inputs(["a", "b", "c"], noise, pad_to=4, control=(per_image, shared))[4]
+    np.testing.assert_array_equal(np.asarray(control[0]), per_image[[0, 1, 2, 2]])
+    np.testing.assert_array_equal(np.asarray(control[1]), np.broadcast_to(shared, (4, SIZE, SIZE, 3)))
+    with pytest.raises(ValueError, match=r"control 0 holds 2 images for 3 prompts: give one per prompt"):
+        generator.inputs(["a", "b", "c"], noise, control=(per_image[:2],))
 
 
 # ---- bad input: one-line errors, before any weights are read -----------------------------------
