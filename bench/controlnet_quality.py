@@ -1,22 +1,25 @@
 """Does a ControlNet still steer the 4-step PeRFlow student? The demo ControlNet's control-following table.
 
-    python bench/controlnet_quality.py --out runs/demo/controlnet_quality.json [--count 200] [--seed 0]
+    python bench/controlnet_quality.py --out runs/demo/controlnet_quality.json [--count 200] [--seed 0] \
+        [--via diffusers --via jax]
 
 The control images are the silhouettes (``perflow_jax.demo.control``) of the first ``--count``
 held-out digits, the prompt each digit's caption, and every row starts image j from the same
 initial noise (torch's generator of ``--seed``). Rows, all at guidance 1 (no CFG, as the demo's
 quality table) and control scale 1:
-- the teacher's DDIM at 50 steps with the ControlNet's scale at 0 (how often a silhouette is hit by chance);
-- the teacher's DDIM at 50 and at 4 steps with the ControlNet (diffusers' DDIMScheduler, "trailing"
-  spacing, as this project's DDIM);
-- the PeRFlow student (the teacher plus ``perflow_jax.demo.DELTA``) at 4 steps with the same ControlNet
-  and ``perflow_jax.torch.PeRFlowScheduler`` (diff_eps, 4 windows).
+- the teacher's DDIM at 50 steps with the ControlNet's scale at 0 (how often a silhouette is hit by chance;
+  diffusers only);
+- the teacher's DDIM at 50 and at 4 steps with the ControlNet ("trailing" spacing);
+- the PeRFlow student (the teacher plus ``perflow_jax.demo.DELTA``, diff_eps, 4 windows) at 4 steps with the
+  same ControlNet.
+``--via diffusers``: StableDiffusionControlNetPipeline with DDIMScheduler and ``perflow_jax.torch.PeRFlowScheduler``;
+``--via jax``: this project's Generator, the teacher converted with ``--controlnet`` (and the student with
+``--perflow-delta``, the same ControlNet) into a temporary folder; both by default, on the CPU in float32.
 Measures: the mean silhouette IoU with the control (``control.silhouette_iou``), the digit
-classifier's accuracy against the prompt (``perflow_jax.demo.classifier``), seconds per image.
-The rows are sampled with diffusers' ``StableDiffusionControlNetPipeline`` on the CPU in float32;
-``control_set`` and ``measure`` are what a JAX path would reuse. Writes ``--out`` (JSON with the
-command, date and machine), a grid of the first 20 controls and samples per row beside it, and
-prints a markdown table.
+classifier's accuracy against the prompt (``perflow_jax.demo.classifier``), seconds per image (JAX: the
+compiled run, compilation apart). With both, each JAX row also gives its largest pixel difference from the
+diffusers row's samples (uint8). Writes ``--out`` (JSON with the command, date and machine), a grid of the
+first 20 controls and samples per row beside it, and prints a markdown table.
 """
 
 # The imports below must follow the sys.path line before them.
@@ -24,15 +27,18 @@ prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax
 import numpy as np
 import torch
 
@@ -106,9 +112,62 @@ def diffusers_rows(controlnet: Path, count: int, seed: int) -> tuple[dict[str, d
     return results, samples
 
 
-def markdown(rows: dict[str, dict]) -> str:
-    lines = ["| sampler | silhouette IoU with the control | classifier accuracy |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {r['silhouette_iou']:.3f} | {r['accuracy']:.3f} |" for name, r in rows.items()]
+def jax_rows(controlnet: Path, count: int, seed: int) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """The rows of ``diffusers_rows`` with the ControlNet (not the scale-0 one), sampled by this project's
+    Generator on the same controls and noise, each row's images in one jitted call."""
+    from perflow_jax.convert import convert
+
+    prompts, controls = control_set(count)
+    noise = torch.randn(
+        (count, 4, digits.RESOLUTION // 4, digits.RESOLUTION // 4), generator=torch.Generator().manual_seed(seed)
+    )
+    noise = image_io.to_nhwc(noise.numpy())
+    teacher_scheduler = pipeline.read_json(TEACHER / "scheduler" / "scheduler_config.json")
+    ddim = pipeline.GenerateSettings(
+        method="ddim",
+        guidance=1.0,
+        prediction_type=teacher_scheduler.get("prediction_type", "epsilon"),
+        control_scales=(1.0,),
+    )
+    perflow = pipeline.GenerateSettings(
+        num_steps=4, guidance=1.0, parameterization="diff_eps", num_windows=4, control_scales=(1.0,)
+    )
+    rows = [  # (name, the PeRFlow student?, settings)
+        ("teacher DDIM 50 steps + ControlNet", False, dataclasses.replace(ddim, num_steps=50)),
+        ("teacher DDIM 4 steps + ControlNet", False, dataclasses.replace(ddim, num_steps=4)),
+        ("PeRFlow 4 steps + ControlNet", True, perflow),
+    ]
+    results, samples = {}, {"controls": controls}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {False: Path(tmp) / "teacher", True: Path(tmp) / "student"}
+        quiet = lambda message: None  # noqa: E731
+        convert(TEACHER, folders[False], controlnet=[f"{controlnet}:digits"], log=quiet)
+        convert(TEACHER, folders[True], perflow_delta=DELTA, controlnet=[f"{controlnet}:digits"], log=quiet)
+        for name, student, settings in rows:
+            generator = pipeline.load_generator(
+                pipeline.describe(folders[student]), settings, height=digits.RESOLUTION, controlnets=["digits"]
+            )
+            output = generator(prompts, noise, control=(controls.astype(np.float32) / 255.0,))
+            samples[name] = image_io.to_uint8(output.images)
+            results[name] = {
+                **measure(samples[name], prompts, controls),
+                "seconds_per_image": output.run_seconds / count,
+                "compile_seconds": output.compile_seconds,
+            }
+            print(f"JAX {name}: {results[name]}", flush=True)
+    return results, samples
+
+
+def markdown(rows: dict[str, dict[str, dict]]) -> str:
+    """The table of ``rows`` ({via: {row name: measures}}), each sampler's rows side by side."""
+    lines = ["| sampler | via | silhouette IoU with the control | classifier accuracy |", "| --- | --- | --- | --- |"]
+    names = list(dict.fromkeys(name for by_name in rows.values() for name in by_name))
+    for name in names:
+        lines += [
+            f"| {name} | {via} | {r[name]['silhouette_iou']:.3f} | {r[name]['accuracy']:.3f} |"
+            for via, r in rows.items()
+            if name in r
+        ]
     return "\n".join(lines)
 
 
@@ -118,14 +177,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controlnet", type=Path, default=CONTROLNET, help="a diffusers ControlNetModel folder")
     parser.add_argument("--count", type=int, default=200, help="control images (held-out digits)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for every row)")
+    parser.add_argument(
+        "--via", action="append", choices=["diffusers", "jax"], help="the samplers' implementation (default both)"
+    )
     args = parser.parse_args(argv)
+    vias = list(dict.fromkeys(args.via or ["diffusers", "jax"]))
     torch.set_num_threads(1)
-    rows, samples = diffusers_rows(args.controlnet, args.count, args.seed)
+    rows, samples = {}, {}
+    for via in vias:
+        rows[via], by_name = (diffusers_rows if via == "diffusers" else jax_rows)(
+            args.controlnet, args.count, args.seed
+        )
+        samples.update({name if name == "controls" else f"{name} ({via})": images for name, images in by_name.items()})
+    if len(vias) == 2:
+        for name, row in rows["jax"].items():
+            difference = np.abs(samples[f"{name} (jax)"].astype(int) - samples[f"{name} (diffusers)"].astype(int))
+            row["max_pixel_difference_from_diffusers"] = int(difference.max())
+            print(f"{name}: JAX vs diffusers, largest pixel difference {difference.max()} of 255", flush=True)
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": now(),
-        "machine": f"{platform.processor() or platform.machine()}, CPU, torch {torch.__version__}",
-        "via": "diffusers StableDiffusionControlNetPipeline, float32",
+        "machine": f"{platform.processor() or platform.machine()}, CPU, torch {torch.__version__}, jax "
+        f"{jax.__version__}",
+        "via": {
+            "diffusers": "diffusers StableDiffusionControlNetPipeline, float32",
+            "jax": "perflow_jax.pipeline.Generator, float32",
+        },
         "count": args.count,
         "seed": args.seed,
         "rows": rows,

@@ -680,8 +680,8 @@ class Generator:
     ) -> tuple:
         """The compiled function's arguments: ``prompts`` (one per image) and ``noise`` [B, h, w, c], padded
         (to ``pad_to`` rows at least) and placed; ``unet_params`` in place of ``params["unet"]`` (e.g. a
-        training run's EMA); ``control``: one control image [f h, f w, C] in [0, 1] per ControlNet, for every
-        image; img2img's ``init_images`` [B, H, W, 3]."""
+        training run's EMA); ``control``: per ControlNet, one control image [f h, f w, C] in [0, 1] for every
+        image, or one per image [B, f h, f w, C]; img2img's ``init_images`` [B, H, W, 3]."""
         count = len(prompts)
         if np.shape(noise)[0] != count:
             raise ValueError(f"noise for {np.shape(noise)[0]} images but {count} prompts: give one noise per prompt")
@@ -695,7 +695,18 @@ class Generator:
         noise = _pad(np.asarray(noise, np.float32), padded, "constant")
         params = self.params if unet_params is None else {**self.params, "unet": unet_params}
         batch = sharding.batch_sharding(self.mesh)
-        control = tuple(np.broadcast_to(np.asarray(c, np.float32), (padded, *np.shape(c))) for c in control)
+        for i, c in enumerate(control):
+            if np.ndim(c) == 4 and np.shape(c)[0] != count:
+                raise ValueError(
+                    f"control {i} holds {np.shape(c)[0]} images for {count} prompts: give one per prompt, or one "
+                    "[H, W, C] image for all"
+                )
+        control = tuple(
+            _pad(np.asarray(c, np.float32), padded, "edge")
+            if np.ndim(c) == 4
+            else np.broadcast_to(np.asarray(c, np.float32), (padded, *np.shape(c)))
+            for c in control
+        )
         args = (
             params,
             sharding.place(ids, batch),

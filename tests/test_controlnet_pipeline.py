@@ -1,16 +1,19 @@
 """ControlNets converted with the model: sampling with control in JAX gives the final latents of diffusers'
-StableDiffusionControlNetPipeline with the exported model, the same ControlNets and the PeRFlowScheduler."""
+StableDiffusionControlNetPipeline (and, with an init image, StableDiffusionControlNetImg2ImgPipeline) with the
+exported model, the same ControlNets and the PeRFlowScheduler."""
 
 import json
 import shutil
+import types
 
 import diffusers
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.controlnet import pipeline_controlnet_img2img
 from PIL import Image
 
-from perflow_jax import compile_cache, pipeline
+from perflow_jax import compile_cache, pipeline, sharding
 from perflow_jax.convert import ConversionError, convert
 from perflow_jax.export import export_to_torch
 from perflow_jax.image_io import to_nchw, to_nhwc
@@ -129,6 +132,87 @@ def test_sample_cli_with_two_controlnets_in_guess_mode_reaches_diffusers_multi_c
     assert error < 1e-5
     without_guess = diffusers_latents(models, ["edges", "controlnet-sd15-depth"], noise, 4, 3.0, [0.7, 1.2])
     assert relative_error(without_guess, expected) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("num_steps", "guidance", "strength"), [(4, 1.0, 0.75), (8, 3.0, 0.7)]
+)  # 4 and 8 steps, without and with CFG; 8 at 0.7 starts inside a window (int(5.6) = 5 of 8 steps)
+def test_sample_cli_with_a_controlnet_and_an_init_image_reaches_diffusers_controlnet_img2img_latents(
+    models, monkeypatch, tmp_path, num_steps, guidance, strength
+):
+    """diffusers encodes the init image to the posterior mean (``sample_mode="argmax"``, as the JAX path), so the
+    generator's first draw is the forward diffusion's noise, the JAX run's --init-noise."""
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), np.uint8)).save(tmp_path / "init.png")
+    noise = torch.randn((len(PROMPTS), 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
+    np.save(tmp_path / "noise.npy", noise.numpy())
+    options = Options(
+        models / "model",
+        PROMPTS,
+        tmp_path / "grid.png",
+        steps=num_steps,
+        guidance=guidance,
+        height=SIZE,
+        width=SIZE,
+        init_noise=tmp_path / "noise.npy",
+        save_latents=tmp_path / "latents.npy",
+        init_image=tmp_path / "init.png",
+        strength=strength,
+        control=(models / "edges.png",),
+        controlnet=("edges",),
+        control_scale=(0.8,),
+    )
+    sample(options, log=quiet)
+
+    import perflow_jax.torch  # noqa: F401  (diffusers finds PeRFlowScheduler among the imported modules)
+
+    original = pipeline_controlnet_img2img.retrieve_latents
+    monkeypatch.setattr(
+        pipeline_controlnet_img2img,
+        "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": original(output, generator, "argmax"),
+    )
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        models / "export", controlnet=diffusers.ControlNetModel.from_pretrained(models / "edges"), safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "PeRFlowScheduler"
+
+    def latents(scale: float) -> np.ndarray:
+        with torch.no_grad():
+            return pipe(
+                PROMPTS,
+                image=[Image.open(tmp_path / "init.png")] * len(PROMPTS),
+                control_image=Image.open(models / "edges.png"),
+                strength=strength,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=num_steps,
+                guidance_scale=guidance,
+                controlnet_conditioning_scale=scale,
+                generator=torch.Generator().manual_seed(7),
+                output_type="latent",
+            ).images.numpy()
+
+    expected = latents(0.8)
+    error = relative_error(np.load(tmp_path / "latents.npy"), expected)
+    print(f"ControlNet img2img N={num_steps} w={guidance} strength={strength}: relative error {error:.2e}")
+    assert error < 1e-5
+    assert relative_error(latents(0.0), expected) > 1e-2  # the ControlNet steers from the init image too
+
+
+def test_generator_takes_one_control_image_for_all_images_or_one_per_image():
+    """Per ControlNet: [H, W, C] is repeated for every image, [B, H, W, C] padded as the prompts are."""
+    no_networks = types.SimpleNamespace(controlnets=())  # inputs() runs no network
+    tokenize = lambda prompts: {"input_ids": np.zeros((len(prompts), 77), np.int32)}  # noqa: E731
+    generator = pipeline.Generator(no_networks, pipeline.GenerateSettings(), {}, tokenize, sharding.make_mesh((-1, 1)))
+    per_image = np.random.default_rng(0).random((3, SIZE, SIZE, 3), np.float32)
+    shared = per_image[0]
+    noise = np.zeros((3, SIZE // 4, SIZE // 4, 4), np.float32)
+    control = generator.inputs(["a", "b", "c"], noise, pad_to=4, control=(per_image, shared))[4]
+    np.testing.assert_array_equal(np.asarray(control[0]), per_image[[0, 1, 2, 2]])
+    np.testing.assert_array_equal(np.asarray(control[1]), np.broadcast_to(shared, (4, SIZE, SIZE, 3)))
+    with pytest.raises(ValueError, match=r"control 0 holds 2 images for 3 prompts: give one per prompt"):
+        generator.inputs(["a", "b", "c"], noise, control=(per_image[:2],))
 
 
 # ---- bad input: one-line errors, before any weights are read -----------------------------------

@@ -83,3 +83,16 @@ def test_the_committed_controlnet_steers_the_teachers_samples_into_the_silhouett
         iou[scale] = control.silhouette_iou(np.round(samples * 255).astype(np.uint8), controls).mean()
     print(f"silhouette IoU with the control: {iou}")
     assert iou[1.0] > iou[0.0] + 0.1, iou
+
+
+def test_control_cli_writes_the_first_heldout_digit_of_a_label_and_its_control_image(tmp_path):
+    from PIL import Image
+
+    argv = ["--digit", "3", "--out", str(tmp_path / "control.png"), "--image-out", str(tmp_path / "three.png")]
+    assert control.main(argv) == 0
+    images, labels = digits.load("heldout")
+    three = images[list(labels).index(3)]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "three.png")), three)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "control.png")), control.control_images(three[None])[0]
+    )

@@ -9,11 +9,22 @@ edges are little more than the strokes themselves, which would leave the sampler
 
 Control following: the intersection over union of the sample's silhouette with the control's
 (1 where they agree cell for cell, 0 where they share no ink cell), per image.
+
+A control image (and the digit it is made from) for ``sample --control``, from the first held-out digit D:
+
+    python -m perflow_jax.demo.control --digit D --out CONTROL.png [--image-out DIGIT.png]
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
+
 import numpy as np
+
+from perflow_jax import image_io
+from perflow_jax.demo import digits
 
 CELL = 4  # pixels per cell side: 32 px images, 8x8 silhouettes
 INK = 0.5  # a cell is ink where its mean grey value is above half white
@@ -46,3 +57,21 @@ def silhouette_iou(samples: np.ndarray, controls: np.ndarray) -> np.ndarray:
     intersection = (a & b).sum(axis=(1, 2))
     union = (a | b).sum(axis=(1, 2))
     return np.where(union == 0, 1.0, intersection / np.maximum(union, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The control image of the first held-out digit D (32 x 32 RGB PNG).")
+    parser.add_argument("--digit", type=int, required=True, choices=range(10), metavar="D", help="0 to 9")
+    parser.add_argument("--out", type=Path, required=True, help="the control image (PNG) to write")
+    parser.add_argument("--image-out", type=Path, help="also write the digit itself (PNG), e.g. for --init-image")
+    args = parser.parse_args(argv)
+    images, labels = digits.load("heldout")
+    image = images[np.flatnonzero(labels == args.digit)[0]]
+    image_io.save_png(control_images(image[None])[0], args.out)
+    if args.image_out is not None:
+        image_io.save_png(image, args.image_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
