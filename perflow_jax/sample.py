@@ -271,27 +271,12 @@ def _control_settings(o: Options, description: pipeline.Description) -> dict[str
 def read_control_image(path: Path, height: int, width: int, channels: int = 3) -> np.ndarray:
     """[height, width, 3] float32 in [0, 1]: an RGB or grayscale (repeated to RGB) image file; SampleError for
     another size, another mode (RGBA, CMYK, ...) or a ControlNet whose ``channels`` are not 3."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            mode, size = image.mode, image.size
-            pixels = np.asarray(image.convert("RGB") if mode == "L" else image)
-    except (UnidentifiedImageError, OSError) as error:
-        raise SampleError(f"--control {path} is not an image file PIL can read ({error}): give a PNG or JPEG") from None
-    if mode not in ("RGB", "L"):
-        raise SampleError(
-            f"--control {path} is a {mode} image; control images are RGB (or grayscale): convert it, e.g. with "
-            "PIL's image.convert('RGB')"
-        )
-    if size != (width, height):
-        raise SampleError(
-            f"--control {path} is {size[0]} x {size[1]} pixels; the images are {width} x {height}: give the control "
-            "image at the image size (resize it yourself, or set --width and --height to its size)"
-        )
     if channels != 3:
-        raise SampleError(f"--control {path}: this ControlNet takes {channels}-channel control inputs, not RGB images")
-    return pixels.astype(np.float32) / 255.0
+        raise SampleError(
+            f"--control {path}: this ControlNet takes {channels}-channel control inputs, not RGB images: sample "
+            "with a ControlNet of 3 conditioning channels (diffusers' image ControlNets)"
+        )
+    return _read_image(path, "--control", height, width, modes=("RGB", "L")).astype(np.float32) / 255.0
 
 
 def initial_noise(options: Options, plan: Plan, count: int) -> np.ndarray:
@@ -316,19 +301,32 @@ def initial_noise(options: Options, plan: Plan, count: int) -> np.ndarray:
 def read_init_image(path: Path, height: int, width: int) -> np.ndarray:
     """--init-image as [height, width, 3] float32 in [-1, 1] (RGB, x / 255 * 2 - 1 as diffusers' image
     processor computes it); a missing or unreadable file, or another size, is refused."""
+    pixels = _read_image(path, "--init-image", height, width)
+    return pixels.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
+
+
+def _read_image(path: Path, flag: str, height: int, width: int, modes: tuple[str, ...] | None = None) -> np.ndarray:
+    """[height, width, 3] uint8: the image file ``path`` converted to RGB; SampleError naming ``flag`` for a missing
+    or unreadable file, a mode outside ``modes`` (None: any), or another size."""
     if not Path(path).is_file():
-        raise SampleError(f"--init-image {path} does not exist: give an image file (PNG, JPEG, ...)")
+        raise SampleError(f"{flag} {path} does not exist: give an image file (PNG, JPEG, ...)")
     try:
         with Image.open(path) as image:
+            mode = image.mode
             pixels = np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise SampleError(f"--init-image {path} is not a readable image ({error}): give a PNG or JPEG file") from error
+        raise SampleError(f"{flag} {path} is not a readable image ({error}): give a PNG or JPEG file") from error
+    if modes is not None and mode not in modes:
+        raise SampleError(
+            f"{flag} {path} is a {mode} image; it should be {' or '.join(modes)}: convert it, e.g. with PIL's "
+            "image.convert('RGB')"
+        )
     if pixels.shape[:2] != (height, width):
         raise SampleError(
-            f"--init-image {path} is {pixels.shape[0]} x {pixels.shape[1]} pixels (height x width) but the images "
+            f"{flag} {path} is {pixels.shape[0]} x {pixels.shape[1]} pixels (height x width) but the images "
             f"are {height} x {width}: resize the image, or give --height {pixels.shape[0]} --width {pixels.shape[1]}"
         )
-    return pixels.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
+    return pixels
 
 
 def load(options: Options, plan: Plan) -> pipeline.Generator:

@@ -271,8 +271,12 @@ def test_unpaired_control_options_are_refused(models, tmp_path, options, message
 @pytest.mark.parametrize(
     ("size", "mode", "message"),
     [
-        ((48, 32), "RGB", r"is 48 x 32 pixels; the images are 32 x 32: give the control image at the image size"),
-        ((32, 32), "RGBA", r"is a RGBA image; control images are RGB \(or grayscale\)"),
+        (
+            (48, 32),
+            "RGB",
+            r"is 32 x 48 pixels \(height x width\) but the images are 32 x 32: resize the image, or give",
+        ),
+        ((32, 32), "RGBA", r"is a RGBA image; it should be RGB or L: convert it"),
     ],
 )
 def test_a_control_image_of_the_wrong_size_or_channels_is_refused_before_loading(
