@@ -43,11 +43,16 @@ demo: $(STAMP)
 	$(PY) bench/quality.py --teacher $(DEMO)/teacher --workdir $(DEMO)/work --export $(DEMO)/torch \
 		--out $(DEMO)/quality.json
 
-test: $(STAMP) $(TORCHVISION)
-	$(PY) -m pytest
+# The small-network tests run in TEST_WORKERS processes (pytest-xdist, each test file in one of them:
+# module fixtures are built once); the full-size ones after them, one at a time (SDXL's parity test
+# alone holds about 17 GB).
+TEST_WORKERS ?= 2
+
+test: test-fast
+	$(PY) -m pytest -m slow
 
 test-fast: $(STAMP) $(TORCHVISION)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # uv's resolver, not pip's: pip's --python-version leaves environment markers to the running Python
 # and takes wheels only (promise, a dependency of tensorflow-datasets, is a source archive). Nothing is
