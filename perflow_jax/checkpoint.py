@@ -163,8 +163,9 @@ class WorkdirLock:
 
     A context manager: it creates the file atomically (O_CREAT | O_EXCL) and removes it on exit;
     SIGTERM, until a later handler (the training loop's) takes over, exits with status 143 through
-    that exit. A lock of a process of this host that runs no more is taken over with a warning;
-    another run's, or one from another host (which cannot be checked), raises CheckpointError.
+    that exit (one process; a multi-process run leaves SIGTERM to JAX's preemption service). A lock
+    of a process of this host that runs no more is taken over with a warning; another run's, or one
+    from another host (which cannot be checked), raises CheckpointError.
     """
 
     def __init__(self, workdir: str | Path):
@@ -183,7 +184,7 @@ class WorkdirLock:
             with os.fdopen(fd, "w") as file:
                 json.dump(self.holder, file)
             break
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if jax.process_count() == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
