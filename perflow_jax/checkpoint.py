@@ -166,8 +166,9 @@ class WorkdirLock:
     A context manager: it creates the file (atomically on a disk, O_CREAT | O_EXCL; on an object store,
     which has no such call, after checking that it does not exist) and removes it on exit;
     SIGTERM, until a later handler (the training loop's) takes over, exits with status 143 through
-    that exit. A lock of a process of this host that runs no more is taken over with a warning;
-    another run's, or one from another host (which cannot be checked), raises CheckpointError.
+    that exit (one process; a multi-process run leaves SIGTERM to JAX's preemption service). A lock
+    of a process of this host that runs no more is taken over with a warning; another run's, or one
+    from another host (which cannot be checked), raises CheckpointError.
     """
 
     def __init__(self, workdir: str | os.PathLike):
@@ -184,7 +185,7 @@ class WorkdirLock:
                 self._take_over_if_stale()
                 continue
             break
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if jax.process_count() == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 

@@ -7,7 +7,9 @@ The same command runs on one CPU, one GPU, or every host of a TPU pod (``--confi
 GPU clusters set PERFLOW_COORDINATOR, PERFLOW_NUM_PROCESSES and PERFLOW_PROCESS_ID). A WORKDIR
 that holds checkpoints resumes from the newest readable one (an unreadable newer one is named and
 moved to WORKDIR/broken_checkpoints/). SIGTERM (preemption) or Ctrl-C saves a checkpoint after the
-current step and exits (a second Ctrl-C exits at once, without one). WORKDIR gets checkpoints/,
+current step and exits (a second Ctrl-C exits at once, without one); in a multi-process run a signal to
+any process stops them all after the same step, which JAX's preemption service picks about a second
+later (``jax.experimental.multihost_utils.reached_preemption_sync_point``). WORKDIR gets checkpoints/,
 metrics.jsonl, TensorBoard events, samples/, jax_cache/ (the compiled step and samplers, which a
 resumed run loads: ``--config.compilation_cache_dir``) and, while the run lasts, a lock file naming
 it (a second run on the same WORKDIR is refused).

@@ -22,11 +22,11 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from perflow_jax import (
     checkpoint,
@@ -282,7 +282,7 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
     """Step, report, checkpoint and sample until config.train.num_steps, a stop request or a non-finite step."""
     config, total = run.config, run.config.train.num_steps
     with (
-        Stop(run.mesh) as stop,
+        Stop(run.first_step) as stop,
         contextlib.closing(reporting.Reporter(run.workdir, run.first_step)) as reporter,
         contextlib.closing(run.checkpoints),
     ):
@@ -304,8 +304,7 @@ def _loop(run: Run, state: step.TrainState) -> step.TrainState:
             run.checkpoints.check()  # a save that failed stops the run here
             done = step_number + 1
             pending.append((done, metrics))
-            # Several processes must stop at the same step, soon enough for a preempted pod's grace period.
-            stopping = stop.agreed()
+            stopping = stop.agreed(done)
             if done % config.log.every_steps == 0 or done == total or stopping:
                 _check_finite(pending)
                 values, line = progress.report(pending, done)
@@ -370,22 +369,28 @@ def _check_finite(pending: list[tuple[int, dict]]) -> None:
 
 
 class Stop:
-    """Set by SIGTERM or Ctrl-C (a second Ctrl-C aborts at once); every process agrees on it.
+    """Set by SIGTERM or Ctrl-C (a second Ctrl-C aborts at once); every process stops after the same step.
 
-    A context manager: the previous signal handlers are back when the loop ends.
+    One process: its own SIGTERM and SIGINT handlers set a flag. Several: SIGTERM is the notice of
+    JAX's preemption service (``jax.distributed.initialize`` starts it and it owns SIGTERM), which
+    fixes the step to stop after through the coordination service, off the devices; Ctrl-C is passed
+    on to it as a SIGTERM to this process. The service counts steps from ``first_step`` (the step the
+    run resumes from) once the loop starts: a notice before that stops a new run after its first step
+    and is lost on a resumed one. A context manager: the previous signal handlers are back at the end.
     """
 
-    def __init__(self, mesh):
+    def __init__(self, first_step: int = 0):
         self.requested = False
         self.signum = signal.SIGTERM  # the signal this process got (another process's request counts as SIGTERM)
         self._previous = {}
-        self._mesh = mesh
-        self._any = jax.jit(jnp.any, out_shardings=sharding.replicated(mesh))
-        self._in_flight = None
+        self._joined = jax.process_count() > 1
+        self._first_step = first_step
 
     def __enter__(self) -> Stop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self._joined else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self._joined:
+            multihost_utils.reached_preemption_sync_point(self._first_step)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -402,17 +407,16 @@ class Stop:
             file=sys.stderr,
             flush=True,
         )
+        if self._joined:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    def agreed(self) -> bool:
-        """Whether to stop after the step just dispatched; every process gets the same answer at the same step.
+    def agreed(self, step: int) -> bool:
+        """Whether to stop after ``step``, just dispatched; every process gets the same answer at the same step.
 
-        One process: at once. Several (called once per step by each): the processes' requests are
-        combined on the devices behind this step and read back one step later, so the host never
-        waits for the devices and a preempted pod still stops within about a step.
+        One process: at once. Several (called at every step by each): ``reached_preemption_sync_point``,
+        true at the step after the furthest process's step when a notice reached the service (about a
+        second after the SIGTERM); it neither waits for the devices nor runs anything on them.
         """
-        if jax.process_count() == 1:
+        if not self._joined:
             return self.requested
-        local = np.full(jax.local_device_count(), self.requested)
-        flags = jax.make_array_from_process_local_data(sharding.batch_sharding(self._mesh), local)
-        previous, self._in_flight = self._in_flight, self._any(flags)
-        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
+        return multihost_utils.reached_preemption_sync_point(step)

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
+from jax.experimental import multihost_utils
 
-from perflow_jax import checkpoint, data, fid, image_io, recipe, sample, sharding, training
+from perflow_jax import checkpoint, data, fid, image_io, recipe, sample, training
 from perflow_jax.demo import classifier, digits
 from tests.helpers.pipelines import quiet, tiny_model_and_data
 from tests.helpers.processes import library_logs, run_joined_processes
@@ -122,12 +124,15 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, heldout_referen
     assert list((tmp_path / "straight/jax_cache").iterdir())
 
     # No periodic checkpoint before the end: the one to resume from is SIGTERM's. The resumed run also
-    # measures FID, which must change nothing of the training.
-    measure = fid_overrides(heldout_reference[0], 2)
+    # measures FID, which must change nothing of the training. Its runs share the first run's cache
+    # (--config.compilation_cache_dir), so that none compiles the step again.
+    measure = (*fid_overrides(heldout_reference[0], 2), f"--config.compilation_cache_dir={tmp_path}/straight/jax_cache")
     settings = ("--config.train.num_steps=6", "--config.checkpoint.every_steps=100", *measure)
     process = subprocess.Popen(command(setup, tmp_path / "resumed", *settings),
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    head = []  # the lines before SIGTERM
     for line in process.stdout:
+        head.append(line)
         if line.startswith("step 3/6"):
             process.send_signal(signal.SIGTERM)
             break
@@ -138,6 +143,7 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(setup, heldout_referen
     stopped_at = max(int(p.name) for p in (tmp_path / "resumed/checkpoints").iterdir() if p.name.isdigit())
     assert 3 <= stopped_at < 6
     assert f"stopped at step {stopped_at} on request" in out
+    assert FROM_CACHE in "".join(head)
 
     resumed = run(setup, tmp_path / "resumed", "--config.train.num_steps=6", *measure)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -245,7 +251,7 @@ def test_two_processes_stop_together_on_one_sigterm_save_and_resume(setup, tmp_p
         return run_joined_processes(run, 2, timeout=600, **kwargs)
 
     # A preemption notice reaches one worker only (here process 1, which prints nothing): both stop.
-    out = pair(8, sigterm_at=("step 2/8", 1), returncode=143)[0]
+    out = pair(8, signal_at=("step 2/8", 1), returncode=143)[0]
     saved = [int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 2 <= saved[0] < 8, saved
     assert f"stopped at step {saved[0]} on request" in out
@@ -264,13 +270,68 @@ def test_a_step_with_an_infinite_gradient_norm_is_not_checkpointed():
 
 def test_ctrl_c_asks_to_stop_twice_aborts_and_the_handlers_come_back():
     before = signal.getsignal(signal.SIGINT)
-    with training.Stop(sharding.make_mesh((-1, 1))) as stop:
+    with training.Stop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested and stop.agreed()
+        assert stop.requested and stop.agreed(3)
         assert training.Stopped(3, stop.signum).exit_code == 130
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_joined_run_asks_jax_preemption_service_at_every_step_and_runs_nothing_on_the_devices(monkeypatch):
+    asked, launched = [], []
+
+    def reached_preemption_sync_point(step):  # the service fixed step 7 after a notice
+        asked.append(step)
+        return step == 7
+
+    def recording(name, function):
+        def wrapper(*args, **kwargs):
+            launched.append(name)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", reached_preemption_sync_point)
+    for name in ("jit", "device_put", "make_array_from_process_local_data"):
+        monkeypatch.setattr(jax, name, recording(name, getattr(jax, name)))
+    with training.Stop(first_step=5) as stop:
+        stopping = [stop.agreed(step) for step in (6, 7)]
+    assert asked == [5, 6, 7]  # the resumed-from step first, so that a notice during the first compile counts
+    assert stopping == [False, True]
+    assert launched == []  # no collective, no device sync: the step's program is all that runs
+
+
+# Two processes of a joined run stepping like the training loop; process 0 holds WORKDIR's lock, as in train.
+JOINED_STOP = """
+import contextlib, sys, time
+import jax
+from perflow_jax import checkpoint, sharding, training
+sharding.initialize_distributed()
+lock = checkpoint.WorkdirLock(sys.argv[1]) if jax.process_index() == 0 else contextlib.nullcontext()
+with lock, training.Stop(first_step=5) as stop:
+    for step in range(6, 600):
+        print(f"step {step}", flush=True)
+        time.sleep(0.05)
+        if stop.agreed(step):
+            break
+print(f"stopped after step {step}")
+sys.exit(training.Stopped(step, stop.signum).exit_code)
+"""
+
+
+def test_ctrl_c_to_one_process_of_a_joined_run_stops_both_after_the_same_step(tmp_path):
+    # Ctrl-C reaches process 0, which holds the lock: passed on as a preemption notice, which the lock
+    # leaves to JAX's preemption service. That process exits 130, the other 143 ("stopped, resume me").
+    command = [sys.executable, "-c", JOINED_STOP, str(tmp_path)]
+    stop = {"signal_at": ("step 8", 0), "signum": signal.SIGINT, "returncode": [130, 143]}
+    outs = run_joined_processes(command, 2, timeout=600, **stop)
+    last = [out.splitlines()[-1] for out in outs]
+    assert last[0] == last[1] and last[0].startswith("stopped after step ")
+    assert int(last[0].split()[-1]) > 8
+    assert not (tmp_path / "lock").exists()
 
 
 def test_a_student_init_of_another_architecture_is_refused_naming_a_parameter():

@@ -46,14 +46,15 @@ def run_joined_processes(
     *,
     timeout: float,
     env: dict | None = None,
-    sigterm_at: tuple[str, int] | None = None,
-    returncode: int = 0,
+    signal_at: tuple[str, int] | None = None,
+    signum: int = signal.SIGTERM,
+    returncode: int | list[int] = 0,
 ) -> list[str]:
     """Run ``command`` as ``count`` processes joined through the PERFLOW_* variables on a free local port.
 
-    ``sigterm_at`` = (prefix, i): send SIGTERM to process i once process 0 prints a line starting
-    with prefix. Asserts that every process exits with ``returncode``; returns their standard outputs,
-    process 0's first.
+    ``signal_at`` = (prefix, i): send ``signum`` to process i once process 0 prints a line starting
+    with prefix. Asserts that every process exits with ``returncode`` (or the list's, process by
+    process); returns their standard outputs, process 0's first.
     """
     port = free_port()
     processes = [
@@ -74,14 +75,15 @@ def run_joined_processes(
         for i in range(count)
     ]
     seen = ""
-    if sigterm_at is not None:
-        prefix, target = sigterm_at
+    if signal_at is not None:
+        prefix, target = signal_at
         for line in processes[0].stdout:
             seen += line
             if line.startswith(prefix):
-                processes[target].send_signal(signal.SIGTERM)
+                processes[target].send_signal(signum)
                 break
     outputs = [p.communicate(timeout=timeout) for p in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == returncode, err[-3000:]
+    expected = returncode if isinstance(returncode, list) else [returncode] * count
+    for process, (_, err), code in zip(processes, outputs, expected, strict=True):
+        assert process.returncode == code, err[-3000:]
     return [seen + outputs[0][0]] + [out for out, _ in outputs[1:]]
