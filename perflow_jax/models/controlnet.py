@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.attention import check_backend
 from perflow_jax.models.blocks import conv
-from perflow_jax.models.unet import REMAT_POLICIES, UNetConfig, down_and_mid_blocks, embedding
+from perflow_jax.models.unet import UNetConfig, check_settings, down_and_mid_blocks, embedding
 
 # A ControlNet config has its UNet's keys without the up path; the UNet config is completed with up blocks
 # mirroring the down blocks (which a ControlNet does not have) so that UNetConfig checks the rest.
@@ -132,9 +131,7 @@ class ControlNetModel(nn.Module):
     remat: str = "none"
 
     def __post_init__(self):
-        check_backend(self.attention_backend)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        check_settings(self.attention_backend, self.remat)
         super().__post_init__()
 
     @nn.compact

@@ -280,6 +280,13 @@ class Transformer2DModel(nn.Module):
         return proj("proj_out")(y.reshape(b, h, w, c)) + x
 
 
+def check_settings(attention_backend: str, remat: str) -> None:
+    """ValueError for an unknown attention backend or remat policy (the UNet's and the ControlNet's)."""
+    check_backend(attention_backend)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+
+
 def _maybe_remat(module_class, policy: str):
     if policy == "none":
         return module_class
@@ -375,9 +382,7 @@ class UNet2DConditionModel(nn.Module):
     remat: str = "none"
 
     def __post_init__(self):
-        check_backend(self.attention_backend)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        check_settings(self.attention_backend, self.remat)
         super().__post_init__()
 
     @nn.compact
